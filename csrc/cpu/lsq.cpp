@@ -1,0 +1,180 @@
+// CPU implementations of the LSQ op family: argument checks, layout, then the best ISA's kernel
+// table (lsq_kernels.h). On CPU the step and sel values are read directly: that is no sync here,
+// and it lets bad steps raise a named error (the CUDA kernels map them to NaN instead).
+
+#include <ATen/Version.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/contiguous.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <string>
+#include <vector>
+
+#include "cpu/lsq_kernels.h"
+#include "lsq_checks.h"
+
+namespace rfq::cpu {
+
+const LsqKernels& lsq_kernels() {
+  static const LsqKernels* table = [] {
+#ifdef RFQ_X86_DISPATCH
+    const std::string cap = at::get_cpu_capability();  // honours ATEN_CPU_CAPABILITY
+    if (cap == "AVX512") return &AVX512::kLsqKernels;
+    if (cap == "AVX2") return &AVX2::kLsqKernels;
+#endif
+    return &DEFAULT::kLsqKernels;
+  }();
+  return *table;
+}
+
+namespace {
+
+float read_step(const char* op, const at::Tensor& steps, int64_t j) {
+  const float s = steps.const_data_ptr<float>()[j * steps.stride(0)];
+  TORCH_CHECK(std::isfinite(s) && s > 0.f, op, ": steps[", j,
+              "] must be a finite positive step size, got ", s);
+  return s;
+}
+
+int64_t read_sel(const char* op, const at::Tensor& sel, int64_t k) {
+  const int64_t j = *sel.const_data_ptr<int64_t>();
+  TORCH_CHECK(j >= 0 && j < k, op, ": sel=", j, " is out of range for K=", k, " candidate bits");
+  return j;
+}
+
+std::vector<QuantSpec> all_specs(const char* op, const at::Tensor& steps, c10::IntArrayRef bits,
+                                 bool is_signed) {
+  std::vector<QuantSpec> specs;
+  specs.reserve(bits.size());
+  for (size_t j = 0; j < bits.size(); ++j) {
+    specs.push_back(make_spec(bits[j], is_signed, read_step(op, steps, static_cast<int64_t>(j))));
+  }
+  return specs;
+}
+
+at::Tensor coupled_quant(const at::Tensor& x, const at::Tensor& steps, c10::IntArrayRef bits,
+                         const at::Tensor& sel, bool is_signed, double /*grad_scale*/) {
+  constexpr const char* op = "rfq.coupled_quant";
+  check_x(op, x);
+  check_steps(op, x, steps, bits);
+  check_sel(op, x, sel);
+  const int64_t j = read_sel(op, sel, steps.numel());
+  const QuantSpec q = make_spec(bits[j], is_signed, read_step(op, steps, j));
+  const at::Tensor xd = dense_layout(x);
+  at::Tensor y = at::empty_like(xd);
+  lsq_kernels().forward(x.scalar_type(), xd.const_data_ptr(), y.mutable_data_ptr(), xd.numel(), q);
+  return y;
+}
+
+std::tuple<at::Tensor, at::Tensor> coupled_quant_backward(
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& steps,
+    c10::IntArrayRef bits, const at::Tensor& sel, bool is_signed, double grad_scale) {
+  constexpr const char* op = "rfq.coupled_quant_backward";
+  check_x(op, x);
+  check_steps(op, x, steps, bits);
+  check_sel(op, x, sel);
+  check_grad(op, grad_y, x, x.sizes());
+  check_grad_scale(op, grad_scale);
+  const int64_t j = read_sel(op, sel, steps.numel());
+  const QuantSpec q = make_spec(bits[j], is_signed, read_step(op, steps, j));
+  const at::Tensor xd = dense_layout(x);
+  const at::Tensor gd = in_layout_of(grad_y, xd);
+  at::Tensor grad_x = at::empty_like(xd);
+  at::Tensor grad_steps = at::zeros({steps.numel()}, steps.options());
+  lsq_kernels().backward(x.scalar_type(), gd.const_data_ptr(), xd.const_data_ptr(),
+                         grad_x.mutable_data_ptr(), xd.numel(), q, grad_scale,
+                         grad_steps.mutable_data_ptr<float>() + j);
+  return {grad_x, grad_steps};
+}
+
+std::vector<int64_t> stacked_shape(int64_t k, const at::Tensor& x) {
+  std::vector<int64_t> shape{k};
+  shape.insert(shape.end(), x.sizes().begin(), x.sizes().end());
+  return shape;
+}
+
+at::Tensor coupled_quant_multi(const at::Tensor& x, const at::Tensor& steps,
+                               c10::IntArrayRef bits, bool is_signed, double /*grad_scale*/) {
+  constexpr const char* op = "rfq.coupled_quant_multi";
+  check_x(op, x);
+  check_steps(op, x, steps, bits);
+  const auto specs = all_specs(op, steps, bits, is_signed);
+  const at::Tensor xc = x.contiguous();
+  at::Tensor y = at::empty(stacked_shape(steps.numel(), x), x.options());
+  lsq_kernels().forward_multi(x.scalar_type(), xc.const_data_ptr(), y.mutable_data_ptr(),
+                              xc.numel(), specs.data(), steps.numel());
+  return y;
+}
+
+std::tuple<at::Tensor, at::Tensor> coupled_quant_multi_backward(
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& steps,
+    c10::IntArrayRef bits, bool is_signed, double grad_scale) {
+  constexpr const char* op = "rfq.coupled_quant_multi_backward";
+  check_x(op, x);
+  check_steps(op, x, steps, bits);
+  check_grad(op, grad_y, x, stacked_shape(steps.numel(), x));
+  check_grad_scale(op, grad_scale);
+  const auto specs = all_specs(op, steps, bits, is_signed);
+  const at::Tensor xc = x.contiguous();
+  const at::Tensor gc = grad_y.contiguous();
+  at::Tensor grad_x = at::empty(x.sizes(), x.options());
+  at::Tensor grad_steps = at::empty({steps.numel()}, steps.options());
+  lsq_kernels().backward_multi(x.scalar_type(), gc.const_data_ptr(), xc.const_data_ptr(),
+                               grad_x.mutable_data_ptr(), xc.numel(), specs.data(),
+                               steps.numel(), grad_scale, grad_steps.mutable_data_ptr<float>());
+  return {grad_x, grad_steps};
+}
+
+std::tuple<at::Tensor, at::Tensor> quant_stats(const at::Tensor& x, const at::Tensor& steps,
+                                               c10::IntArrayRef bits, bool is_signed,
+                                               double delta) {
+  constexpr const char* op = "rfq.quant_stats";
+  check_x(op, x);
+  check_steps(op, x, steps, bits);
+  check_delta(op, delta);
+  const auto specs = all_specs(op, steps, bits, is_signed);
+  const at::Tensor xd = dense_layout(x);  // order does not matter to a reduction over all of x
+  at::Tensor mse = at::empty({steps.numel()}, steps.options());
+  at::Tensor share = at::empty({steps.numel()}, steps.options());
+  // |v - rint(v)| > 1/2 - delta, with the threshold rounded once to fp32 (as the reference does).
+  const float near_threshold = static_cast<float>(0.5 - delta);
+  lsq_kernels().stats(x.scalar_type(), xd.const_data_ptr(), xd.numel(), specs.data(),
+                      steps.numel(), near_threshold, static_cast<float>(delta),
+                      mse.mutable_data_ptr<float>(), share.mutable_data_ptr<float>());
+  return {mse, share};
+}
+
+at::Tensor quantize_codes(const at::Tensor& x, const at::Tensor& step, int64_t bits,
+                          bool is_signed) {
+  constexpr const char* op = "rfq.quantize_codes";
+  check_x(op, x);
+  check_bit(op, "bits", bits);
+  TORCH_CHECK(step.device() == x.device(), op, ": step must be on x's device (", x.device(),
+              "), got ", step.device());
+  TORCH_CHECK(step.scalar_type() == at::kFloat, op, ": step must be float32, got ",
+              step.scalar_type());
+  TORCH_CHECK(step.numel() == 1, op, ": step must hold one value, got shape ", step.sizes());
+  const float s = *step.const_data_ptr<float>();
+  TORCH_CHECK(std::isfinite(s) && s > 0.f, op, ": step must be a finite positive step size, got ",
+              s);
+  const at::Tensor xd = dense_layout(x);
+  at::Tensor codes = at::empty_like(xd, xd.options().dtype(at::kChar));
+  lsq_kernels().codes(x.scalar_type(), xd.const_data_ptr(), codes.mutable_data_ptr<int8_t>(),
+                      xd.numel(), make_spec(bits, is_signed, s));
+  return codes;
+}
+
+}  // namespace
+}  // namespace rfq::cpu
+
+TORCH_LIBRARY_IMPL(rfq, CPU, m) {
+  m.impl("coupled_quant", &rfq::cpu::coupled_quant);
+  m.impl("coupled_quant_backward", &rfq::cpu::coupled_quant_backward);
+  m.impl("coupled_quant_multi", &rfq::cpu::coupled_quant_multi);
+  m.impl("coupled_quant_multi_backward", &rfq::cpu::coupled_quant_multi_backward);
+  m.impl("quant_stats", &rfq::cpu::quant_stats);
+  m.impl("quantize_codes", &rfq::cpu::quantize_codes);
+}

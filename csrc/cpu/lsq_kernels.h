@@ -1,0 +1,50 @@
+// Interface between the CPU op wrappers (lsq.cpp) and the per-ISA kernel files
+// (lsq_kernels_{default,avx2,avx512}.cpp), which all compile lsq_kernels_impl.h.
+#pragma once
+
+#include <c10/core/ScalarType.h>
+
+#include <cstdint>
+
+namespace rfq::cpu {
+
+// One candidate bit-width, resolved: integer range [qn, qp] and its step. `binary` is signed
+// 1-bit, whose codes are {-1, +1} (sign), not rint.
+struct QuantSpec {
+  float step;
+  float qn;
+  float qp;
+  bool binary;
+};
+
+// Reductions run over fixed chunks of this many elements (fp32 partials, combined in fp64 in
+// chunk order), so results do not depend on the thread count or the ISA's scheduling.
+constexpr int64_t kReduceChunk = 4096;
+
+// Elementwise kernels over `n` elements of flat, dense storage. `dtype` is x's (fp32/bf16/fp16);
+// grad_y/grad_x share it. Step gradients come back as fp32, already multiplied by grad_scale.
+struct LsqKernels {
+  void (*forward)(c10::ScalarType dtype, const void* x, void* y, int64_t n, QuantSpec q);
+  void (*backward)(c10::ScalarType dtype, const void* grad_y, const void* x, void* grad_x,
+                   int64_t n, QuantSpec q, double grad_scale, float* grad_step);
+  // y: K planes of n elements each.
+  void (*forward_multi)(c10::ScalarType dtype, const void* x, void* y, int64_t n,
+                        const QuantSpec* q, int64_t k);
+  void (*backward_multi)(c10::ScalarType dtype, const void* grad_y, const void* x, void* grad_x,
+                         int64_t n, const QuantSpec* q, int64_t k, double grad_scale,
+                         float* grad_steps);
+  void (*stats)(c10::ScalarType dtype, const void* x, int64_t n, const QuantSpec* q, int64_t k,
+                float near_threshold, float delta, float* mse, float* share);
+  void (*codes)(c10::ScalarType dtype, const void* x, int8_t* codes, int64_t n, QuantSpec q);
+};
+
+namespace DEFAULT { extern const LsqKernels kLsqKernels; }
+#ifdef RFQ_X86_DISPATCH
+namespace AVX2 { extern const LsqKernels kLsqKernels; }
+namespace AVX512 { extern const LsqKernels kLsqKernels; }
+#endif
+
+// The best table this CPU supports; honours ATEN_CPU_CAPABILITY (e.g. =default) like ATen.
+const LsqKernels& lsq_kernels();
+
+}  // namespace rfq::cpu

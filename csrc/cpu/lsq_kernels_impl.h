@@ -1,0 +1,390 @@
+// The LSQ kernel family for one x86 ISA level. Included by exactly one file per level
+// (lsq_kernels_{default,avx2,avx512}.cpp), each compiled with that level's flags and with
+// CPU_CAPABILITY naming both our namespace and ATen's Vectorized<> backend, as ATen does.
+//
+// Numerics follow ../shared/spec/kernels.md §1: v = x / s (IEEE division, never x * (1/s)),
+// clip to [qn, qp], round half to even, y = k * s in fp32 then one cast to x's dtype.
+// Gradients: range test on the unrounded v (inclusive bounds); h = k - v inside, k (= qn or qp)
+// outside; step gradient = grad_scale * sum(dy * h) over fp32 per-chunk partials summed in fp64.
+
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>  // convert_{to,from}_float specializations
+#include <ATen/cpu/vec/vec.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Exception.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <tuple>
+#include <vector>
+
+#include "cpu/lsq_kernels.h"
+
+namespace rfq::cpu::CPU_CAPABILITY {
+namespace {
+
+using Vec = at::vec::Vectorized<float>;
+constexpr int64_t kVF = Vec::size();
+constexpr int64_t kBlock = 2 * kVF;  // one Vectorized<bf16/fp16>, i.e. two fp32 vectors
+constexpr int64_t kGrainChunks = 8;  // tasks of >= 32K elements: small tensors stay on one thread
+constexpr int64_t kMaxK = 8;
+static_assert(kReduceChunk % kBlock == 0, "chunks must hold whole blocks");
+static_assert(at::vec::Vectorized<c10::BFloat16>::size() == kBlock, "bf16 vector != 2 fp32 vectors");
+
+// ---- loads and stores of kBlock elements as two fp32 vectors ----------------------------------
+template <typename T>
+struct Io {
+  static void load(const T* p, Vec& a, Vec& b) {
+    std::tie(a, b) = at::vec::convert_to_float<T>(at::vec::Vectorized<T>::loadu(p));
+  }
+  static void store(T* p, const Vec& a, const Vec& b) {
+    at::vec::convert_from_float<T>(a, b).store(p);
+  }
+  // The value y would have after being stored in T (quant_stats measures the stored output).
+  static void round_trip(Vec& a, Vec& b) {
+    std::tie(a, b) = at::vec::convert_to_float<T>(at::vec::convert_from_float<T>(a, b));
+  }
+};
+template <>
+struct Io<float> {
+  static void load(const float* p, Vec& a, Vec& b) {
+    a = Vec::loadu(p);
+    b = Vec::loadu(p + kVF);
+  }
+  static void store(float* p, const Vec& a, const Vec& b) {
+    a.store(p);
+    b.store(p + kVF);
+  }
+  static void round_trip(Vec&, Vec&) {}
+};
+
+template <typename T>
+inline float round_trip(float v) {
+  return static_cast<float>(static_cast<T>(v));
+}
+
+// ---- the quantizer, vector and scalar (the scalar form finishes each tail) ---------------------
+// Code k of v = x/s: clip then round half to even; signed 1-bit takes the sign (+1 at 0). NaN in,
+// NaN out (torch.clamp semantics), so bad data is visible instead of becoming a valid code.
+struct VecSpec {
+  Vec s, qn, qp;
+  bool binary;
+  explicit VecSpec(const QuantSpec& q) : s(q.step), qn(q.qn), qp(q.qp), binary(q.binary) {}
+};
+
+inline Vec code(const Vec& v, const VecSpec& q) {
+  if (q.binary) {
+    const Vec k = Vec::blendv(Vec(-1.f), Vec(1.f), v >= Vec(0.f));
+    return Vec::blendv(k, v, v.isnan());
+  }
+  return at::vec::minimum(at::vec::maximum(v, q.qn), q.qp).round();
+}
+
+inline float code(float v, const QuantSpec& q) {
+  if (std::isnan(v)) return v;
+  if (q.binary) return v >= 0.f ? 1.f : -1.f;
+  return std::nearbyint(std::min(std::max(v, q.qn), q.qp));
+}
+
+inline Vec in_range(const Vec& v, const VecSpec& q) { return (v >= q.qn) & (v <= q.qp); }
+inline bool in_range(float v, const QuantSpec& q) { return v >= q.qn && v <= q.qp; }
+
+inline double lane_sum(const Vec& acc) {
+  alignas(64) float lanes[kVF];
+  acc.store(lanes);
+  double total = 0.0;
+  for (int64_t l = 0; l < kVF; ++l) total += lanes[l];
+  return total;
+}
+
+// Runs fn(chunk, begin, end) over fixed kReduceChunk-sized chunks of [0, n), in parallel.
+template <typename F>
+void parallel_chunks(int64_t n, const F& fn) {
+  const int64_t chunks = (n + kReduceChunk - 1) / kReduceChunk;
+  at::parallel_for(0, chunks, kGrainChunks, [&](int64_t first, int64_t last) {
+    for (int64_t c = first; c < last; ++c) {
+      fn(c, c * kReduceChunk, std::min(n, (c + 1) * kReduceChunk));
+    }
+  });
+}
+
+inline int64_t num_chunks(int64_t n) { return (n + kReduceChunk - 1) / kReduceChunk; }
+
+template <typename F>
+void dispatch_dtype(c10::ScalarType dtype, const F& fn) {
+  switch (dtype) {
+    case c10::ScalarType::Float: return fn(float{});
+    case c10::ScalarType::BFloat16: return fn(c10::BFloat16{});
+    case c10::ScalarType::Half: return fn(c10::Half{});
+    default: TORCH_CHECK(false, "rfq: unsupported dtype ", dtype);  // the op wrappers check first
+  }
+}
+
+// ---- coupled_quant: one bit ---------------------------------------------------------------------
+template <typename T>
+void forward_typed(const T* x, T* y, int64_t n, const QuantSpec& q) {
+  const VecSpec vq(q);
+  parallel_chunks(n, [&](int64_t, int64_t begin, int64_t end) {
+    int64_t i = begin;
+    for (; i + kBlock <= end; i += kBlock) {
+      Vec a, b;
+      Io<T>::load(x + i, a, b);
+      Io<T>::store(y + i, code(a / vq.s, vq) * vq.s, code(b / vq.s, vq) * vq.s);
+    }
+    for (; i < end; ++i) y[i] = static_cast<T>(code(float(x[i]) / q.step, q) * q.step);
+  });
+}
+
+template <typename T>
+void backward_typed(const T* dy, const T* x, T* dx, int64_t n, const QuantSpec& q,
+                    double grad_scale, float* grad_step) {
+  const VecSpec vq(q);
+  std::vector<double> partial(num_chunks(n));
+  parallel_chunks(n, [&](int64_t c, int64_t begin, int64_t end) {
+    Vec acc(0.f);
+    auto one = [&](const Vec& xv, const Vec& g) {
+      const Vec v = xv / vq.s;
+      const Vec inside = in_range(v, vq);
+      acc = acc + g * (code(v, vq) - (v & inside));  // h = k - v inside, k outside
+      return g & inside;
+    };
+    int64_t i = begin;
+    for (; i + kBlock <= end; i += kBlock) {
+      Vec xa, xb, ga, gb;
+      Io<T>::load(x + i, xa, xb);
+      Io<T>::load(dy + i, ga, gb);
+      const Vec da = one(xa, ga);
+      const Vec db = one(xb, gb);
+      Io<T>::store(dx + i, da, db);
+    }
+    float tail = 0.f;
+    for (; i < end; ++i) {
+      const float v = float(x[i]) / q.step, g = float(dy[i]);
+      const bool inside = in_range(v, q);
+      tail += g * (inside ? code(v, q) - v : code(v, q));
+      dx[i] = inside ? dy[i] : static_cast<T>(0.f);
+    }
+    partial[c] = lane_sum(acc) + tail;
+  });
+  double total = 0.0;
+  for (double p : partial) total += p;
+  *grad_step = static_cast<float>(grad_scale * total);
+}
+
+// ---- coupled_quant_multi: all K bits from one read of x -----------------------------------------
+template <typename T>
+void forward_multi_typed(const T* x, T* y, int64_t n, const QuantSpec* q, int64_t k) {
+  std::vector<VecSpec> vq(q, q + k);
+  parallel_chunks(n, [&](int64_t, int64_t begin, int64_t end) {
+    int64_t i = begin;
+    for (; i + kBlock <= end; i += kBlock) {
+      Vec a, b;
+      Io<T>::load(x + i, a, b);
+      for (int64_t j = 0; j < k; ++j) {
+        Io<T>::store(y + j * n + i, code(a / vq[j].s, vq[j]) * vq[j].s,
+                     code(b / vq[j].s, vq[j]) * vq[j].s);
+      }
+    }
+    for (; i < end; ++i) {
+      const float xv = float(x[i]);
+      for (int64_t j = 0; j < k; ++j) {
+        y[j * n + i] = static_cast<T>(code(xv / q[j].step, q[j]) * q[j].step);
+      }
+    }
+  });
+}
+
+template <typename T>
+void backward_multi_typed(const T* dy, const T* x, T* dx, int64_t n, const QuantSpec* q,
+                          int64_t k, double grad_scale, float* grad_steps) {
+  std::vector<VecSpec> vq(q, q + k);
+  const int64_t chunks = num_chunks(n);
+  std::vector<double> partial(k * chunks);  // [K][chunks]
+  parallel_chunks(n, [&](int64_t c, int64_t begin, int64_t end) {
+    std::array<Vec, kMaxK> acc;
+    acc.fill(Vec(0.f));
+    int64_t i = begin;
+    for (; i + kBlock <= end; i += kBlock) {
+      Vec xa, xb;
+      Io<T>::load(x + i, xa, xb);
+      Vec da(0.f), db(0.f);
+      for (int64_t j = 0; j < k; ++j) {
+        Vec ga, gb;
+        Io<T>::load(dy + j * n + i, ga, gb);
+        const Vec va = xa / vq[j].s, vb = xb / vq[j].s;
+        const Vec ina = in_range(va, vq[j]), inb = in_range(vb, vq[j]);
+        da = da + (ga & ina);
+        db = db + (gb & inb);
+        acc[j] = acc[j] + ga * (code(va, vq[j]) - (va & ina));
+        acc[j] = acc[j] + gb * (code(vb, vq[j]) - (vb & inb));
+      }
+      Io<T>::store(dx + i, da, db);
+    }
+    std::array<float, kMaxK> tail{};
+    for (; i < end; ++i) {
+      const float xv = float(x[i]);
+      float d = 0.f;
+      for (int64_t j = 0; j < k; ++j) {
+        const float v = xv / q[j].step, g = float(dy[j * n + i]);
+        const bool inside = in_range(v, q[j]);
+        d = d + (inside ? g : 0.f);
+        tail[j] += g * (inside ? code(v, q[j]) - v : code(v, q[j]));
+      }
+      dx[i] = static_cast<T>(d);
+    }
+    for (int64_t j = 0; j < k; ++j) partial[j * chunks + c] = lane_sum(acc[j]) + tail[j];
+  });
+  for (int64_t j = 0; j < k; ++j) {
+    double total = 0.0;
+    for (int64_t c = 0; c < chunks; ++c) total += partial[j * chunks + c];
+    grad_steps[j] = static_cast<float>(grad_scale * total);
+  }
+}
+
+// ---- quant_stats: per bit, MSE of the stored output and the near-boundary share ----------------
+// Near a boundary: in range and |v - rint(v)| > 1/2 - delta (given as near_threshold); for signed
+// 1-bit the only boundary is 0, so near means |v| < delta. Counts are exact (fp32 lane counters
+// stay far below 2^24 within a chunk).
+template <typename T>
+void stats_typed(const T* x, int64_t n, const QuantSpec* q, int64_t k, float near_threshold,
+                 float delta, float* mse, float* share) {
+  std::vector<VecSpec> vq(q, q + k);
+  const int64_t chunks = num_chunks(n);
+  std::vector<double> sq(k * chunks);
+  std::vector<int64_t> count(k * chunks);
+  const Vec thr(near_threshold), dlt(delta), one(1.f);
+  parallel_chunks(n, [&](int64_t c, int64_t begin, int64_t end) {
+    std::array<Vec, kMaxK> acc_sq, acc_n;
+    acc_sq.fill(Vec(0.f));
+    acc_n.fill(Vec(0.f));
+    auto one_vec = [&](const Vec& xv, Vec y, const Vec& v, const Vec& kk, int64_t j) {
+      const Vec d = y - xv;
+      acc_sq[j] = acc_sq[j] + d * d;
+      const Vec dist = vq[j].binary ? (v.abs() < dlt) : ((v - kk).abs() > thr);
+      acc_n[j] = acc_n[j] + (one & (in_range(v, vq[j]) & dist));
+    };
+    int64_t i = begin;
+    for (; i + kBlock <= end; i += kBlock) {
+      Vec xa, xb;
+      Io<T>::load(x + i, xa, xb);
+      for (int64_t j = 0; j < k; ++j) {
+        const Vec va = xa / vq[j].s, vb = xb / vq[j].s;
+        const Vec ka = code(va, vq[j]), kb = code(vb, vq[j]);
+        Vec ya = ka * vq[j].s, yb = kb * vq[j].s;
+        Io<T>::round_trip(ya, yb);
+        one_vec(xa, ya, va, ka, j);
+        one_vec(xb, yb, vb, kb, j);
+      }
+    }
+    std::array<float, kMaxK> tail_sq{};
+    std::array<int64_t, kMaxK> tail_n{};
+    for (; i < end; ++i) {
+      const float xv = float(x[i]);
+      for (int64_t j = 0; j < k; ++j) {
+        const float v = xv / q[j].step, kk = code(v, q[j]);
+        const float d = round_trip<T>(kk * q[j].step) - xv;
+        tail_sq[j] += d * d;
+        const bool near = q[j].binary ? std::abs(v) < delta : std::abs(v - kk) > near_threshold;
+        tail_n[j] += (in_range(v, q[j]) && near) ? 1 : 0;
+      }
+    }
+    for (int64_t j = 0; j < k; ++j) {
+      sq[j * chunks + c] = lane_sum(acc_sq[j]) + tail_sq[j];
+      count[j * chunks + c] = static_cast<int64_t>(lane_sum(acc_n[j])) + tail_n[j];
+    }
+  });
+  for (int64_t j = 0; j < k; ++j) {
+    double total_sq = 0.0;
+    int64_t total_n = 0;
+    for (int64_t c = 0; c < chunks; ++c) {
+      total_sq += sq[j * chunks + c];
+      total_n += count[j * chunks + c];
+    }
+    mse[j] = n ? static_cast<float>(total_sq / double(n)) : 0.f;
+    share[j] = n ? static_cast<float>(double(total_n) / double(n)) : 0.f;
+  }
+}
+
+// ---- quantize_codes: int8 codes at one bit (NaN maps to code 0) ---------------------------------
+template <typename T>
+void codes_typed(const T* x, int8_t* out, int64_t n, const QuantSpec& q) {
+  const VecSpec vq(q);
+  parallel_chunks(n, [&](int64_t, int64_t begin, int64_t end) {
+    alignas(64) float buf[kBlock];
+    int64_t i = begin;
+    for (; i + kBlock <= end; i += kBlock) {
+      Vec a, b;
+      Io<T>::load(x + i, a, b);
+      a = code(a / vq.s, vq);
+      b = code(b / vq.s, vq);
+      Vec::blendv(a, Vec(0.f), a.isnan()).store(buf);
+      Vec::blendv(b, Vec(0.f), b.isnan()).store(buf + kVF);
+      for (int64_t l = 0; l < kBlock; ++l) out[i + l] = static_cast<int8_t>(buf[l]);
+    }
+    for (; i < end; ++i) {
+      const float kk = code(float(x[i]) / q.step, q);
+      out[i] = std::isnan(kk) ? int8_t(0) : static_cast<int8_t>(kk);
+    }
+  });
+}
+
+// ---- type-erased entry points --------------------------------------------------------------------
+void forward(c10::ScalarType dt, const void* x, void* y, int64_t n, QuantSpec q) {
+  dispatch_dtype(dt, [&](auto tag) {
+    using T = decltype(tag);
+    forward_typed<T>(static_cast<const T*>(x), static_cast<T*>(y), n, q);
+  });
+}
+
+void backward(c10::ScalarType dt, const void* dy, const void* x, void* dx, int64_t n,
+              QuantSpec q, double grad_scale, float* grad_step) {
+  dispatch_dtype(dt, [&](auto tag) {
+    using T = decltype(tag);
+    backward_typed<T>(static_cast<const T*>(dy), static_cast<const T*>(x), static_cast<T*>(dx),
+                      n, q, grad_scale, grad_step);
+  });
+}
+
+void forward_multi(c10::ScalarType dt, const void* x, void* y, int64_t n, const QuantSpec* q,
+                   int64_t k) {
+  TORCH_CHECK(k >= 1 && k <= kMaxK, "rfq: K must be in 1..", kMaxK);
+  dispatch_dtype(dt, [&](auto tag) {
+    using T = decltype(tag);
+    forward_multi_typed<T>(static_cast<const T*>(x), static_cast<T*>(y), n, q, k);
+  });
+}
+
+void backward_multi(c10::ScalarType dt, const void* dy, const void* x, void* dx, int64_t n,
+                    const QuantSpec* q, int64_t k, double grad_scale, float* grad_steps) {
+  TORCH_CHECK(k >= 1 && k <= kMaxK, "rfq: K must be in 1..", kMaxK);
+  dispatch_dtype(dt, [&](auto tag) {
+    using T = decltype(tag);
+    backward_multi_typed<T>(static_cast<const T*>(dy), static_cast<const T*>(x),
+                            static_cast<T*>(dx), n, q, k, grad_scale, grad_steps);
+  });
+}
+
+void stats(c10::ScalarType dt, const void* x, int64_t n, const QuantSpec* q, int64_t k,
+           float near_threshold, float delta, float* mse, float* share) {
+  TORCH_CHECK(k >= 1 && k <= kMaxK, "rfq: K must be in 1..", kMaxK);
+  dispatch_dtype(dt, [&](auto tag) {
+    using T = decltype(tag);
+    stats_typed<T>(static_cast<const T*>(x), n, q, k, near_threshold, delta, mse, share);
+  });
+}
+
+void codes(c10::ScalarType dt, const void* x, int8_t* out, int64_t n, QuantSpec q) {
+  dispatch_dtype(dt, [&](auto tag) {
+    using T = decltype(tag);
+    codes_typed<T>(static_cast<const T*>(x), out, n, q);
+  });
+}
+
+}  // namespace
+
+extern const LsqKernels kLsqKernels = {forward, backward, forward_multi,
+                                       backward_multi, stats, codes};
+
+}  // namespace rfq::cpu::CPU_CAPABILITY

@@ -1,0 +1,90 @@
+// Argument checks shared by the CPU and CUDA wrappers of the LSQ ops. Every message starts with
+// the op name and names the argument. Checks here read metadata only: no device values, no syncs.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty_like.h>
+#include <c10/util/Exception.h>
+
+#include "cpu/lsq_kernels.h"
+
+namespace rfq {
+
+constexpr int64_t kMaxCandidates = 8;
+
+inline void check_x(const char* op, const at::Tensor& x) {
+  const auto dt = x.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf, op,
+              ": x must be float32, bfloat16 or float16, got ", dt);
+}
+
+inline void check_bit(const char* op, const char* name, int64_t b) {
+  TORCH_CHECK(b >= 1 && b <= 8, op, ": ", name, " must be in 1..8, got ", b);
+}
+
+// steps: fp32 [K] on x's device, one per candidate in `bits`.
+inline void check_steps(const char* op, const at::Tensor& x, const at::Tensor& steps,
+                        c10::IntArrayRef bits) {
+  TORCH_CHECK(steps.device() == x.device(), op, ": steps must be on x's device (", x.device(),
+              "), got ", steps.device());
+  TORCH_CHECK(steps.scalar_type() == at::kFloat, op, ": steps must be float32, got ",
+              steps.scalar_type());
+  TORCH_CHECK(steps.dim() == 1, op, ": steps must be 1-D [K], got shape ", steps.sizes());
+  TORCH_CHECK(steps.numel() > 0, op, ": steps is empty: one step per candidate bit is needed");
+  TORCH_CHECK(!bits.empty(), op, ": bits is empty: at least one candidate bit-width is needed");
+  TORCH_CHECK(steps.numel() == static_cast<int64_t>(bits.size()), op, ": steps has K=",
+              steps.numel(), " entries but bits lists ", bits.size(), " candidates");
+  TORCH_CHECK(static_cast<int64_t>(bits.size()) <= kMaxCandidates, op,
+              ": at most 8 candidate bits, got ", bits.size());
+  for (int64_t b : bits) check_bit(op, "bits", b);
+}
+
+inline void check_sel(const char* op, const at::Tensor& x, const at::Tensor& sel) {
+  TORCH_CHECK(sel.device() == x.device(), op, ": sel must be on x's device (", x.device(),
+              "), got ", sel.device());
+  TORCH_CHECK(sel.scalar_type() == at::kLong, op, ": sel must be int64, got ", sel.scalar_type());
+  TORCH_CHECK(sel.numel() == 1, op, ": sel must hold one index, got shape ", sel.sizes());
+}
+
+inline void check_grad(const char* op, const at::Tensor& grad, const at::Tensor& x,
+                       c10::IntArrayRef expected_sizes) {
+  TORCH_CHECK(grad.device() == x.device(), op, ": grad_y must be on x's device");
+  TORCH_CHECK(grad.scalar_type() == x.scalar_type(), op, ": grad_y must have x's dtype (",
+              x.scalar_type(), "), got ", grad.scalar_type());
+  TORCH_CHECK(grad.sizes() == expected_sizes, op, ": grad_y must have shape ", expected_sizes,
+              ", got ", grad.sizes());
+}
+
+inline void check_delta(const char* op, double delta) {
+  TORCH_CHECK(delta >= 0.0 && delta <= 0.5, op, ": delta must be in [0, 0.5], got ", delta);
+}
+
+inline void check_grad_scale(const char* op, double grad_scale) {
+  TORCH_CHECK(std::isfinite(grad_scale), op, ": grad_scale must be finite, got ", grad_scale);
+}
+
+// Integer range of one candidate (spec §1 table); signed 1-bit is binary {-1, +1}.
+inline cpu::QuantSpec make_spec(int64_t bits, bool is_signed, float step) {
+  if (is_signed && bits == 1) return {step, -1.f, 1.f, true};
+  if (is_signed) {
+    const float half = static_cast<float>(int64_t{1} << (bits - 1));
+    return {step, -half, half - 1.f, false};
+  }
+  return {step, 0.f, static_cast<float>((int64_t{1} << bits) - 1), false};
+}
+
+// Elementwise kernels walk flat storage. Dense inputs keep their layout (channels_last stays
+// channels_last); others are copied into the layout empty_like gives them, which is also what
+// the fake kernels in rfq/ops.py promise.
+inline at::Tensor dense_layout(const at::Tensor& x) {
+  if (x.is_non_overlapping_and_dense()) return x;
+  return at::empty_like(x).copy_(x);
+}
+
+// `t` (same shape as `like`, which is dense) with exactly like's strides.
+inline at::Tensor in_layout_of(const at::Tensor& t, const at::Tensor& like) {
+  if (t.strides() == like.strides() && t.is_non_overlapping_and_dense()) return t;
+  return at::empty_like(like).copy_(t);
+}
+
+}  // namespace rfq

@@ -1,0 +1,44 @@
+// The only TORCH_LIBRARY(rfq, m): every op's schema, once. Kernels register per dispatch key in
+// csrc/cpu/*.cpp and csrc/cuda/*.cu; fake (meta) kernels and autograd live in rfq/ops.py.
+// Semantics of every op: ../shared/spec/kernels.md §1-2 and rfq/reference.py (the oracle).
+
+#include <Python.h>  // limited API (Py_LIMITED_API is set by setup.py): only for the module stub
+#include <torch/library.h>
+
+extern "C" {
+// `import rfq._C` loads this library so the static registrations below run; it has no methods.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(rfq, m) {
+  const std::vector<at::Tag> pt2 = {at::Tag::pt2_compliant_tag};
+  // LSQ fake quantization of x at candidate bits[sel] with step steps[sel]; steps: fp32 [K];
+  // sel: 0-dim int64 on x's device, read by the kernel (re-selecting neither syncs nor recompiles).
+  m.def("coupled_quant(Tensor x, Tensor steps, int[] bits, Tensor sel, bool signed=True, "
+        "float grad_scale=1.0) -> Tensor", pt2);
+  // One fused pass: (dx, dsteps[K]); STE inside the range, LSQ step gradient in slot sel only.
+  m.def("coupled_quant_backward(Tensor grad_y, Tensor x, Tensor steps, int[] bits, Tensor sel, "
+        "bool signed, float grad_scale) -> (Tensor, Tensor)", pt2);
+  // All K fake-quantized outputs [K, *x.shape] from one read of x.
+  m.def("coupled_quant_multi(Tensor x, Tensor steps, int[] bits, bool signed=True, "
+        "float grad_scale=1.0) -> Tensor", pt2);
+  // One pass: dx = sum_j in_range_j * grad_y[j] (fp32, j in order), and all K step gradients.
+  m.def("coupled_quant_multi_backward(Tensor grad_y, Tensor x, Tensor steps, int[] bits, "
+        "bool signed, float grad_scale) -> (Tensor, Tensor)", pt2);
+  // Per candidate bit, one read of x: (mse[K], share[K]); share = fraction of in-range values
+  // within delta of a rounding boundary (the bit-width scheduler's turbulence).
+  m.def("quant_stats(Tensor x, Tensor steps, int[] bits, bool signed=True, float delta=0.125) "
+        "-> (Tensor, Tensor)", pt2);
+  // int8 integer codes of x at one bit-width (step: one fp32 value); input of pack_weight.
+  m.def("quantize_codes(Tensor x, Tensor step, int bits, bool signed=True) -> Tensor", pt2);
+}
+
+// Statistics and codes are not differentiable: skipping the Autograd key gives outputs that do
+// not require grad, instead of autograd's warn-on-backward fallback.
+TORCH_LIBRARY_IMPL(rfq, Autograd, m) {
+  m.impl("quant_stats", torch::CppFunction::makeFallthrough());
+  m.impl("quantize_codes", torch::CppFunction::makeFallthrough());
+}
