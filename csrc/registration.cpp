@@ -32,7 +32,8 @@ TORCH_LIBRARY(rfq, m) {
   // within delta of a rounding boundary (the bit-width scheduler's turbulence).
   m.def("quant_stats(Tensor x, Tensor steps, int[] bits, bool signed=True, float delta=0.125) "
         "-> (Tensor, Tensor)", pt2);
-  // int8 integer codes of x at one bit-width (step: one fp32 value); input of pack_weight.
+  // Integer codes of x at one bit-width (step: one fp32 value): int8 when signed, uint8 when
+  // unsigned (codes up to 255); the input of pack_weight.
   m.def("quantize_codes(Tensor x, Tensor step, int bits, bool signed=True) -> Tensor", pt2);
 }
 

@@ -161,8 +161,8 @@ at::Tensor quantize_codes(const at::Tensor& x, const at::Tensor& step, int64_t b
   TORCH_CHECK(std::isfinite(s) && s > 0.f, op, ": step must be a finite positive step size, got ",
               s);
   const at::Tensor xd = dense_layout(x);
-  at::Tensor codes = at::empty_like(xd, xd.options().dtype(at::kChar));
-  lsq_kernels().codes(x.scalar_type(), xd.const_data_ptr(), codes.mutable_data_ptr<int8_t>(),
+  at::Tensor codes = at::empty_like(xd, xd.options().dtype(is_signed ? at::kChar : at::kByte));
+  lsq_kernels().codes(x.scalar_type(), xd.const_data_ptr(), codes.mutable_data_ptr(),
                       xd.numel(), make_spec(bits, is_signed, s));
   return codes;
 }

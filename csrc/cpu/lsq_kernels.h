@@ -35,7 +35,8 @@ struct LsqKernels {
                          float* grad_steps);
   void (*stats)(c10::ScalarType dtype, const void* x, int64_t n, const QuantSpec* q, int64_t k,
                 float near_threshold, float delta, float* mse, float* share);
-  void (*codes)(c10::ScalarType dtype, const void* x, int8_t* codes, int64_t n, QuantSpec q);
+  // int8 codes for signed ranges, uint8 for unsigned ones ([0, 255] does not fit int8).
+  void (*codes)(c10::ScalarType dtype, const void* x, void* codes, int64_t n, QuantSpec q);
 };
 
 namespace DEFAULT { extern const LsqKernels kLsqKernels; }

@@ -307,9 +307,9 @@ void stats_typed(const T* x, int64_t n, const QuantSpec* q, int64_t k, float nea
   }
 }
 
-// ---- quantize_codes: int8 codes at one bit (NaN maps to code 0) ---------------------------------
-template <typename T>
-void codes_typed(const T* x, int8_t* out, int64_t n, const QuantSpec& q) {
+// ---- quantize_codes: integer codes at one bit (NaN maps to code 0) ------------------------------
+template <typename T, typename Code>
+void codes_typed(const T* x, Code* out, int64_t n, const QuantSpec& q) {
   const VecSpec vq(q);
   parallel_chunks(n, [&](int64_t, int64_t begin, int64_t end) {
     alignas(64) float buf[kBlock];
@@ -321,11 +321,11 @@ void codes_typed(const T* x, int8_t* out, int64_t n, const QuantSpec& q) {
       b = code(b / vq.s, vq);
       Vec::blendv(a, Vec(0.f), a.isnan()).store(buf);
       Vec::blendv(b, Vec(0.f), b.isnan()).store(buf + kVF);
-      for (int64_t l = 0; l < kBlock; ++l) out[i + l] = static_cast<int8_t>(buf[l]);
+      for (int64_t l = 0; l < kBlock; ++l) out[i + l] = static_cast<Code>(buf[l]);
     }
     for (; i < end; ++i) {
       const float kk = code(float(x[i]) / q.step, q);
-      out[i] = std::isnan(kk) ? int8_t(0) : static_cast<int8_t>(kk);
+      out[i] = std::isnan(kk) ? Code(0) : static_cast<Code>(kk);
     }
   });
 }
@@ -375,10 +375,14 @@ void stats(c10::ScalarType dt, const void* x, int64_t n, const QuantSpec* q, int
   });
 }
 
-void codes(c10::ScalarType dt, const void* x, int8_t* out, int64_t n, QuantSpec q) {
+void codes(c10::ScalarType dt, const void* x, void* out, int64_t n, QuantSpec q) {
   dispatch_dtype(dt, [&](auto tag) {
     using T = decltype(tag);
-    codes_typed<T>(static_cast<const T*>(x), out, n, q);
+    if (q.qn < 0) {
+      codes_typed<T>(static_cast<const T*>(x), static_cast<int8_t*>(out), n, q);
+    } else {
+      codes_typed<T>(static_cast<const T*>(x), static_cast<uint8_t*>(out), n, q);
+    }
   });
 }
 

@@ -1,0 +1,64 @@
+"""The CPU kernels are compiled for several ISA levels and picked at run time (ATen's rule, so
+ATEN_CPU_CAPABILITY lowers it). Every level this CPU can run must give the reference's results."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+LEVELS = ["default", "avx2", "avx512"]
+
+CHECK = textwrap.dedent(
+    """
+    import torch, rfq
+    from rfq import ops, reference as ref
+    print(ops.cpu_capability())
+    g = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        for bits, signed in ((1, True), (4, True), (8, False), (3, False)):
+            x = (torch.randn(9_001, generator=g) * 3).to(dtype)
+            steps = torch.tensor([0.37, 0.05, 0.125])
+            cands, sel = [bits, 2, 6], torch.tensor(0)
+            assert torch.equal(ops.coupled_quant(x, steps, cands, sel, signed),
+                               ref.coupled_quant(x, steps, cands, sel, signed))
+            gy = torch.randn(x.shape, generator=g).to(dtype)
+            gx, gs = torch.ops.rfq.coupled_quant_backward(gy, x, steps, cands, sel, signed, 1.0)
+            rgx, rgs = ref.coupled_quant_backward(gy, x, steps, cands, sel, signed, 1.0)
+            assert torch.equal(gx, rgx)
+            torch.testing.assert_close(gs, rgs, rtol=1e-5, atol=1e-3)
+            assert torch.equal(ops.coupled_quant_multi(x, steps, cands, signed),
+                               ref.coupled_quant_multi(x, steps, cands, signed))
+            gys = torch.randn((3, *x.shape), generator=g).to(dtype)
+            mx = torch.ops.rfq.coupled_quant_multi_backward(gys, x, steps, cands, signed, 1.0)
+            rmx = ref.coupled_quant_multi_backward(gys, x, steps, cands, signed, 1.0)
+            assert torch.equal(mx[0], rmx[0])
+            mse, share = ops.quant_stats(x, steps, cands, signed)
+            rmse, rshare = ref.quant_stats(x, steps, cands, signed)
+            assert torch.equal(share, rshare)
+            torch.testing.assert_close(mse, rmse, rtol=1e-5, atol=0)
+            assert torch.equal(ops.quantize_codes(x, steps[:1], bits, signed),
+                               ref.quantize_codes(x, steps[:1], bits, signed))
+    print("ok")
+    """
+)
+
+
+def supported_levels():
+    best = torch.backends.cpu.get_cpu_capability().lower()
+    if best not in LEVELS:
+        return ["default"]
+    return LEVELS[: LEVELS.index(best) + 1]
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_every_isa_level_matches_reference(level):
+    if level not in supported_levels():
+        pytest.skip(f"this CPU cannot run {level} kernels")
+    env = dict(os.environ, ATEN_CPU_CAPABILITY=level)
+    out = subprocess.run([sys.executable, "-c", CHECK], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    capability, status = out.stdout.split()
+    assert capability.lower() == level and status == "ok"
