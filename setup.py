@@ -73,12 +73,19 @@ def make_extension():
         define_macros.append(("RFQ_X86_DISPATCH", "1"))
     # -O3 without fast-math: the quantizer needs correctly rounded division (spec §1).
     cxx = ["-O3", "-std=c++17", "-fno-fast-math", "-Wall", "-Wno-unused-function"]
+    link = []
+    if sys.platform.startswith("linux"):
+        # at::parallel_for's OpenMP body is inline in ATen's headers: without -fopenmp it
+        # silently runs on one thread. libgomp resolves to the copy torch already loaded.
+        cxx.append("-fopenmp")
+        link.append("-fopenmp")
     return CppExtension(
         name="rfq._C",
         sources=sources,
         include_dirs=[str(ROOT / "csrc")],
         define_macros=define_macros,
         extra_compile_args={"cxx": cxx},
+        extra_link_args=link,
         py_limited_api=True,
     )
 

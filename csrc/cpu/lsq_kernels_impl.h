@@ -17,6 +17,7 @@
 #include <algorithm>
 #include <array>
 #include <cmath>
+#include <cstring>
 #include <tuple>
 #include <vector>
 
@@ -70,9 +71,28 @@ inline float round_trip(float v) {
 // NaN out (torch.clamp semantics), so bad data is visible instead of becoming a valid code.
 struct VecSpec {
   Vec s, qn, qp;
-  bool binary;
+  bool binary = false;
+  VecSpec() = default;
   explicit VecSpec(const QuantSpec& q) : s(q.step), qn(q.qn), qp(q.qp), binary(q.binary) {}
 };
+
+using VecSpecs = std::array<VecSpec, kMaxK>;
+
+inline VecSpecs vec_specs(const QuantSpec* q, int64_t k) {
+  VecSpecs out;
+  for (int64_t j = 0; j < k; ++j) out[j] = VecSpec(q[j]);
+  return out;
+}
+
+// Per-chunk partial sums live in a per-thread buffer that only grows: no heap traffic per call
+// (a fresh small allocation can split a freed activation-sized block and make the next big
+// allocation fault in new pages).
+template <typename T>
+T* scratch(int64_t count) {
+  thread_local std::vector<T> buffer;
+  if (static_cast<int64_t>(buffer.size()) < count) buffer.resize(count);
+  return buffer.data();
+}
 
 inline Vec code(const Vec& v, const VecSpec& q) {
   if (q.binary) {
@@ -141,7 +161,8 @@ template <typename T>
 void backward_typed(const T* dy, const T* x, T* dx, int64_t n, const QuantSpec& q,
                     double grad_scale, float* grad_step) {
   const VecSpec vq(q);
-  std::vector<double> partial(num_chunks(n));
+  const int64_t chunks = num_chunks(n);
+  double* partial = scratch<double>(chunks);
   parallel_chunks(n, [&](int64_t c, int64_t begin, int64_t end) {
     Vec acc(0.f);
     auto one = [&](const Vec& xv, const Vec& g) {
@@ -169,14 +190,14 @@ void backward_typed(const T* dy, const T* x, T* dx, int64_t n, const QuantSpec& 
     partial[c] = lane_sum(acc) + tail;
   });
   double total = 0.0;
-  for (double p : partial) total += p;
+  for (int64_t c = 0; c < chunks; ++c) total += partial[c];
   *grad_step = static_cast<float>(grad_scale * total);
 }
 
 // ---- coupled_quant_multi: all K bits from one read of x -----------------------------------------
 template <typename T>
 void forward_multi_typed(const T* x, T* y, int64_t n, const QuantSpec* q, int64_t k) {
-  std::vector<VecSpec> vq(q, q + k);
+  const VecSpecs vq = vec_specs(q, k);
   parallel_chunks(n, [&](int64_t, int64_t begin, int64_t end) {
     int64_t i = begin;
     for (; i + kBlock <= end; i += kBlock) {
@@ -199,9 +220,9 @@ void forward_multi_typed(const T* x, T* y, int64_t n, const QuantSpec* q, int64_
 template <typename T>
 void backward_multi_typed(const T* dy, const T* x, T* dx, int64_t n, const QuantSpec* q,
                           int64_t k, double grad_scale, float* grad_steps) {
-  std::vector<VecSpec> vq(q, q + k);
+  const VecSpecs vq = vec_specs(q, k);
   const int64_t chunks = num_chunks(n);
-  std::vector<double> partial(k * chunks);  // [K][chunks]
+  double* partial = scratch<double>(k * chunks);  // [K][chunks]
   parallel_chunks(n, [&](int64_t c, int64_t begin, int64_t end) {
     std::array<Vec, kMaxK> acc;
     acc.fill(Vec(0.f));
@@ -250,10 +271,10 @@ void backward_multi_typed(const T* dy, const T* x, T* dx, int64_t n, const Quant
 template <typename T>
 void stats_typed(const T* x, int64_t n, const QuantSpec* q, int64_t k, float near_threshold,
                  float delta, float* mse, float* share) {
-  std::vector<VecSpec> vq(q, q + k);
+  const VecSpecs vq = vec_specs(q, k);
   const int64_t chunks = num_chunks(n);
-  std::vector<double> sq(k * chunks);
-  std::vector<int64_t> count(k * chunks);
+  double* sq = scratch<double>(k * chunks);
+  int64_t* count = scratch<int64_t>(k * chunks);
   const Vec thr(near_threshold), dlt(delta), one(1.f);
   parallel_chunks(n, [&](int64_t c, int64_t begin, int64_t end) {
     std::array<Vec, kMaxK> acc_sq, acc_n;
@@ -312,16 +333,19 @@ template <typename T, typename Code>
 void codes_typed(const T* x, Code* out, int64_t n, const QuantSpec& q) {
   const VecSpec vq(q);
   parallel_chunks(n, [&](int64_t, int64_t begin, int64_t end) {
-    alignas(64) float buf[kBlock];
+    alignas(64) int32_t buf[kBlock];
     int64_t i = begin;
     for (; i + kBlock <= end; i += kBlock) {
       Vec a, b;
       Io<T>::load(x + i, a, b);
       a = code(a / vq.s, vq);
       b = code(b / vq.s, vq);
-      Vec::blendv(a, Vec(0.f), a.isnan()).store(buf);
-      Vec::blendv(b, Vec(0.f), b.isnan()).store(buf + kVF);
-      for (int64_t l = 0; l < kBlock; ++l) out[i + l] = static_cast<Code>(buf[l]);
+      // exact integers in [-128, 255]: the int32 conversion is exact, the narrowing vectorizes
+      at::vec::convert_to_int_of_same_size(Vec::blendv(a, Vec(0.f), a.isnan())).store(buf);
+      at::vec::convert_to_int_of_same_size(Vec::blendv(b, Vec(0.f), b.isnan())).store(buf + kVF);
+      Code narrow[kBlock];  // local: a store through int8_t* may alias buf and blocks SIMD
+      for (int64_t l = 0; l < kBlock; ++l) narrow[l] = static_cast<Code>(buf[l]);
+      std::memcpy(out + i, narrow, sizeof(narrow));
     }
     for (; i < end; ++i) {
       const float kk = code(float(x[i]) / q.step, q);
