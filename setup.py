@@ -72,7 +72,9 @@ def make_extension():
     if IS_X86:
         define_macros.append(("RFQ_X86_DISPATCH", "1"))
     # -O3 without fast-math: the quantizer needs correctly rounded division (spec §1).
-    cxx = ["-O3", "-std=c++17", "-fno-fast-math", "-Wall", "-Wno-unused-function"]
+    # -ffp-contract=off: GCC otherwise fuses k*s - x into an FMA and skips the rounding of y.
+    cxx = ["-O3", "-std=c++17", "-fno-fast-math", "-ffp-contract=off", "-Wall",
+           "-Wno-unused-function"]
     link = []
     if sys.platform.startswith("linux"):
         # at::parallel_for's OpenMP body is inline in ATen's headers: without -fopenmp it

@@ -1,5 +1,7 @@
 """rfq: weight-coupled mixed-precision quantization on fused kernels (torch.ops.rfq.*)."""
 
+import torch  # noqa: F401  (loads libc10/libtorch, which rfq._C links against)
+
 try:
     from rfq import _C  # noqa: F401  (loading the library registers torch.ops.rfq.*)
 except ImportError as err:  # pragma: no cover - exercised only on a broken install

@@ -101,6 +101,30 @@ def test_empty_tensors_work():
     assert ops.coupled_quant_multi(x, STEPS, BITS).shape == (2, 0, 3)
 
 
+def test_device_mismatch_is_named_without_a_gpu():
+    """A meta tensor among CPU ones routes the call to the fake kernels: they must refuse it."""
+    meta = torch.device("meta")
+    with pytest.raises(RuntimeError, match="rfq.coupled_quant: steps must be on x's device"):
+        cq(steps=STEPS.to(meta))
+    with pytest.raises(RuntimeError, match="rfq.coupled_quant: sel must be on x's device"):
+        cq(sel=SEL.to(meta))
+    with pytest.raises(RuntimeError, match="rfq.quant_stats: steps must be on x's device"):
+        ops.quant_stats(X, STEPS.to(meta), BITS)
+    with pytest.raises(RuntimeError, match="rfq.quantize_codes: step must be on x's device"):
+        ops.quantize_codes(X.to(meta), STEPS[:1], 4)
+    with pytest.raises(RuntimeError, match="rfq.coupled_quant_multi: steps must be on x's"):
+        ops.coupled_quant_multi(X, STEPS.to(meta), BITS)
+    with pytest.raises(RuntimeError, match="coupled_quant_backward: grad_y must be on x's"):
+        torch.ops.rfq.coupled_quant_backward(torch.randn(10, device=meta), X, STEPS, BITS, SEL,
+                                             True, 1.0)
+
+
+def test_all_meta_inputs_give_metadata():
+    meta = torch.device("meta")
+    y = cq(x=X.to(meta), steps=STEPS.to(meta), sel=SEL.to(meta))
+    assert y.device == meta and y.shape == X.shape
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="device mismatch needs a second device")
 def test_device_mismatch_is_named():
     with pytest.raises(RuntimeError, match="steps must be on x's device"):
