@@ -119,18 +119,17 @@ inline double lane_sum(const Vec& acc) {
   return total;
 }
 
+inline int64_t num_chunks(int64_t n) { return (n + kReduceChunk - 1) / kReduceChunk; }
+
 // Runs fn(chunk, begin, end) over fixed kReduceChunk-sized chunks of [0, n), in parallel.
 template <typename F>
 void parallel_chunks(int64_t n, const F& fn) {
-  const int64_t chunks = (n + kReduceChunk - 1) / kReduceChunk;
-  at::parallel_for(0, chunks, kGrainChunks, [&](int64_t first, int64_t last) {
+  at::parallel_for(0, num_chunks(n), kGrainChunks, [&](int64_t first, int64_t last) {
     for (int64_t c = first; c < last; ++c) {
       fn(c, c * kReduceChunk, std::min(n, (c + 1) * kReduceChunk));
     }
   });
 }
-
-inline int64_t num_chunks(int64_t n) { return (n + kReduceChunk - 1) / kReduceChunk; }
 
 template <typename F>
 void dispatch_dtype(c10::ScalarType dtype, const F& fn) {
