@@ -69,6 +69,10 @@ def five_learnable(x, steps):
     return [learnable(x, steps[j:j + 1], *ref.qrange(b, True)) for j, b in enumerate(BITS5)]
 
 
+ONE_BIT = {"rfq": rfq_one_bit, "learnable op": lambda x, s: learnable(x, s),
+           "compiled LSQ": compiled_one_bit}
+
+
 def tag(benchmark, role, target, floor, min_bytes):
     benchmark.extra_info.update(role=role, target=target, floor=floor, min_bytes=min_bytes)
 
@@ -78,8 +82,7 @@ def tag(benchmark, role, target, floor, min_bytes):
 @pytest.mark.parametrize("impl", ["rfq", "learnable op", "compiled LSQ"])
 def bench_one_bit_fwd_bwd(benchmark, n, impl):
     benchmark.group = f"1-bit fwd+bwd n={n}"
-    fn = {"rfq": rfq_one_bit, "learnable op": lambda x, s: learnable(x, s),
-          "compiled LSQ": compiled_one_bit}[impl]
+    fn = ONE_BIT[impl]
     tag(benchmark, impl, "C1 (learnable) / C2 (compiled)", ">=10x / >=1.0x", 20 * n)
     x, steps, grad = inputs(n)
     fwd_bwd(fn, x, steps, grad)  # warm-up (compiles the baseline)
@@ -91,8 +94,7 @@ def bench_one_bit_fwd_bwd(benchmark, n, impl):
 @pytest.mark.parametrize("impl", ["rfq", "compiled LSQ", "learnable op"])
 def bench_one_bit_fwd(benchmark, n, impl):
     benchmark.group = f"1-bit fwd n={n}"
-    fn = {"rfq": rfq_one_bit, "learnable op": lambda x, s: learnable(x, s),
-          "compiled LSQ": compiled_one_bit}[impl]
+    fn = ONE_BIT[impl]
     tag(benchmark, impl, "C3 (compiled)", ">=1.0x", 8 * n)
     x, steps, _ = inputs(n)
     x, steps = x.detach(), steps.detach()
