@@ -68,7 +68,7 @@ def cpu_sources():
 
 def make_extension():
     sources = ["csrc/registration.cpp"] + cpu_sources()
-    define_macros = [("Py_LIMITED_API", "0x03090000")]
+    define_macros = []  # CppExtension(py_limited_api=True) defines Py_LIMITED_API itself
     if IS_X86:
         define_macros.append(("RFQ_X86_DISPATCH", "1"))
     # -O3 without fast-math: the quantizer needs correctly rounded division (spec §1).

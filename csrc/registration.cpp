@@ -35,6 +35,17 @@ TORCH_LIBRARY(rfq, m) {
   // Integer codes of x at one bit-width (step: one fp32 value): int8 when signed, uint8 when
   // unsigned (codes up to 255); the input of pack_weight.
   m.def("quantize_codes(Tensor x, Tensor step, int bits, bool signed=True) -> Tensor", pt2);
+  // Signed int8 codes [N, K] at `bits` -> uint8 [N, row_bytes] in the packed layout
+  // (csrc/packed_layout.h): 2-bit container for 1-2 bits, 4-bit for 3-4, int8 for 5-8.
+  m.def("pack_weight(Tensor codes, int bits) -> Tensor", pt2);
+  // Exact inverse of pack_weight: int8 codes of the logical shape [N, K].
+  m.def("unpack_weight(Tensor packed, int bits, int[] shape) -> Tensor", pt2);
+  // y = x @ dequant(W)^T (+ bias), x [..., K] -> [..., N] in x's dtype, fp32 accumulation.
+  // group_size 0: per-tensor LSQ, w = scales * q (scales: one fp32 value, zeros None);
+  // group_size 32/64/128: w = (u - zeros) * scales per [N, ceil(K/g)] group, zeros defaulting to
+  // the container offset (so w = q * scale).
+  m.def("packed_linear(Tensor x, Tensor packed, Tensor scales, Tensor? zeros, int bits, "
+        "int group_size, Tensor? bias=None) -> Tensor", pt2);
 }
 
 // Statistics and codes are not differentiable: skipping the Autograd key gives outputs that do
@@ -42,4 +53,6 @@ TORCH_LIBRARY(rfq, m) {
 TORCH_LIBRARY_IMPL(rfq, Autograd, m) {
   m.impl("quant_stats", torch::CppFunction::makeFallthrough());
   m.impl("quantize_codes", torch::CppFunction::makeFallthrough());
+  m.impl("pack_weight", torch::CppFunction::makeFallthrough());
+  m.impl("unpack_weight", torch::CppFunction::makeFallthrough());
 }

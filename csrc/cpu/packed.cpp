@@ -1,0 +1,219 @@
+// CPU implementations of pack_weight, unpack_weight and packed_linear (layout:
+// csrc/packed_layout.h). packed_linear reads the packed weight once per call: small M runs the
+// decode-in-L1 kernel (packed_kernels.h); large M, where the FMAs dominate, dequantizes row tiles
+// that stay in cache and hands each to MKL (spec §3: the dispatcher's fallback).
+
+#include <ATen/Parallel.h>
+#include <ATen/Version.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <string>
+
+#include "cpu/packed_kernels.h"
+#include "lsq_checks.h"
+#include "packed_layout.h"
+
+namespace rfq::cpu {
+
+const PackedKernels& packed_kernels() {
+  static const PackedKernels* table = [] {
+#ifdef RFQ_X86_DISPATCH
+    const std::string cap = at::get_cpu_capability();
+    if (cap == "AVX512") return &AVX512::kPackedKernels;
+    if (cap == "AVX2") return &AVX2::kPackedKernels;
+#endif
+    return &DEFAULT::kPackedKernels;
+  }();
+  return *table;
+}
+
+namespace {
+
+// From this many activation rows on, dequantize + MKL beats decoding per row (bench/README.md).
+constexpr int64_t kGemmMinM = 32;
+constexpr int64_t kGemmTileN = 512;  // dequantized rows per MKL call: 512 x 4608 fp32 = 9 MB (L3)
+
+std::pair<int64_t, int64_t> signed_range(int64_t bits) {
+  if (bits == 1) return {-1, 1};
+  return {-(int64_t{1} << (bits - 1)), (int64_t{1} << (bits - 1)) - 1};
+}
+
+at::Tensor pack_weight(const at::Tensor& codes, int64_t bits) {
+  constexpr const char* op = "rfq.pack_weight";
+  check_bit(op, "bits", bits);
+  TORCH_CHECK(codes.scalar_type() == at::kChar, op,
+              ": codes must be int8 (quantize_codes of a signed weight), got ", codes.scalar_type());
+  TORCH_CHECK(codes.dim() == 2, op, ": codes must be 2-D [N, K] (flatten conv weights to ",
+              "[C_out, C_in*kh*kw]), got shape ", codes.sizes());
+  const at::Tensor c = codes.contiguous();
+  const int64_t n = c.size(0), k = c.size(1);
+  const auto [lo, hi] = signed_range(bits);
+  const int8_t* src = c.const_data_ptr<int8_t>();
+  for (int64_t i = 0; i < n * k; ++i) {  // cheap next to packing, and catches wrong bit-widths
+    TORCH_CHECK(src[i] >= lo && src[i] <= hi && !(bits == 1 && src[i] == 0), op, ": codes[",
+                i / k, ", ", i % k, "] = ", int(src[i]), " is not a signed ", bits,
+                "-bit code (range [", lo, ", ", hi, "]", bits == 1 ? ", binary: -1 or +1" : "",
+                ")");
+  }
+  const int64_t rb = packed::row_bytes(k, bits), kp = packed::padded_k(k);
+  const int64_t cb = packed::container_bits(bits), off = packed::code_offset(bits);
+  at::Tensor out = at::zeros({n, rb}, c.options().dtype(at::kByte));
+  uint8_t* dst = out.mutable_data_ptr<uint8_t>();
+  at::parallel_for(0, n, 64, [&](int64_t r0, int64_t r1) {
+    std::vector<uint8_t> u(kp);
+    for (int64_t r = r0; r < r1; ++r) {
+      for (int64_t j = 0; j < kp; ++j) u[j] = static_cast<uint8_t>((j < k ? src[r * k + j] : 0) + off);
+      uint8_t* row = dst + r * rb;
+      for (int64_t b = 0; b < kp / packed::kBlockK; ++b) {
+        const uint8_t* ub = u.data() + b * packed::kBlockK;
+        uint8_t* pb = row + b * packed::block_bytes(bits);
+        if (cb == 4) {
+          for (int j = 0; j < 64; ++j) pb[j] = ub[j] | (ub[j + 64] << 4);
+        } else if (cb == 2) {
+          for (int j = 0; j < 32; ++j) {
+            pb[j] = ub[j] | (ub[j + 32] << 2) | (ub[j + 64] << 4) | (ub[j + 96] << 6);
+          }
+        } else {
+          std::memcpy(pb, ub, packed::kBlockK);
+        }
+      }
+    }
+  });
+  return out;
+}
+
+void check_packed(const char* op, const at::Tensor& packed, int64_t k, int64_t bits) {
+  TORCH_CHECK(packed.scalar_type() == at::kByte, op, ": packed must be uint8 (from pack_weight), ",
+              "got ", packed.scalar_type());
+  TORCH_CHECK(packed.dim() == 2, op, ": packed must be 2-D [N, row_bytes], got shape ",
+              packed.sizes());
+  TORCH_CHECK(packed.size(1) == packed::row_bytes(k, bits), op, ": packed rows hold ",
+              packed.size(1), " bytes but K=", k, " at ", bits, " bits needs ",
+              packed::row_bytes(k, bits), " (wrong bits, K or layout)");
+}
+
+at::Tensor unpack_weight(const at::Tensor& packed, int64_t bits, c10::IntArrayRef shape) {
+  constexpr const char* op = "rfq.unpack_weight";
+  check_bit(op, "bits", bits);
+  TORCH_CHECK(shape.size() == 2 && shape[0] >= 0 && shape[1] >= 0, op,
+              ": shape must be [N, K], got ", shape);
+  check_packed(op, packed, shape[1], bits);
+  TORCH_CHECK(packed.size(0) == shape[0], op, ": packed has ", packed.size(0),
+              " rows but shape asks for N=", shape[0]);
+  const at::Tensor p = packed.contiguous();
+  const int64_t n = shape[0], k = shape[1], rb = p.size(1);
+  const int64_t cb = packed::container_bits(bits), off = packed::code_offset(bits);
+  at::Tensor out = at::empty({n, k}, p.options().dtype(at::kChar));
+  const uint8_t* src = p.const_data_ptr<uint8_t>();
+  int8_t* dst = out.mutable_data_ptr<int8_t>();
+  at::parallel_for(0, n, 64, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      for (int64_t j = 0; j < k; ++j) {
+        const uint8_t* pb = src + r * rb + (j / packed::kBlockK) * packed::block_bytes(bits);
+        const int64_t e = j % packed::kBlockK;
+        int64_t u;
+        if (cb == 4) {
+          u = e < 64 ? (pb[e] & 15) : (pb[e - 64] >> 4);
+        } else if (cb == 2) {
+          u = (pb[e % 32] >> (2 * (e / 32))) & 3;
+        } else {
+          u = static_cast<int8_t>(pb[e]);
+        }
+        dst[r * k + j] = static_cast<int8_t>(u - off);
+      }
+    }
+  });
+  return out;
+}
+
+at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales,
+                         const std::optional<at::Tensor>& zeros, int64_t bits, int64_t group_size,
+                         const std::optional<at::Tensor>& bias) {
+  constexpr const char* op = "rfq.packed_linear";
+  check_x(op, x);
+  check_bit(op, "bits", bits);
+  TORCH_CHECK(x.dim() >= 1, op, ": x must have a last dimension K, got a 0-dim tensor");
+  const int64_t k = x.size(-1);
+  check_packed(op, packed, k, bits);
+  const int64_t n = packed.size(0);
+  TORCH_CHECK(group_size == 0 || group_size == 32 || group_size == 64 || group_size == 128, op,
+              ": group_size must be 0 (per-tensor) or 32, 64, 128, got ", group_size);
+  for (const auto* t : {&packed, &scales}) {
+    TORCH_CHECK(t->device() == x.device(), op, ": all tensors must be on x's device");
+  }
+  TORCH_CHECK(at::isFloatingType(scales.scalar_type()), op, ": scales must be floating point, got ",
+              scales.scalar_type());
+  const int64_t groups = group_size ? (k + group_size - 1) / group_size : 1;
+  if (group_size == 0) {
+    TORCH_CHECK(scales.numel() == 1, op, ": per-tensor scales must hold one value, got shape ",
+                scales.sizes());
+    TORCH_CHECK(!zeros.has_value(), op, ": zeros need group-wise scales (group_size 32/64/128)");
+  } else {
+    TORCH_CHECK(scales.dim() == 2 && scales.size(0) == n && scales.size(1) == groups, op,
+                ": scales must be [N, ceil(K/group_size)] = [", n, ", ", groups, "], got ",
+                scales.sizes());
+    if (zeros.has_value()) {
+      TORCH_CHECK(zeros->sizes() == scales.sizes(), op, ": zeros must have scales' shape ",
+                  scales.sizes(), ", got ", zeros->sizes());
+      TORCH_CHECK(at::isFloatingType(zeros->scalar_type()), op, ": zeros must be floating point");
+      TORCH_CHECK(zeros->device() == x.device(), op, ": zeros must be on x's device");
+    }
+  }
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == n, op, ": bias must be [N] = [", n,
+                "], got ", bias->sizes());
+    TORCH_CHECK(bias->device() == x.device(), op, ": bias must be on x's device");
+  }
+
+  const int64_t m = k ? x.numel() / k : 0;
+  auto out_shape = x.sizes().vec();
+  out_shape.back() = n;
+  const auto f32 = x.options().dtype(at::kFloat);
+  if (m == 0 || n == 0) return at::zeros(out_shape, x.options());
+
+  const int64_t kp = packed::padded_k(k);
+  at::Tensor xp = at::zeros({m, kp}, f32);
+  xp.narrow(1, 0, k).copy_(x.reshape({m, k}));
+  const at::Tensor s = scales.to(at::kFloat).contiguous();
+  PackedMatmul args{xp.const_data_ptr<float>(), m, kp, packed.contiguous().const_data_ptr<uint8_t>(),
+                    packed.size(1), packed::container_bits(bits), n, s.const_data_ptr<float>(),
+                    group_size ? groups : 0, group_size ? 1 : 0,
+                    group_size ? group_size : packed::kBlockK};
+  const at::Tensor packed_c = packed.contiguous();  // keeps args.packed alive
+  args.packed = packed_c.const_data_ptr<uint8_t>();
+
+  at::Tensor y = at::empty({m, n}, f32);
+  const PackedKernels& kernels = packed_kernels();
+  if (m < kGemmMinM) {
+    kernels.matmul(args, y.mutable_data_ptr<float>());
+  } else {
+    at::Tensor w = at::empty({std::min(n, kGemmTileN), kp}, f32);
+    for (int64_t n0 = 0; n0 < n; n0 += kGemmTileN) {
+      const int64_t rows = std::min(kGemmTileN, n - n0);
+      kernels.dequantize_rows(args, n0, n0 + rows, w.mutable_data_ptr<float>());
+      y.narrow(1, n0, rows).copy_(at::mm(xp, w.narrow(0, 0, rows).t()));
+    }
+  }
+  if (zeros.has_value()) {  // w = (u - z) s = q s + (offset - z) s: add xsum_g (offset - z) s
+    const double off = static_cast<double>(packed::code_offset(bits));
+    const at::Tensor zterm = s.mul(zeros->to(at::kFloat).neg().add(off)).contiguous();  // [N, G]
+    const at::Tensor xsum = xp.view({m, kp / group_size, group_size}).sum(-1).narrow(1, 0, groups);
+    y.addmm_(xsum, zterm.t());
+  }
+  if (bias.has_value()) y.add_(bias->to(at::kFloat));
+  return y.to(x.scalar_type()).reshape(out_shape);
+}
+
+}  // namespace
+}  // namespace rfq::cpu
+
+TORCH_LIBRARY_IMPL(rfq, CPU, m) {
+  m.impl("pack_weight", &rfq::cpu::pack_weight);
+  m.impl("unpack_weight", &rfq::cpu::unpack_weight);
+  m.impl("packed_linear", &rfq::cpu::packed_linear);
+}
