@@ -72,6 +72,36 @@ def _quantize_codes_fake(x, step, bits, signed=True):
     return torch.empty_like(x, dtype=torch.int8 if signed else torch.uint8)
 
 
+def packed_row_bytes(k: int, bits: int) -> int:
+    """Bytes per packed row (csrc/packed_layout.h): K padded to 128-element blocks of 32, 64 or
+    128 bytes (2-bit, 4-bit, int8 container), the row padded to 64 bytes."""
+    container = 2 if bits <= 2 else (4 if bits <= 4 else 8)
+    raw = -(-k // 128) * 128 * container // 8
+    return -(-raw // 64) * 64
+
+
+@torch.library.register_fake("rfq::pack_weight")
+def _pack_weight_fake(codes, bits):
+    return codes.new_empty((codes.shape[0], packed_row_bytes(codes.shape[1], bits)),
+                           dtype=torch.uint8)
+
+
+@torch.library.register_fake("rfq::unpack_weight")
+def _unpack_weight_fake(packed, bits, shape):
+    return packed.new_empty(shape, dtype=torch.int8)
+
+
+@torch.library.register_fake("rfq::packed_linear")
+def _packed_linear_fake(x, packed, scales, zeros, bits, group_size, bias=None):
+    others = dict(packed=packed, scales=scales)
+    if zeros is not None:
+        others["zeros"] = zeros
+    if bias is not None:
+        others["bias"] = bias
+    _check_devices("packed_linear", x, **others)
+    return x.new_empty((*x.shape[:-1], packed.shape[0]))
+
+
 # ---- autograd -------------------------------------------------------------------------------
 # Only x and the small step/sel tensors are saved: no activation-sized intermediate.
 
@@ -112,7 +142,27 @@ torch.library.register_autograd(
     _coupled_quant_multi_backward,
     setup_context=_coupled_quant_multi_setup,
 )
-# quant_stats and quantize_codes are non-differentiable (Autograd fallthrough in C++).
+# quant_stats, quantize_codes, pack_weight, unpack_weight: non-differentiable (C++ fallthrough).
+
+
+def _packed_linear_setup(ctx, inputs, output):
+    x, packed, scales, zeros, bits, group_size, bias = inputs
+    ctx.save_for_backward(packed, scales, zeros)
+    ctx.bits, ctx.group_size, ctx.x_shape, ctx.x_dtype = bits, group_size, x.shape, x.dtype
+
+
+def _packed_linear_backward(ctx, grad_y):
+    # The packed weight is frozen (deployment); only x gets a gradient: dx = dy @ dequant(W).
+    packed, scales, zeros = ctx.saved_tensors
+    w = dequantize_weight(packed, scales, ctx.bits, (packed.shape[0], ctx.x_shape[-1]),
+                          ctx.group_size, zeros)
+    grad_x = (grad_y.float() @ w).to(ctx.x_dtype)
+    return grad_x, None, None, None, None, None, None
+
+
+torch.library.register_autograd(
+    "rfq::packed_linear", _packed_linear_backward, setup_context=_packed_linear_setup
+)
 
 # ---- typed wrappers -------------------------------------------------------------------------
 
@@ -167,12 +217,113 @@ def quantize_codes(x: Tensor, step: Tensor, bits: int, signed: bool = True) -> T
     return _ops.quantize_codes.default(x, step, bits, signed)
 
 
+def pack_weight(codes: Tensor, bits: int) -> Tensor:
+    """Signed int8 codes [N, K] (e.g. ``quantize_codes`` of a weight, convs flattened to
+    [C_out, C_in*kh*kw]) -> uint8 [N, packed_row_bytes(K, bits)] in the packed layout."""
+    return _ops.pack_weight.default(codes, bits)
+
+
+def unpack_weight(packed: Tensor, bits: int, shape: Sequence[int]) -> Tensor:
+    """Exact inverse of ``pack_weight``: int8 codes of shape [N, K]."""
+    return _ops.unpack_weight.default(packed, bits, list(shape))
+
+
+def _container_offset(bits: int) -> int:
+    return 2 if bits <= 2 else (8 if bits <= 4 else 0)
+
+
+def dequantize_weight(
+    packed: Tensor,
+    scales: Tensor,
+    bits: int,
+    shape: Sequence[int],
+    group_size: int = 0,
+    zeros: Tensor | None = None,
+) -> Tensor:
+    """fp32 weights [N, K] of a packed tensor: q * s (per-tensor) or (u - z) * scale per group."""
+    n, k = shape
+    q = unpack_weight(packed, bits, (n, k)).float()
+    if group_size == 0:
+        return q * scales.float().reshape(())
+    scale = scales.float().repeat_interleave(group_size, dim=1)[:, :k]
+    if zeros is None:
+        return q * scale
+    u = q + _container_offset(bits)
+    return (u - zeros.float().repeat_interleave(group_size, dim=1)[:, :k]) * scale
+
+
+def packed_linear(
+    x: Tensor,
+    packed: Tensor,
+    scales: Tensor,
+    bits: int,
+    group_size: int = 0,
+    zeros: Tensor | None = None,
+    bias: Tensor | None = None,
+) -> Tensor:
+    """y = x @ dequant(W)^T (+ bias) from packed weights, without materializing W for small M.
+
+    group_size 0: per-tensor LSQ step (``scales`` holds one value, no zeros); 32/64/128: scales
+    (and optional zeros, in offset-binary units) of shape [N, ceil(K/group_size)]. x: [..., K]
+    fp32/bf16/fp16; output [..., N] in x's dtype, fp32 accumulation. Differentiable in x only.
+    """
+    return _ops.packed_linear.default(x, packed, scales, zeros, bits, group_size, bias)
+
+
+# Below this many output positions a packed conv runs as unfold + packed_linear (the weight is
+# read packed); above it the packed kernel would dequantize anyway, so dequantize once and let
+# oneDNN's direct convolution run.
+_CONV_PACKED_MAX_M = 32
+
+
+def packed_conv2d(
+    x: Tensor,
+    packed: Tensor,
+    scales: Tensor,
+    bits: int,
+    weight_shape: Sequence[int],
+    group_size: int = 0,
+    zeros: Tensor | None = None,
+    bias: Tensor | None = None,
+    stride=1,
+    padding=0,
+    dilation=1,
+    groups: int = 1,
+) -> Tensor:
+    """conv2d with a packed weight of logical shape ``weight_shape`` = (C_out, C_in/groups, kh,
+    kw), packed as [C_out, C_in/groups*kh*kw]. Same arguments as ``F.conv2d`` otherwise."""
+    import torch.nn.functional as F
+
+    c_out, c_in_g, kh, kw = weight_shape
+    if x.dim() != 4 or x.shape[1] != c_in_g * groups:
+        raise ValueError(f"rfq.packed_conv2d: x must be [B, {c_in_g * groups}, H, W], "
+                         f"got {tuple(x.shape)}")
+    pair = torch.nn.modules.utils._pair
+    stride, padding, dilation = pair(stride), pair(padding), pair(dilation)
+    b, _, h, w = x.shape
+    h_out = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    w_out = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    if groups == 1 and b * h_out * w_out < _CONV_PACKED_MAX_M:
+        cols = F.unfold(x, (kh, kw), dilation=dilation, padding=padding, stride=stride)
+        y = packed_linear(cols.transpose(1, 2), packed, scales, bits, group_size, zeros, bias)
+        return y.transpose(1, 2).reshape(b, c_out, h_out, w_out)
+    weight = dequantize_weight(packed, scales, bits, (c_out, c_in_g * kh * kw), group_size, zeros)
+    return F.conv2d(x, weight.reshape(weight_shape).to(x.dtype), bias, stride, padding, dilation,
+                    groups)
+
+
 def cpu_capability() -> str:
     """The ISA level whose CPU kernels run here (ATEN_CPU_CAPABILITY can lower it)."""
     return torch.backends.cpu.get_cpu_capability()
 
 
 __all__ = [
+    "pack_weight",
+    "unpack_weight",
+    "dequantize_weight",
+    "packed_linear",
+    "packed_conv2d",
+    "packed_row_bytes",
     "coupled_quant",
     "coupled_quant_multi",
     "quant_stats",

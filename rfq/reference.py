@@ -174,3 +174,71 @@ def composed_lsq(x: Tensor, step: Tensor, qn: int, qp: int) -> Tensor:
     """
     c = torch.clamp(x / step, qn, qp)
     return (c + (c.round() - c).detach()) * step
+
+
+# ---- packed weights (layout: csrc/packed_layout.h, spec §3) ------------------------------------
+
+
+def container_bits(bits: int) -> int:
+    return 2 if bits <= 2 else (4 if bits <= 4 else 8)
+
+
+def code_offset(bits: int) -> int:
+    return {2: 2, 4: 8, 8: 0}[container_bits(bits)]
+
+
+def packed_row_bytes(k: int, bits: int) -> int:
+    raw = -(-k // 128) * 128 * container_bits(bits) // 8
+    return -(-raw // 64) * 64
+
+
+def pack_weight(codes: Tensor, bits: int) -> Tensor:
+    n, k = codes.shape
+    kp = -(-k // 128) * 128
+    q = torch.zeros(n, kp, dtype=torch.int64)
+    q[:, :k] = codes.long()
+    blocks = q.reshape(n, kp // 128, 128)
+    c = container_bits(bits)
+    if c == 8:
+        body = blocks.to(torch.int8).view(torch.uint8)
+    else:
+        u = blocks + code_offset(bits)
+        per_byte = 8 // c  # elements per byte; element j + i*(128/per_byte) at bit offset i*c
+        parts = u.reshape(n, kp // 128, per_byte, 128 // per_byte)
+        body = sum(parts[:, :, i] << (i * c) for i in range(per_byte)).to(torch.uint8)
+    out = torch.zeros(n, packed_row_bytes(k, bits), dtype=torch.uint8)
+    flat = body.reshape(n, kp * container_bits(bits) // 8)
+    out[:, : flat.shape[1]] = flat
+    return out
+
+
+def unpack_weight(packed: Tensor, bits: int, shape) -> Tensor:
+    n, k = shape
+    kp = -(-k // 128) * 128
+    c = container_bits(bits)
+    body = packed[:, : kp * c // 8].long().reshape(n, kp // 128, 128 * c // 8)
+    if c == 8:
+        q = body.to(torch.uint8).view(torch.int8).long()
+    else:
+        per_byte = 8 // c
+        parts = [(body >> (i * c)) & ((1 << c) - 1) for i in range(per_byte)]
+        q = torch.cat(parts, dim=2) - code_offset(bits)
+    return q.reshape(n, kp)[:, :k].to(torch.int8)
+
+
+def dequantize_weight(packed, scales, bits, shape, group_size=0, zeros=None) -> Tensor:
+    n, k = shape
+    q = unpack_weight(packed, bits, shape).float()
+    if group_size == 0:
+        return q * scales.float().reshape(())
+    scale = scales.float().repeat_interleave(group_size, dim=1)[:, :k]
+    z = (zeros.float().repeat_interleave(group_size, dim=1)[:, :k] if zeros is not None
+         else torch.full_like(q, float(code_offset(bits))))
+    return (q + code_offset(bits) - z) * scale
+
+
+def packed_linear(x, packed, scales, zeros, bits, group_size, bias=None) -> Tensor:
+    """fp32 dequantize, then F.linear in fp32 (spec §3's reference)."""
+    w = dequantize_weight(packed, scales, bits, (packed.shape[0], x.shape[-1]), group_size, zeros)
+    y = torch.nn.functional.linear(x.float(), w, None if bias is None else bias.float())
+    return y.to(x.dtype)

@@ -41,6 +41,18 @@ CHECK = textwrap.dedent(
             torch.testing.assert_close(mse, rmse, rtol=1e-5, atol=0)
             assert torch.equal(ops.quantize_codes(x, steps[:1], bits, signed),
                                ref.quantize_codes(x, steps[:1], bits, signed))
+    for bits in (1, 2, 4, 8):  # packed matmul: small-M kernel and the dequantize + MKL path
+        lo, hi = (-1, 1) if bits == 1 else (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
+        codes = torch.randint(lo, hi + 1, (37, 300), generator=g, dtype=torch.int8)
+        codes = torch.where(codes == 0, 1, codes).to(torch.int8) if bits == 1 else codes
+        packed = ops.pack_weight(codes, bits)
+        scales = torch.rand(37, 5, generator=g) + 0.5
+        zeros = torch.rand(37, 5, generator=g) * 3
+        for m in (1, 5, 40):
+            x = torch.randn(m, 300, generator=g)
+            y = ops.packed_linear(x, packed, scales, bits, 64, zeros)
+            want = ref.packed_linear(x, packed, scales, zeros, bits, 64)
+            torch.testing.assert_close(y, want, rtol=1e-4, atol=1e-3)
     print("ok")
     """
 )
