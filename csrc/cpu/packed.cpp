@@ -12,6 +12,7 @@
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
+#include <cstdlib>
 #include <string>
 
 #include "cpu/packed_kernels.h"
@@ -34,8 +35,15 @@ const PackedKernels& packed_kernels() {
 
 namespace {
 
-// From this many activation rows on, dequantize + MKL beats decoding per row (bench/README.md).
-constexpr int64_t kGemmMinM = 32;
+// From this many activation rows on, dequantize + MKL beats decoding per row (bench/README.md);
+// RFQ_PACKED_GEMM_MIN_M overrides it (read once) for tuning on other machines.
+int64_t gemm_min_m() {
+  static const int64_t value = [] {
+    const char* env = std::getenv("RFQ_PACKED_GEMM_MIN_M");
+    return env ? std::max<int64_t>(1, std::atoll(env)) : int64_t{32};
+  }();
+  return value;
+}
 constexpr int64_t kGemmTileN = 512;  // dequantized rows per MKL call: 512 x 4608 fp32 = 9 MB (L3)
 
 std::pair<int64_t, int64_t> signed_range(int64_t bits) {
@@ -189,7 +197,7 @@ at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& packed, const at
 
   at::Tensor y = at::empty({m, n}, f32);
   const PackedKernels& kernels = packed_kernels();
-  if (m < kGemmMinM) {
+  if (m < gemm_min_m()) {
     kernels.matmul(args, y.mutable_data_ptr<float>());
   } else {
     at::Tensor w = at::empty({std::min(n, kGemmTileN), kp}, f32);
