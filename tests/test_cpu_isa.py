@@ -13,6 +13,9 @@ LEVELS = ["default", "avx2", "avx512"]
 
 CHECK = textwrap.dedent(
     """
+    import sys
+    sys.path.insert(0, TESTS_DIR)
+    from packed_cases import assert_linear_close
     import torch, rfq
     from rfq import ops, reference as ref
     print(ops.cpu_capability())
@@ -52,7 +55,8 @@ CHECK = textwrap.dedent(
             x = torch.randn(m, 300, generator=g)
             y = ops.packed_linear(x, packed, scales, bits, 64, zeros)
             want = ref.packed_linear(x, packed, scales, zeros, bits, 64)
-            torch.testing.assert_close(y, want, rtol=1e-4, atol=1e-3)
+            w = ref.dequantize_weight(packed, scales, bits, (37, 300), 64, zeros)
+            assert_linear_close(y, want, x, w)
     print("ok")
     """
 )
@@ -70,7 +74,8 @@ def test_every_isa_level_matches_reference(level):
     if level not in supported_levels():
         pytest.skip(f"this CPU cannot run {level} kernels")
     env = dict(os.environ, ATEN_CPU_CAPABILITY=level)
-    out = subprocess.run([sys.executable, "-c", CHECK], env=env, capture_output=True, text=True)
+    script = CHECK.replace("TESTS_DIR", repr(os.path.dirname(os.path.abspath(__file__))))
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-3000:]
     capability, status = out.stdout.split()
     assert capability.lower() == level and status == "ok"

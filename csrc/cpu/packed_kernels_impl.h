@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <array>
 #include <cstring>
+#include <vector>
 
 #include "cpu/packed_kernels.h"
 #include "packed_layout.h"
@@ -132,47 +133,109 @@ inline void decode_block_regs(const uint8_t* p, __m512 w[8]) {
   }
 }
 
+// The dot products run in integers: activations are quantized to int16 per (row, 128-block)
+// (error <= max|x_block| / 65534 per element), codes widened to int16, vpmaddwd gives int32
+// pair sums, and each group's sum is scaled once in fp32 by scale_g * x_scale_block.
 template <int kBits>
-void matmul_rows_avx512(const PackedMatmul& a, int64_t n0, int64_t n1, float* y) {
+inline void decode_block_i16(const uint8_t* p, __m512i w[4]) {  // 4 x 32 codes, one per 32-group
+  if constexpr (kBits == 4) {
+    const __m512i b = _mm512_loadu_si512(p);
+    const __m512i mask = _mm512_set1_epi8(0x0F), eight = _mm512_set1_epi8(8);
+    const __m512i lo = _mm512_sub_epi8(_mm512_and_si512(b, mask), eight);
+    const __m512i hi = _mm512_sub_epi8(_mm512_and_si512(_mm512_srli_epi16(b, 4), mask), eight);
+    w[0] = _mm512_cvtepi8_epi16(_mm512_castsi512_si256(lo));
+    w[1] = _mm512_cvtepi8_epi16(_mm512_extracti64x4_epi64(lo, 1));
+    w[2] = _mm512_cvtepi8_epi16(_mm512_castsi512_si256(hi));
+    w[3] = _mm512_cvtepi8_epi16(_mm512_extracti64x4_epi64(hi, 1));
+  } else if constexpr (kBits == 2) {
+    const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    const __m256i mask = _mm256_set1_epi8(3), two = _mm256_set1_epi8(2);
+    w[0] = _mm512_cvtepi8_epi16(_mm256_sub_epi8(_mm256_and_si256(b, mask), two));
+    w[1] = _mm512_cvtepi8_epi16(
+        _mm256_sub_epi8(_mm256_and_si256(_mm256_srli_epi16(b, 2), mask), two));
+    w[2] = _mm512_cvtepi8_epi16(
+        _mm256_sub_epi8(_mm256_and_si256(_mm256_srli_epi16(b, 4), mask), two));
+    w[3] = _mm512_cvtepi8_epi16(
+        _mm256_sub_epi8(_mm256_and_si256(_mm256_srli_epi16(b, 6), mask), two));
+  } else {
+    for (int i = 0; i < 4; ++i) {
+      w[i] = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32 * i)));
+    }
+  }
+}
+
+struct QuantizedActivations {
+  std::vector<int16_t> values;  // [m, kp]
+  std::vector<float> scales;    // [m, kp / 128]
+};
+
+QuantizedActivations quantize_activations(const PackedMatmul& a) {
   const int64_t blocks = a.kp / kB;
-  const int64_t per_group = a.group_size / 16;  // vectors per group: 2, 4 or 8
+  QuantizedActivations q{std::vector<int16_t>(a.m * a.kp), std::vector<float>(a.m * blocks)};
+  for (int64_t r = 0; r < a.m * blocks; ++r) {
+    const float* x = a.x + r * kB;
+    __m512 mx = _mm512_setzero_ps();
+    for (int v = 0; v < 8; ++v) mx = _mm512_max_ps(mx, _mm512_abs_ps(_mm512_loadu_ps(x + 16 * v)));
+    const float maxabs = _mm512_reduce_max_ps(mx);
+    const float scale = maxabs / 32767.f;
+    q.scales[r] = scale;
+    const __m512 inv = _mm512_set1_ps(maxabs > 0.f ? 32767.f / maxabs : 0.f);
+    for (int v = 0; v < 8; ++v) {
+      const __m512i i32 = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x + 16 * v), inv));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(q.values.data() + r * kB + 16 * v),
+                          _mm512_cvtsepi32_epi16(i32));
+    }
+  }
+  return q;
+}
+
+template <int kBits>
+void matmul_rows_avx512(const PackedMatmul& a, const QuantizedActivations& xq, int64_t n0,
+                        int64_t n1, float* y) {
+  const int64_t blocks = a.kp / kB;
+  const int64_t per_group = a.group_size / 32;  // 32-element subgroups per group: 1, 2 or 4
+  std::array<__m512, 64> acc_store;            // per activation row, M < 64 on this path
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* row = a.packed + n * a.row_bytes;
     const float* row_scales = a.scales + n * a.scale_row_stride;
-    for (int64_t m0 = 0; m0 < a.m; m0 += kTileM) {
-      const int64_t tm = std::min(kTileM, a.m - m0);
-      __m512 acc[kTileM] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(),
-                            _mm512_setzero_ps()};
-      int64_t group = 0;  // running group index: no division in the loop
+    for (int64_t m0 = 0; m0 < a.m; m0 += 64) {
+      const int64_t tm = std::min<int64_t>(64, a.m - m0);
+      for (int64_t i = 0; i < tm; ++i) acc_store[i] = _mm512_setzero_ps();
+      int64_t group = 0;
       for (int64_t b = 0; b < blocks; ++b) {
-        __m512 w[8];
-        decode_block_regs<kBits>(row + b * packed::block_bytes(kBits), w);
-        for (int64_t v0 = 0; v0 < 8; v0 += per_group, ++group) {
-          const __m512 scale = _mm512_set1_ps(row_scales[group * a.scale_group_stride]);
+        __m512i w[4];
+        decode_block_i16<kBits>(row + b * packed::block_bytes(kBits), w);  // once for all m
+        for (int64_t s0 = 0; s0 < 4; s0 += per_group, ++group) {
+          const float scale = row_scales[group * a.scale_group_stride];
           for (int64_t i = 0; i < tm; ++i) {
-            const float* xr = a.x + (m0 + i) * a.kp + b * kB;
-            __m512 part = _mm512_mul_ps(w[v0], _mm512_loadu_ps(xr + v0 * 16));
-            for (int64_t v = v0 + 1; v < v0 + per_group; ++v) {
-              part = _mm512_fmadd_ps(w[v], _mm512_loadu_ps(xr + v * 16), part);
+            const int16_t* xr = xq.values.data() + (m0 + i) * a.kp + b * kB;
+            __m512i sum = _mm512_madd_epi16(w[s0], _mm512_loadu_si512(xr + 32 * s0));
+            for (int64_t s = s0 + 1; s < s0 + per_group; ++s) {
+              sum = _mm512_add_epi32(sum, _mm512_madd_epi16(w[s], _mm512_loadu_si512(xr + 32 * s)));
             }
-            acc[i] = _mm512_fmadd_ps(part, scale, acc[i]);
+            const float combined = scale * xq.scales[(m0 + i) * blocks + b];
+            acc_store[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_set1_ps(combined),
+                                           acc_store[i]);
           }
         }
       }
-      for (int64_t i = 0; i < tm; ++i) y[(m0 + i) * a.n + n] = _mm512_reduce_add_ps(acc[i]);
+      for (int64_t i = 0; i < tm; ++i) y[(m0 + i) * a.n + n] = _mm512_reduce_add_ps(acc_store[i]);
     }
   }
 }
 #endif
 
 void matmul(const PackedMatmul& a, float* y) {
+#if defined(CPU_CAPABILITY_AVX512)
+  const QuantizedActivations xq = quantize_activations(a);
+#endif
   // rows in tasks of >= 16: a row is one K-long dot per activation row
   at::parallel_for(0, a.n, 16, [&](int64_t n0, int64_t n1) {
 #if defined(CPU_CAPABILITY_AVX512)
     switch (a.container_bits) {
-      case 2: return matmul_rows_avx512<2>(a, n0, n1, y);
-      case 4: return matmul_rows_avx512<4>(a, n0, n1, y);
-      default: return matmul_rows_avx512<8>(a, n0, n1, y);
+      case 2: return matmul_rows_avx512<2>(a, xq, n0, n1, y);
+      case 4: return matmul_rows_avx512<4>(a, xq, n0, n1, y);
+      default: return matmul_rows_avx512<8>(a, xq, n0, n1, y);
     }
 #else
     switch (a.container_bits) {
