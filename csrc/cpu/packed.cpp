@@ -8,12 +8,14 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <cstdlib>
 #include <string>
+#include <vector>
 
 #include "cpu/packed_kernels.h"
 #include "lsq_checks.h"
@@ -45,6 +47,15 @@ int64_t gemm_min_m() {
   return value;
 }
 constexpr int64_t kGemmTileN = 512;  // dequantized rows per MKL call: 512 x 4608 fp32 = 9 MB (L3)
+
+// Per-thread fp32 scratch that only grows: the padded activations and the dequantized weight
+// tiles are rewritten every call, and fresh multi-MB buffers would fault in new pages each time.
+float* scratch_floats(int64_t count, int slot) {
+  thread_local std::vector<float> buffers[2];
+  std::vector<float>& b = buffers[slot];
+  if (static_cast<int64_t>(b.size()) < count) b.resize(count);
+  return b.data();
+}
 
 std::pair<int64_t, int64_t> signed_range(int64_t bits) {
   if (bits == 1) return {-1, 1};
@@ -185,7 +196,8 @@ at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& packed, const at
   if (m == 0 || n == 0) return at::zeros(out_shape, x.options());
 
   const int64_t kp = packed::padded_k(k);
-  at::Tensor xp = at::zeros({m, kp}, f32);
+  at::Tensor xp = at::from_blob(scratch_floats(m * kp, 0), {m, kp}, f32);
+  if (kp > k) xp.narrow(1, k, kp - k).zero_();
   xp.narrow(1, 0, k).copy_(x.reshape({m, k}));
   const at::Tensor s = scales.to(at::kFloat).contiguous();
   PackedMatmul args{xp.const_data_ptr<float>(), m, kp, packed.contiguous().const_data_ptr<uint8_t>(),
@@ -200,7 +212,8 @@ at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& packed, const at
   if (m < gemm_min_m()) {
     kernels.matmul(args, y.mutable_data_ptr<float>());
   } else {
-    at::Tensor w = at::empty({std::min(n, kGemmTileN), kp}, f32);
+    at::Tensor w = at::from_blob(scratch_floats(std::min(n, kGemmTileN) * kp, 1),
+                                 {std::min(n, kGemmTileN), kp}, f32);
     for (int64_t n0 = 0; n0 < n; n0 += kGemmTileN) {
       const int64_t rows = std::min(kGemmTileN, n - n0);
       kernels.dequantize_rows(args, n0, n0 + rows, w.mutable_data_ptr<float>());
