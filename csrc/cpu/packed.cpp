@@ -47,6 +47,7 @@ int64_t gemm_min_m() {
   return value;
 }
 constexpr int64_t kGemmTileN = 512;  // dequantized rows per MKL call: 512 x 4608 fp32 = 9 MB (L3)
+constexpr int64_t kGemmWholeFloats = int64_t{4} << 20;  // up to 16 MB: dequantize whole, one call
 
 // Per-thread fp32 scratch that only grows: the padded activations and the dequantized weight
 // tiles are rewritten every call, and fresh multi-MB buffers would fault in new pages each time.
@@ -200,17 +201,21 @@ at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& packed, const at
   if (kp > k) xp.narrow(1, k, kp - k).zero_();
   xp.narrow(1, 0, k).copy_(x.reshape({m, k}));
   const at::Tensor s = scales.to(at::kFloat).contiguous();
-  PackedMatmul args{xp.const_data_ptr<float>(), m, kp, packed.contiguous().const_data_ptr<uint8_t>(),
-                    packed.size(1), packed::container_bits(bits), n, s.const_data_ptr<float>(),
-                    group_size ? groups : 0, group_size ? 1 : 0,
-                    group_size ? group_size : packed::kBlockK};
-  const at::Tensor packed_c = packed.contiguous();  // keeps args.packed alive
-  args.packed = packed_c.const_data_ptr<uint8_t>();
+  const at::Tensor packed_c = packed.contiguous();
+  // per-tensor: one scale for every "group" of 128 (strides 0)
+  const PackedMatmul args{xp.const_data_ptr<float>(), m, kp, packed_c.const_data_ptr<uint8_t>(),
+                          packed.size(1), packed::container_bits(bits), n,
+                          s.const_data_ptr<float>(), group_size ? groups : 0, group_size ? 1 : 0,
+                          group_size ? group_size : packed::kBlockK};
 
   at::Tensor y = at::empty({m, n}, f32);
   const PackedKernels& kernels = packed_kernels();
   if (m < gemm_min_m()) {
     kernels.matmul(args, y.mutable_data_ptr<float>());
+  } else if (n * kp <= kGemmWholeFloats) {  // small weight: one dequantize, one MKL call into y
+    at::Tensor w = at::from_blob(scratch_floats(n * kp, 1), {n, kp}, f32);
+    kernels.dequantize_rows(args, 0, n, w.mutable_data_ptr<float>());
+    at::mm_out(y, xp, w.t());
   } else {
     at::Tensor w = at::from_blob(scratch_floats(std::min(n, kGemmTileN) * kp, 1),
                                  {std::min(n, kGemmTileN), kp}, f32);

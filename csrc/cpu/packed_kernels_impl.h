@@ -1,7 +1,10 @@
 // Packed-weight matmul kernels for one x86 ISA level (see lsq_kernels_impl.h for the scheme).
-// Each 128-element block is decoded to q floats in an L1-resident buffer by plain loops the
-// compiler vectorizes for the ISA, then multiplied with the activations by Vectorized FMAs; every
-// row's packed bytes are read once per call, whatever M is.
+// Every row's packed bytes are read once per call, whatever M is.
+//   default / AVX2: each 128-element block is decoded to q floats in an L1-resident buffer by
+//     plain loops the compiler vectorizes, then multiplied with fp32 activations (Vectorized FMA).
+//   AVX512: blocks are decoded in registers and the dots run as int16 vpmaddwd on activations
+//     rounded to int16 per 128-element block (matmul_rows_avx512); dequantize_rows decodes in
+//     registers to fp32 for the dequantize + MKL path.
 
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
