@@ -1,4 +1,4 @@
-"""A short showcase of the fused ops (README command 1 until the method layer lands).
+"""`python -m rfq showcase`: a few-second tour of the fused ops.
 
 Trains one small MLP on scikit-learn's digits with weights shared across bit-widths: every step
 re-selects the bit-width of every quantizer (``sel.fill_``, no recompile, no host sync) and the

@@ -1,4 +1,4 @@
-"""`python -m rfq demo`: trains through the fused ops and reports every uniform bit-width."""
+"""`python -m rfq showcase`: trains through the fused ops and reports every uniform bit-width."""
 
 import subprocess
 import sys
@@ -20,11 +20,11 @@ def test_showcase_trains_one_model_for_all_bit_widths(capsys):
 
 def test_cli_rejects_bad_steps():
     with pytest.raises(SystemExit):
-        main(["demo", "--steps", "0"])
+        main(["showcase", "--steps", "0"])
 
 
 def test_module_entry_point_runs():
-    out = subprocess.run([sys.executable, "-m", "rfq", "demo", "--steps", "5"],
+    out = subprocess.run([sys.executable, "-m", "rfq", "showcase", "--steps", "5"],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert "val accuracy" in out.stdout

@@ -1,0 +1,366 @@
+"""``python -m rfq train | search | eval | export | demo | showcase`` (also the ``rfq`` script).
+
+Settings come from a profile (``--profile``), then a config file (``--config``, JSON or TOML,
+keys of rfq.train.TrainConfig), then ``--set key=value`` and the named flags, later ones winning.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+PROFILES = {
+    # stage 0, float pretraining (spec method_rfq.md §9): SGD Nesterov 0.9, lr 0.1 cosine,
+    # weight decay 5e-4, batch 128, 30 epochs
+    "float": dict(mode="float", epochs=30, lr=0.1, weight_decay=5e-4, warmup_epochs=0.0,
+                  min_lr=0.0, checkpoint_every=500),
+    # the scaled Fashion-MNIST recipe, full profile
+    "full": dict(mode="coupled", epochs=40, lr=0.01, warmup_epochs=2.0, weight_decay=2.5e-5,
+                 step_lr=1e-4, ema_decay=0.998, qe=True, qe_start=10, freeze_start=2,
+                 p_early=2, p_late=4, checkpoint_every=500),
+    # quick profile: 20k-image subset, pseudo-epochs of 100 steps
+    "quick": dict(mode="coupled", epochs=5, steps_per_epoch=100, train_limit=20000, lr=0.01,
+                  warmup_epochs=0.5, ema_decay=0.99, freeze_start=1, p_early=2, p_late=1),
+    # one bit-width trained alone with LSQ (the retraining the method avoids)
+    "lsq": dict(mode="lsq", epochs=5, steps_per_epoch=100, train_limit=20000, lr=0.01,
+                warmup_epochs=0.5, ema_decay=0.99),
+}
+
+FLAG_KEYS = ("mode", "model", "dataset", "data_dir", "epochs", "batch_size", "lr", "seed",
+             "lsq_bits", "init_from", "device", "steps_per_epoch", "train_limit", "n_random")
+
+
+def _parse_value(text: str):
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def load_config_file(path: str) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise SystemExit(f"rfq: config file {path} does not exist")
+    text = p.read_text()
+    if p.suffix == ".toml":
+        try:
+            import tomllib
+        except ModuleNotFoundError:  # Python 3.10
+            raise SystemExit("rfq: TOML configs need Python >= 3.11; use a JSON config") from None
+        data = tomllib.loads(text)
+        data = data.get("train", data)
+    else:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise SystemExit(f"rfq: config file {path} is not valid JSON: {err}") from None
+    if not isinstance(data, dict):
+        raise SystemExit(f"rfq: config file {path} must hold a table of settings")
+    return data
+
+
+def build_train_config(args):
+    from rfq.train import TrainConfig
+
+    values = {}
+    if args.profile:
+        values.update(PROFILES[args.profile])
+    if args.config:
+        values.update(load_config_file(args.config))
+    for item in args.set or ():
+        if "=" not in item:
+            raise SystemExit(f"rfq: --set expects key=value, got {item!r}")
+        key, text = item.split("=", 1)
+        values[key.strip()] = _parse_value(text.strip())
+    for key in FLAG_KEYS:
+        v = getattr(args, key, None)
+        if v is not None:
+            values[key] = v
+    if args.bits:
+        values["bits"] = [int(b) for b in args.bits.split(",")]
+    try:
+        return TrainConfig.from_dict(values)
+    except (ValueError, TypeError) as err:
+        raise SystemExit(f"rfq: bad training settings: {err}") from None
+
+
+def cmd_train(args) -> int:
+    import torch
+
+    from rfq import checkpoint as ckpt
+    from rfq.train import Trainer, evaluate, eval_batches
+
+    cfg = build_train_config(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        trainer = Trainer(cfg, args.out, resume=args.resume, progress=not args.no_progress)
+    except (ckpt.CheckpointError, FileNotFoundError, ValueError) as err:
+        raise SystemExit(f"rfq train: {err}") from None
+    t0 = time.perf_counter()
+    logs = trainer.run()
+    model = trainer.ema.model if trainer.ema else trainer.model
+    if trainer.dist.main:
+        if cfg.mode == "float":
+            ckpt.save_atomic({"kind": "float", "config": asdict(cfg),
+                              "model": {k: v.half() if v.is_floating_point() else v
+                                        for k, v in trainer.model.state_dict().items()}},
+                             Path(args.out) / "model.pt")
+        batches = eval_batches(trainer.ds.test, trainer.ds, 256, trainer.device,
+                               cfg.channels_last)
+        acc = evaluate(model, batches)
+        print(f"trained {trainer.step} steps ({cfg.mode}) in {time.perf_counter() - t0:.0f} s "
+              f"this session, {trainer.wall:.0f} s in all; test accuracy at the max bits "
+              f"(BN as trained): {acc * 100:.2f} %; last losses "
+              + ", ".join(f"{k} {v:.3f}" for k, v in logs.items()))
+    trainer.close()
+    return 0
+
+
+def _parse_budgets(run, texts, metric):
+    from rfq.bitops import parse_budget
+    from rfq.pipeline import budget_levels
+
+    out = []
+    for t in texts:
+        if t.lower().startswith("level:"):
+            try:
+                level = float(t.split(":", 1)[1])
+            except ValueError:
+                raise SystemExit(f"rfq: --budget {t!r}: level must be a number") from None
+            if metric != "bitops":
+                raise SystemExit("rfq: level: budgets are BitOps budgets")
+            out.extend(budget_levels(run, [level]))
+        else:
+            try:
+                out.append(parse_budget(t, metric))
+            except ValueError as err:
+                raise SystemExit(f"rfq: --budget: {err}") from None
+    return out
+
+
+def _load(args):
+    from rfq import checkpoint as ckpt
+    from rfq.pipeline import load_run
+
+    try:
+        return load_run(args.checkpoint, data_dir=args.data_dir)
+    except (ckpt.CheckpointError, FileNotFoundError, ValueError) as err:
+        raise SystemExit(f"rfq {args.command}: {err}") from None
+
+
+def cmd_search(args) -> int:
+    from rfq.pipeline import format_table, pareto_plot, search_budgets, uniform_results, write_json
+
+    run = _load(args)
+    if run.costs is None:
+        raise SystemExit("rfq search: the checkpoint holds a float model: nothing to search")
+    budgets = _parse_budgets(run, args.budget, args.metric)
+    print(f"searching {len(budgets)} budget(s) on {run.path} ({args.metric}, search batch "
+          f"{args.batch_size}, {'straightforward' if args.naive else 'cached'} evaluation)")
+    searched = search_budgets(run, budgets, args.metric, args.batch_size, args.calib_images,
+                              fast=not args.naive, min_bits=args.min_bits,
+                              legacy_floor=args.legacy_floor)
+    uniform = uniform_results(run, args.uniform, args.calib_images) if args.uniform else []
+    baselines = [b for path in args.baselines or () for b in _baseline(path, args)]
+    print(format_table(uniform, searched, baselines))
+    out = Path(args.out or Path(run.path).parent / "search.json")
+    write_json(out, {"checkpoint": str(run.path), "metric": args.metric, "uniform": uniform,
+                     "searched": searched, "baselines": baselines})
+    print(f"results: {out}")
+    if args.plot:
+        print(f"plot: {pareto_plot(args.plot, uniform, searched, baselines)}")
+    return 0
+
+
+def _baseline(path, args):
+    from rfq.pipeline import calibration_batches, evaluate_config, load_run
+
+    run = load_run(path, data_dir=args.data_dir)
+    if run.cfg.mode != "lsq":
+        raise SystemExit(f"rfq: --baselines {path} is not an LSQ run (mode {run.cfg.mode})")
+    cfg = run.costs.uniform(run.model, run.cfg.lsq_bits)
+    calib = calibration_batches(run, args.calib_images)
+    return [{"bits": run.cfg.lsq_bits, "bitops": run.costs.bitops(cfg),
+             "size_mib": run.costs.size_mib(cfg), "accuracy": evaluate_config(run, cfg, calib),
+             "train_seconds": run.wall, "checkpoint": str(run.path)}]
+
+
+def _config_arg(run, args):
+    if args.bits is not None and args.result:
+        raise SystemExit("rfq: give --bits or --result, not both")
+    if args.result:
+        data = json.loads(Path(args.result).read_text())
+        searched = data.get("searched", [data])
+        if not 0 <= args.index < len(searched):
+            raise SystemExit(f"rfq: --index {args.index} outside 0..{len(searched) - 1}")
+        return {n: tuple(v) for n, v in searched[args.index]["config"].items()}
+    if run.costs is None:
+        return None
+    return run.costs.uniform(run.model, args.bits if args.bits is not None else 8)
+
+
+def cmd_eval(args) -> int:
+    from rfq.bitops import format_bitops
+    from rfq.pipeline import calibration_batches, evaluate_config
+
+    run = _load(args)
+    config = _config_arg(run, args)
+    calib = calibration_batches(run, args.calib_images) if config is not None and \
+        args.calib_images else []
+    acc = evaluate_config(run, config, calib, args.split)
+    cost = ""
+    if config is not None:
+        cost = f", {format_bitops(run.costs.bitops(config))} BitOps, " \
+               f"{run.costs.size_kib(config):.1f} KiB"
+    print(f"{args.split} accuracy {acc * 100:.2f} %{cost}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    import copy
+
+    from rfq.export import packed_size_bytes, save_packed, to_packed
+    from rfq.nn import set_bits
+    from rfq.pipeline import calibration_batches
+    from rfq.search import recalibrate_bn
+    from rfq.train import flush_denormals
+
+    run = _load(args)
+    if run.costs is None:
+        raise SystemExit("rfq export: the checkpoint holds a float model")
+    config = _config_arg(run, args)
+    model = copy.deepcopy(run.model)
+    set_bits(model, config)
+    with flush_denormals():
+        recalibrate_bn(model, calibration_batches(run, args.calib_images))
+    packed = to_packed(model)
+    arch = {"model": run.cfg.model, "in_channels": run.dataset.in_channels,
+            "classes": run.dataset.classes, "quant_config": asdict(run.cfg.quant_config()),
+            "config": {n: list(v) for n, v in config.items()},
+            "dataset": run.cfg.dataset}
+    path = save_packed(packed, args.out, arch)
+    print(f"exported {path}: packed weights {packed_size_bytes(packed) / 1024:.1f} KiB "
+          f"(model size by the cost model {run.costs.size_kib(config):.1f} KiB)")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from rfq import demo
+
+    return demo.main(args)
+
+
+def cmd_showcase(args) -> int:
+    from rfq import showcase
+
+    showcase.main(steps=args.steps, seed=args.seed)
+    return 0
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rfq", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a run (coupled, float or single-bit LSQ)")
+    t.add_argument("--out", required=True, help="run folder (checkpoint.pt, log.csv)")
+    t.add_argument("--profile", choices=sorted(PROFILES))
+    t.add_argument("--config", help="JSON or TOML file of TrainConfig settings")
+    t.add_argument("--set", action="append", metavar="KEY=VALUE", help="any TrainConfig field")
+    t.add_argument("--resume", action="store_true", help="continue the run in --out")
+    t.add_argument("--mode", choices=["coupled", "float", "lsq"])
+    t.add_argument("--model")
+    t.add_argument("--dataset")
+    t.add_argument("--data-dir")
+    t.add_argument("--epochs", type=int)
+    t.add_argument("--steps-per-epoch", type=int)
+    t.add_argument("--train-limit", type=int)
+    t.add_argument("--batch-size", type=int)
+    t.add_argument("--lr", type=float)
+    t.add_argument("--bits", help="candidate bits, e.g. 6,5,4,3,2")
+    t.add_argument("--lsq-bits", type=int)
+    t.add_argument("--n-random", type=int)
+    t.add_argument("--init-from", help="float checkpoint (model.pt of a float run)")
+    t.add_argument("--seed", type=int)
+    t.add_argument("--device")
+    t.add_argument("--threads", type=int)
+    t.add_argument("--no-progress", action="store_true")
+    t.set_defaults(func=cmd_train)
+
+    def add_run_args(p):
+        p.add_argument("--checkpoint", required=True, help="run folder or checkpoint file")
+        p.add_argument("--data-dir")
+        p.add_argument("--calib-images", type=int, default=7000,
+                       help="training images for BN recalibration (0: none)")
+
+    s = sub.add_parser("search", help="greedy bit-width search under budgets")
+    add_run_args(s)
+    s.add_argument("--budget", action="append", required=True,
+                   help="e.g. 498.6M (BitOps), level:3.5, 120KiB (size); repeatable")
+    s.add_argument("--metric", choices=["bitops", "size"], default="bitops")
+    s.add_argument("--batch-size", type=int, default=1024, help="held-out images per score")
+    s.add_argument("--min-bits", type=int)
+    s.add_argument("--legacy-floor", action="store_true", help="RFQuant's floor of 3 bits")
+    s.add_argument("--naive", action="store_true",
+                   help="straightforward evaluation (full forward per move; for comparison)")
+    s.add_argument("--uniform", type=lambda v: [int(b) for b in v.split(",")],
+                   help="also report these uniform bit-widths, e.g. 2,3,4,5,6")
+    s.add_argument("--baselines", nargs="*", help="LSQ run folders to add to table and plot")
+    s.add_argument("--out", help="results JSON (default: search.json next to the checkpoint)")
+    s.add_argument("--plot", help="write the Pareto plot PNG here")
+    s.set_defaults(func=cmd_search)
+
+    e = sub.add_parser("eval", help="accuracy at a uniform bit-width or a searched config")
+    add_run_args(e)
+    e.add_argument("--bits", type=int)
+    e.add_argument("--result", help="search.json to take a config from")
+    e.add_argument("--index", type=int, default=0, help="which searched config of --result")
+    e.add_argument("--split", choices=["test", "holdout"], default="test")
+    e.set_defaults(func=cmd_eval)
+
+    x = sub.add_parser("export", help="pack a config's weights for deployment")
+    add_run_args(x)
+    x.add_argument("--bits", type=int)
+    x.add_argument("--result")
+    x.add_argument("--index", type=int, default=0)
+    x.add_argument("--out", required=True)
+    x.set_defaults(func=cmd_export)
+
+    d = sub.add_parser("demo", help="the main job: train once, search three budgets, report")
+    d.add_argument("--out", default="runs/demo")
+    d.add_argument("--quick", action="store_true", help="a one-minute version (CI)")
+    d.add_argument("--from-scratch", action="store_true",
+                   help="pretrain the float model too instead of the shipped checkpoint")
+    d.add_argument("--minutes", type=float, default=11.0,
+                   help="coupled-training time to size the run for (default 11)")
+    d.add_argument("--data-dir")
+    d.add_argument("--threads", type=int)
+    d.set_defaults(func=cmd_demo)
+
+    w = sub.add_parser("showcase", help="a few-second tour of the fused ops on digits")
+    w.add_argument("--steps", type=int, default=400)
+    w.add_argument("--seed", type=int, default=0)
+    w.set_defaults(func=cmd_showcase)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "command", None) == "showcase" and args.steps < 1:
+        parser.error("--steps must be at least 1")
+    for name in ("epochs", "batch_size", "steps_per_epoch", "train_limit", "calib_images",
+                 "minutes"):
+        v = getattr(args, name, None)
+        if v is not None and v < (0 if name == "calib_images" else 1e-9):
+            parser.error(f"--{name.replace('_', '-')} must be positive, got {v}")
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

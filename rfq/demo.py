@@ -1,0 +1,143 @@
+"""The main job (README command 1): ResNet-20 on Fashion-MNIST, candidates {6..2}, trained once
+from the shipped float checkpoint; then the one model at every uniform bit-width and the greedy
+search at three BitOps budgets (the uniform W3A3, W4A4 and W5A5 costs), each BN-recalibrated and
+tested on the 10k test images. Prints the table, writes results.json and pareto.png.
+
+``--quick`` is a one-minute version for CI; ``--from-scratch`` pretrains the float model first
+(30 epochs, ~40 min here) instead of using the shipped one.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+SHIPPED_FLOAT = Path(__file__).parent / "assets" / "resnet20-fmnist-float.pt"
+
+
+def _trainer(cfg, out, resume=True, dataset=None, progress=True):
+    from rfq.train import Trainer
+
+    return Trainer(cfg, out, resume=resume and (Path(out) / "checkpoint.pt").exists(),
+                   dataset=dataset, progress=progress)
+
+
+def seconds_per_step(cfg, dataset, steps: int = 6) -> float:
+    """Time a few coupled steps of this config in a throwaway run (sizes the demo to the
+    machine: these shared machines vary up to 4x)."""
+    from rfq.train import TrainConfig
+
+    probe = TrainConfig(**{**asdict(cfg), "epochs": 1, "steps_per_epoch": steps + 2,
+                           "checkpoint_every": 10**9, "log_every": 10**9})
+    tmp = tempfile.mkdtemp(prefix="rfq-probe-")
+    try:
+        tr = _trainer(probe, tmp, resume=False, dataset=dataset, progress=False)
+        tr.run(max_steps=2)  # warm-up
+        t0 = time.perf_counter()
+        tr.run(max_steps=steps)
+        tr.close()
+        return (time.perf_counter() - t0) / steps
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def main(args) -> int:
+    from rfq import checkpoint as ckpt
+    from rfq.cli import PROFILES
+    from rfq.data import load_dataset
+    from rfq.pipeline import (format_table, load_run, pareto_plot, search_budgets,
+                              uniform_results, budget_levels, write_json)
+    from rfq.train import TrainConfig
+
+    t_start = time.perf_counter()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        ds = load_dataset("fashion-mnist", args.data_dir)
+    except FileNotFoundError as err:
+        raise SystemExit(f"rfq demo: {err}") from None
+    quick = args.quick
+    print(f"rfq demo{' (quick)' if quick else ''}: ResNet-20 on Fashion-MNIST "
+          f"({len(ds.train)} train / {len(ds.holdout)} held out / {len(ds.test)} test), "
+          f"candidates W,A in {{6,5,4,3,2}}, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads")
+
+    # stage 0: the float model
+    if args.from_scratch:
+        fcfg = TrainConfig(**{**PROFILES["float"], "model": "resnet20",
+                              "data_dir": args.data_dir})
+        if quick:
+            fcfg = TrainConfig(**{**asdict(fcfg), "epochs": 2, "steps_per_epoch": 30,
+                                  "train_limit": 4000})
+        print(f"\n[1/4] float pretraining, {fcfg.epochs} epochs")
+        tr = _trainer(fcfg, out / "float", dataset=ds)
+        tr.run()
+        ckpt.save_atomic({"kind": "float", "config": asdict(fcfg),
+                          "model": tr.model.state_dict()}, out / "float" / "model.pt")
+        tr.close()
+        init = out / "float" / "model.pt"
+    else:
+        init = SHIPPED_FLOAT
+        if not init.is_file():
+            raise SystemExit(f"rfq demo: the shipped float checkpoint {init} is missing; "
+                             f"run with --from-scratch")
+        print(f"\n[1/4] float model: {init.name} (shipped; made by `python -m rfq train "
+              f"--profile float`)")
+
+    # stage 1: coupled training, sized to the time budget
+    base = {**PROFILES["quick"], "model": "resnet20", "data_dir": args.data_dir,
+            "init_from": str(init), "log_every": 10}
+    if quick:
+        base.update(epochs=2, steps_per_epoch=15, train_limit=4000, batch_size=64,
+                    freeze_start=0, checkpoint_every=15)
+        cfg = TrainConfig(**base)
+    else:
+        cfg = TrainConfig(**base)
+        if not (out / "coupled" / "checkpoint.pt").exists():
+            per_step = seconds_per_step(cfg, ds)
+            steps = int(args.minutes * 60 / per_step)
+            epochs = max(3, min(20, steps // cfg.steps_per_epoch))
+            print(f"      measured {per_step:.2f} s per coupled step (4 passes of 128): "
+                  f"{epochs} pseudo-epochs of {cfg.steps_per_epoch} steps fit "
+                  f"{args.minutes:g} min")
+            cfg = TrainConfig(**{**base, "epochs": epochs})
+        else:
+            saved = ckpt.load(out / "coupled" / "checkpoint.pt")
+            cfg = TrainConfig(**{**base, "epochs": saved["config"]["epochs"]})
+            print("      resuming the coupled run found in", out / "coupled")
+    print(f"\n[2/4] one-shot coupled training: {cfg.epochs * cfg.steps_per_epoch} steps, "
+          f"1 max + {cfg.n_random} random passes each, scheduler + IDM on")
+    tr = _trainer(cfg, out / "coupled", dataset=ds)
+    tr.run()
+    train_s = tr.wall
+    tr.close()
+
+    # stage 2: uniform levels and searched configs of the one model
+    run = load_run(out / "coupled", dataset=ds)
+    calib = 512 if quick else 2048
+    batch = 256 if quick else 512
+    levels = [4.8, 4.6, 4.4] if quick else [3, 4, 5]
+    budgets = budget_levels(run, levels)
+    print(f"\n[3/4] the one model at every uniform bit-width (BN recalibrated on {calib} "
+          f"training images)")
+    uniform = uniform_results(run, [2, 3, 4, 5, 6], calib)
+    for u in uniform:
+        print(f"      W{u['bits']}A{u['bits']}: {u['accuracy'] * 100:.2f} %")
+    print(f"\n[4/4] greedy search at {len(budgets)} BitOps budgets (search batch {batch} "
+          f"held-out images)")
+    searched = search_budgets(run, budgets, "bitops", batch, calib)
+    print("\n" + format_table(uniform, searched))
+    write_json(out / "results.json", {"uniform": uniform, "searched": searched,
+                                      "train_seconds": train_s, "config": asdict(cfg)})
+    plot = pareto_plot(out / "pareto.png", uniform, searched,
+                       title="ResNet-20 / Fashion-MNIST: one coupled model, no retraining")
+    print(f"\nresults: {out / 'results.json'}, plot: {plot}; coupled training {train_s:.0f} s, "
+          f"whole demo {time.perf_counter() - t_start:.0f} s")
+    return 0

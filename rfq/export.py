@@ -1,0 +1,110 @@
+"""Deployment: a searched configuration's weights as packed integer codes (``rfq.ops.pack_weight``)
+that run through ``rfq.ops.packed_conv2d`` / ``packed_linear``; inputs keep their LSQ fake
+quantization at the chosen bits. The exported file holds the architecture name, the per-layer
+bits, the packed codes with their one LSQ step each, and every other tensor (BN of the chosen
+copies with recalibrated statistics, biases, activation steps)."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from rfq import ops
+from rfq.nn import QuantConv2d, QuantLayer, SwitchableBatchNorm2d, quant_layers, set_bits
+
+
+class PackedLayer(nn.Module):
+    """A frozen QuantConv2d/QuantLinear at one bit-width, its weight packed."""
+
+    def __init__(self, layer: QuantLayer):
+        super().__init__()
+        self.is_conv = isinstance(layer, QuantConv2d)
+        self.w_bit, self.a_bit, self.a_signed = layer.w_bit, layer.a_bit, layer.a_signed
+        step = layer.w_steps.detach()[layer.w_index].reshape(1).float()
+        codes = ops.quantize_codes(layer.weight.detach().float(), step, self.w_bit, True)
+        self.weight_shape = tuple(layer.weight.shape)
+        self.register_buffer("packed", ops.pack_weight(codes.reshape(codes.shape[0], -1),
+                                                       self.w_bit))
+        self.register_buffer("scale", step)
+        self.register_buffer("bias", None if layer.bias is None else layer.bias.detach().clone())
+        if self.a_bit is not None:
+            self.register_buffer("a_step", layer.a_steps.detach()[layer.a_index].reshape(1).clone())
+            self.register_buffer("a_sel", torch.zeros((), dtype=torch.long))
+        if self.is_conv:
+            self.stride, self.padding = layer.stride, layer.padding
+            self.dilation, self.groups = layer.dilation, layer.groups
+
+    def forward(self, x):
+        if self.a_bit is not None:
+            x = ops.coupled_quant(x, self.a_step, [self.a_bit], self.a_sel, self.a_signed)
+        if self.is_conv:
+            return ops.packed_conv2d(x.contiguous(), self.packed, self.scale, self.w_bit,
+                                     self.weight_shape, 0, None, self.bias, self.stride,
+                                     self.padding, self.dilation, self.groups)
+        return ops.packed_linear(x, self.packed, self.scale, self.w_bit, 0, None, self.bias)
+
+    def packed_bytes(self) -> int:
+        return self.packed.numel() + 4
+
+
+def _plain_bn(sbn: SwitchableBatchNorm2d) -> nn.BatchNorm2d:
+    i, j = sbn.wi, sbn.ai
+    bn = nn.BatchNorm2d(sbn.num_features, eps=sbn.eps)
+    with torch.no_grad():
+        bn.weight.copy_(sbn.weight[i, j])
+        bn.bias.copy_(sbn.bias[i, j])
+        bn.running_mean.copy_(sbn.running_mean[i, j])
+        bn.running_var.copy_(sbn.running_var[i, j])
+    return bn
+
+
+def _swap(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
+@torch.no_grad()
+def to_packed(model: nn.Module, config=None) -> nn.Module:
+    """A deployable copy of a quantized model at ``config`` (current bits if None), eval mode."""
+    model = copy.deepcopy(model).cpu().to(memory_format=torch.contiguous_format)
+    if config is not None:
+        set_bits(model, config)
+    for name, m in list(model.named_modules()):
+        if isinstance(m, SwitchableBatchNorm2d):
+            _swap(model, name, _plain_bn(m))
+    for name, layer in quant_layers(model):
+        _swap(model, name, PackedLayer(layer))
+    return model.eval()
+
+
+def packed_size_bytes(model: nn.Module) -> int:
+    return sum(m.packed_bytes() for m in model.modules() if isinstance(m, PackedLayer))
+
+
+def save_packed(model: nn.Module, path: str | Path, arch: dict) -> Path:
+    from rfq.checkpoint import save_atomic
+
+    layers = {n: {"w_bit": m.w_bit, "a_bit": m.a_bit, "a_signed": m.a_signed,
+                  "weight_shape": list(m.weight_shape)}
+              for n, m in model.named_modules() if isinstance(m, PackedLayer)}
+    return save_atomic({"kind": "packed", "arch": arch, "layers": layers,
+                        "state": model.state_dict()}, path)
+
+
+def load_packed(path: str | Path) -> nn.Module:
+    """Rebuild an exported model (architecture from the file, packed weights restored)."""
+    from rfq import checkpoint as ckpt
+    from rfq.models import build_model
+    from rfq.nn import QuantConfig, quantize_
+
+    obj = ckpt.load(path, kind="packed")
+    arch = obj["arch"]
+    model = build_model(arch["model"], arch["in_channels"], arch["classes"])
+    quantize_(model, QuantConfig(**arch["quant_config"]))
+    set_bits(model, {n: tuple(v) for n, v in arch["config"].items()})
+    packed = to_packed(model)
+    packed.load_state_dict(obj["state"])
+    return packed

@@ -1,0 +1,207 @@
+"""Float model definitions (no torchvision): ResNet-20 (CIFAR-style, 28x28 1-channel stem),
+a small CNN for tests, ResNet-18 and MobileNetV2 for GPU-sized runs.
+
+Every model exposes ``stages()``: an ordered list of modules whose composition is the forward
+pass, each taking exactly the previous stage's output. The search uses it to re-run only the
+stages after a changed layer (a layer's stage is found from its module name). ``rfq.quantize_``
+turns these float models into weight-coupled ones.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class StagedModel(nn.Module):
+    """A model whose forward is ``stages()`` applied in order."""
+
+    def stages(self) -> list[nn.Module]:  # pragma: no cover - every subclass overrides it
+        raise NotImplementedError
+
+    def forward(self, x):
+        for stage in self.stages():
+            x = stage(x)
+        return x
+
+
+class Head(nn.Module):
+    """Global average pooling, optional dropout, then the classifier."""
+
+    def __init__(self, features: int, classes: int, dropout: float = 0.0):
+        super().__init__()
+        self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
+        self.fc = nn.Linear(features, classes)
+
+    def forward(self, x):
+        return self.fc(self.dropout(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)))
+
+
+def conv_bn_relu(c_in, c_out, kernel=3, stride=1, groups=1, relu=nn.ReLU):
+    layers = [nn.Conv2d(c_in, c_out, kernel, stride, kernel // 2, groups=groups, bias=False),
+              nn.BatchNorm2d(c_out)]
+    if relu is not None:
+        layers.append(relu(inplace=True))
+    return nn.Sequential(*layers)
+
+
+# ---- ResNet-20 (CIFAR-style, option-A shortcuts) ---------------------------------------------
+
+
+class ShortcutA(nn.Module):
+    """Option-A shortcut: subsample by 2 and zero-pad the new channels (no parameters)."""
+
+    def __init__(self, c_in: int, c_out: int):
+        super().__init__()
+        self.pad = c_out - c_in
+
+    def forward(self, x):
+        x = x[:, :, ::2, ::2]
+        return F.pad(x, (0, 0, 0, 0, self.pad // 2, self.pad - self.pad // 2))
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, c_in: int, c_out: int, stride: int, shortcut: str = "A"):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        if stride == 1 and c_in == c_out:
+            self.shortcut = nn.Identity()
+        elif shortcut == "A":
+            self.shortcut = ShortcutA(c_in, c_out)
+        else:  # option B: 1x1 conv + BN (ResNet-18)
+            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False),
+                                          nn.BatchNorm2d(c_out))
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class ResNet20(StagedModel):
+    """CIFAR-style ResNet-20: 3x3 stem 16 ch, 3 stages of 3 basic blocks (16/32/64 ch), GAP, FC.
+    At 28x28 input the stages run at 28/14/7 px; 18 convs besides the stem."""
+
+    def __init__(self, in_channels: int = 1, classes: int = 10, width: int = 16,
+                 blocks_per_stage: int = 3):
+        super().__init__()
+        self.stem = conv_bn_relu(in_channels, width)
+        blocks, c_in = [], width
+        for i, c_out in enumerate((width, 2 * width, 4 * width)):
+            for j in range(blocks_per_stage):
+                stride = 2 if i > 0 and j == 0 else 1
+                blocks.append(BasicBlock(c_in, c_out, stride))
+                c_in = c_out
+        self.blocks = nn.ModuleList(blocks)
+        self.head = Head(c_in, classes)
+        init_weights(self)
+
+    def stages(self):
+        return [self.stem, *self.blocks, self.head]
+
+
+# ---- small CNN for tests (digits 8x8, Fashion-MNIST 28x28) -----------------------------------
+
+
+class SmallCNN(StagedModel):
+    """stem conv -> two mixed 3x3 convs (the second strided) -> GAP -> FC."""
+
+    def __init__(self, in_channels: int = 1, classes: int = 10, width: int = 16):
+        super().__init__()
+        self.stem = conv_bn_relu(in_channels, width)
+        self.body1 = conv_bn_relu(width, 2 * width)
+        self.body2 = conv_bn_relu(2 * width, 2 * width, stride=2)
+        self.head = Head(2 * width, classes)
+        init_weights(self)
+
+    def stages(self):
+        return [self.stem, self.body1, self.body2, self.head]
+
+
+# ---- ResNet-18 (ImageNet-style) ---------------------------------------------------------------
+
+
+class ResNet18(StagedModel):
+    def __init__(self, in_channels: int = 3, classes: int = 1000):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, 64, 7, 2, 3, bias=False),
+                                  nn.BatchNorm2d(64), nn.ReLU(inplace=True),
+                                  nn.MaxPool2d(3, 2, 1))
+        blocks, c_in = [], 64
+        for i, c_out in enumerate((64, 128, 256, 512)):
+            for j in range(2):
+                stride = 2 if i > 0 and j == 0 else 1
+                blocks.append(BasicBlock(c_in, c_out, stride, shortcut="B"))
+                c_in = c_out
+        self.blocks = nn.ModuleList(blocks)
+        self.head = Head(512, classes)
+        init_weights(self)
+
+    def stages(self):
+        return [self.stem, *self.blocks, self.head]
+
+
+# ---- MobileNetV2 ------------------------------------------------------------------------------
+
+
+class InvertedResidual(nn.Module):
+    def __init__(self, c_in: int, c_out: int, stride: int, expand: int):
+        super().__init__()
+        hidden = c_in * expand
+        layers = []
+        if expand != 1:
+            layers.append(conv_bn_relu(c_in, hidden, 1, relu=nn.ReLU6))
+        layers += [conv_bn_relu(hidden, hidden, 3, stride, groups=hidden, relu=nn.ReLU6),
+                   conv_bn_relu(hidden, c_out, 1, relu=None)]
+        self.conv = nn.Sequential(*layers)
+        self.residual = stride == 1 and c_in == c_out
+
+    def forward(self, x):
+        return x + self.conv(x) if self.residual else self.conv(x)
+
+
+class MobileNetV2(StagedModel):
+    SETTINGS = [(1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1),
+                (6, 160, 3, 2), (6, 320, 1, 1)]  # (expand, channels, repeats, first stride)
+
+    def __init__(self, in_channels: int = 3, classes: int = 1000, dropout: float = 0.2):
+        super().__init__()
+        self.stem = conv_bn_relu(in_channels, 32, 3, 2, relu=nn.ReLU6)
+        blocks, c_in = [], 32
+        for expand, c_out, repeats, stride in self.SETTINGS:
+            for j in range(repeats):
+                blocks.append(InvertedResidual(c_in, c_out, stride if j == 0 else 1, expand))
+                c_in = c_out
+        self.blocks = nn.ModuleList(blocks)
+        self.last = conv_bn_relu(c_in, 1280, 1, relu=nn.ReLU6)
+        self.head = Head(1280, classes, dropout)
+        init_weights(self)
+
+    def stages(self):
+        return [self.stem, *self.blocks, self.last, self.head]
+
+
+def init_weights(model: nn.Module) -> None:
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, 0, 0.01)
+            nn.init.zeros_(m.bias)
+
+
+MODELS = {"resnet20": ResNet20, "smallcnn": SmallCNN, "resnet18": ResNet18,
+          "mobilenetv2": MobileNetV2}
+
+
+def build_model(name: str, in_channels: int = 1, classes: int = 10) -> StagedModel:
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
+    return MODELS[name](in_channels=in_channels, classes=classes)

@@ -1,0 +1,282 @@
+"""Weight-coupled quantized layers and the switchable BatchNorm (spec: method_rfq.md §1).
+
+A ``QuantConv2d`` / ``QuantLinear`` holds one shared float weight, one LSQ step per candidate
+bit for the weight (signed) and for its input (unsigned after a ReLU, signed otherwise), and the
+current (weight bit, input bit). Quantization runs through ``rfq.ops.coupled_quant``: the
+current candidate is a 0-dim ``sel`` buffer read by the kernel, so switching bits neither syncs
+the host nor recompiles. A ``SwitchableBatchNorm2d`` stores one BN per (weight bit, input bit)
+of the conv before it as stacked ``[n_w, n_a, C]`` tensors.
+
+Host-side state (current bits, which activation steps are initialised) is plain Python, saved
+through ``get_extra_state`` so checkpoints restore it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from rfq import ops
+from rfq.reference import qrange
+
+MIN_STEP = 1e-6  # steps are clamped here after every update (the kernels reject s <= 0)
+
+
+def weight_steps_init(weight: Tensor, bits: Sequence[int]) -> Tensor:
+    """RFQuant's init: R = max(|mu - 3 sigma|, |mu + 3 sigma|), s_b = R / 2^(b-1) (nested grids)."""
+    w = weight.detach().float()
+    mu, sigma = w.mean(), w.std() if w.numel() > 1 else torch.zeros(())
+    r = torch.maximum((mu - 3 * sigma).abs(), (mu + 3 * sigma).abs()).clamp_min(MIN_STEP)
+    return torch.stack([r / 2 ** (b - 1) for b in bits]).to(torch.float32)
+
+
+class QuantLayer(nn.Module):
+    """Shared machinery of QuantConv2d and QuantLinear; subclasses define ``compute(x, w)``."""
+
+    def _setup(self, weight: nn.Parameter, bias, w_bits, a_bits, a_signed: bool, role: str,
+               lsq_grad_scale: bool):
+        self.weight, self.bias = weight, bias
+        self.w_bits = [int(b) for b in w_bits]
+        self.a_bits = [int(b) for b in a_bits]  # empty: the input is not quantized
+        for name, bits in (("w_bits", self.w_bits), ("a_bits", self.a_bits)):
+            if len(set(bits)) != len(bits) or any(not 1 <= b <= 8 for b in bits):
+                raise ValueError(f"{name} must be distinct bit-widths in 1..8, got {bits}")
+        if not self.w_bits:
+            raise ValueError("w_bits must list at least one candidate bit-width")
+        self.a_signed, self.role, self.lsq_grad_scale = a_signed, role, lsq_grad_scale
+        self.w_steps = nn.Parameter(weight_steps_init(weight, self.w_bits))
+        # activation steps are set from the first batch that uses each bit (a_ready)
+        self.a_steps = nn.Parameter(torch.ones(max(len(self.a_bits), 1)),
+                                    requires_grad=bool(self.a_bits))  # unused: no grad (DDP)
+        self.register_buffer("w_sel", torch.zeros((), dtype=torch.long), persistent=False)
+        self.register_buffer("a_sel", torch.zeros((), dtype=torch.long), persistent=False)
+        # which candidates took part in this optimizer step (masked update, spec §6 quirk 7)
+        self.register_buffer("w_used", torch.zeros(len(self.w_bits), dtype=torch.bool),
+                             persistent=False)
+        self.register_buffer("a_used", torch.zeros(len(self.a_steps), dtype=torch.bool),
+                             persistent=False)
+        self.a_ready = [False] * len(self.a_bits)
+        self._marked = None
+        self.quant_enabled = True  # False: a float layer (cost probes, float baselines)
+        self.weight_cache: Tensor | None = None  # [K, *weight.shape] during search
+        self._bn_ref: list = []  # the SwitchableBatchNorm2d fed by this layer, if any
+        # start at the highest candidate bits
+        self.w_index = self.w_bits.index(max(self.w_bits))
+        self.a_index = self.a_bits.index(max(self.a_bits)) if self.a_bits else 0
+        self.w_sel.fill_(self.w_index)
+        self.a_sel.fill_(self.a_index)
+
+    # -- bit selection (host side; one tiny fill per changed selector, no sync) --
+    @property
+    def w_bit(self) -> int:
+        return self.w_bits[self.w_index]
+
+    @property
+    def a_bit(self) -> int | None:
+        return self.a_bits[self.a_index] if self.a_bits else None
+
+    def set_bits(self, w: int | None = None, a: int | None = None) -> None:
+        if w is not None:
+            if w not in self.w_bits:
+                raise ValueError(f"weight bit-width {w} is not a candidate of this layer "
+                                 f"({self.w_bits})")
+            j = self.w_bits.index(w)
+            if j != self.w_index:
+                self.w_sel.fill_(j)
+                self.w_index = j
+        if a is not None and self.a_bits:
+            if a not in self.a_bits:
+                raise ValueError(f"activation bit-width {a} is not a candidate of this layer "
+                                 f"({self.a_bits})")
+            j = self.a_bits.index(a)
+            if j != self.a_index:
+                self.a_sel.fill_(j)
+                self.a_index = j
+        if self._bn_ref:
+            self._bn_ref[0].select(self.w_index, self.a_index)
+
+    # -- quantization --
+    def _grad_scale(self, numel: int, bits: int, signed: bool) -> float:
+        if not self.lsq_grad_scale:
+            return 1.0
+        return 1.0 / math.sqrt(max(qrange(bits, signed)[1], 1) * max(numel, 1))
+
+    @torch.no_grad()
+    def _init_act_step(self, x: Tensor, j: int) -> None:
+        """s_b = 2 mean|x| / sqrt(p_b), averaged over ranks (spec §1), written on device."""
+        qp = max(qrange(self.a_bits[j], self.a_signed)[1], 1)
+        s = 2 * x.detach().float().abs().mean() / math.sqrt(qp)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(s)
+            s /= torch.distributed.get_world_size()
+        self.a_steps.data[j].copy_(s.clamp_min(MIN_STEP))
+        self.a_ready[j] = True
+
+    def quantized_weight(self) -> Tensor:
+        if self.weight_cache is not None:
+            return self.weight_cache[self.w_index]
+        gs = self._grad_scale(self.weight.numel(), self.w_bit, True)
+        return ops.coupled_quant(self.weight, self.w_steps, self.w_bits, self.w_sel, True, gs)
+
+    def quantize_input(self, x: Tensor) -> Tensor:
+        if not self.a_ready[self.a_index]:
+            self._init_act_step(x, self.a_index)
+        gs = self._grad_scale(x.numel(), self.a_bit, self.a_signed)
+        return ops.coupled_quant(x, self.a_steps, self.a_bits, self.a_sel, self.a_signed, gs)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.quant_enabled:
+            return self.compute(x, self.weight)
+        if self.training and torch.is_grad_enabled():
+            self._mark_used()
+        if self.a_bits:
+            x = self.quantize_input(x)
+        return self.compute(x, self.quantized_weight())
+
+    def _mark_used(self) -> None:
+        # device-side marks (a fill on a view: no sync); reset by clear_usage() every step
+        key = (self.w_index, self.a_index)
+        if self._marked != key:
+            self.w_used[self.w_index].fill_(True)
+            if self.a_bits:
+                self.a_used[self.a_index].fill_(True)
+            self._marked = key
+
+    def clear_usage(self) -> None:
+        self.w_used.zero_()
+        self.a_used.zero_()
+        self._marked = None
+
+    @torch.no_grad()
+    def fill_weight_cache(self) -> None:
+        """All K quantized weights from one read (coupled_quant_multi), for inference loops."""
+        self.weight_cache = ops.coupled_quant_multi(self.weight.detach(), self.w_steps.detach(),
+                                                    self.w_bits, True)
+
+    def clamp_steps_(self) -> None:
+        with torch.no_grad():
+            self.w_steps.clamp_(min=MIN_STEP)
+            self.a_steps.clamp_(min=MIN_STEP)
+
+    def get_extra_state(self):
+        return {"a_ready": list(self.a_ready), "w_bit": self.w_bit, "a_bit": self.a_bit}
+
+    def set_extra_state(self, state) -> None:
+        self.a_ready = list(state["a_ready"])
+        self.set_bits(state["w_bit"], state["a_bit"])
+
+    def extra_repr(self) -> str:
+        a = f"a_bits={self.a_bits} ({'signed' if self.a_signed else 'unsigned'})" \
+            if self.a_bits else "input not quantized"
+        return f"{self.role}, w_bits={self.w_bits}, {a}, current=W{self.w_bit}A{self.a_bit}"
+
+
+class QuantConv2d(QuantLayer):
+    def __init__(self, conv: nn.Conv2d, w_bits, a_bits=(), a_signed: bool = False,
+                 role: str = "mixed", lsq_grad_scale: bool = False):
+        super().__init__()
+        if conv.padding_mode != "zeros":
+            raise ValueError(f"QuantConv2d supports padding_mode='zeros', got {conv.padding_mode}")
+        self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
+        self.kernel_size, self.stride, self.padding = conv.kernel_size, conv.stride, conv.padding
+        self.dilation, self.groups = conv.dilation, conv.groups
+        self._setup(conv.weight, conv.bias, w_bits, a_bits, a_signed, role, lsq_grad_scale)
+
+    @property
+    def is_depthwise(self) -> bool:
+        return self.groups > 1 and self.in_channels == self.groups
+
+    def compute(self, x: Tensor, w: Tensor) -> Tensor:
+        return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+    def macs(self, out_hw: tuple[int, int]) -> int:
+        kh, kw = self.kernel_size
+        return kh * kw * (self.in_channels // self.groups) * self.out_channels * out_hw[0] * out_hw[1]
+
+
+class QuantLinear(QuantLayer):
+    def __init__(self, linear: nn.Linear, w_bits, a_bits=(), a_signed: bool = False,
+                 role: str = "mixed", lsq_grad_scale: bool = False):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self._setup(linear.weight, linear.bias, w_bits, a_bits, a_signed, role, lsq_grad_scale)
+
+    is_depthwise = False
+
+    def compute(self, x: Tensor, w: Tensor) -> Tensor:
+        return F.linear(x, w, self.bias)
+
+    def macs(self, out_hw=None) -> int:
+        return self.in_features * self.out_features
+
+
+class SwitchableBatchNorm2d(nn.Module):
+    """One BatchNorm per (weight bit, input bit) of the conv before it, stored stacked.
+
+    ``select(i, j)`` picks the copy (host ints). Modes: normal training (batch statistics,
+    running averages of the selected copy updated), ``batch_stats_only`` (search scoring: batch
+    statistics, nothing updated), and ``cumulative`` (BN recalibration: the running statistics
+    become the plain average over the calibration batches).
+    """
+
+    def __init__(self, bn: nn.BatchNorm2d, n_w: int, n_a: int):
+        super().__init__()
+        if not bn.affine or not bn.track_running_stats:
+            raise ValueError("SwitchableBatchNorm2d needs an affine BN with running statistics")
+        self.num_features, self.eps = bn.num_features, bn.eps
+        self.momentum = 0.1 if bn.momentum is None else bn.momentum
+        grid = (n_w, n_a, 1)
+        self.weight = nn.Parameter(bn.weight.detach().clone().repeat(grid))
+        self.bias = nn.Parameter(bn.bias.detach().clone().repeat(grid))
+        self.register_buffer("running_mean", bn.running_mean.detach().clone().repeat(grid))
+        self.register_buffer("running_var", bn.running_var.detach().clone().repeat(grid))
+        self.register_buffer("used", torch.zeros(n_w, n_a, dtype=torch.bool), persistent=False)
+        self.wi = self.ai = 0
+        self.batch_stats_only = False
+        self.cumulative = False
+        self._seen = 0  # batches averaged in cumulative mode
+        self._marked = None
+
+    def select(self, i: int, j: int) -> None:
+        self.wi, self.ai = i, j
+
+    def forward(self, x: Tensor) -> Tensor:
+        i, j = self.wi, self.ai
+        w, b = self.weight[i, j], self.bias[i, j]
+        if not self.training:
+            return F.batch_norm(x, self.running_mean[i, j], self.running_var[i, j], w, b, False,
+                                0.0, self.eps)
+        if self.batch_stats_only:
+            return F.batch_norm(x, None, None, w, b, True, 0.0, self.eps)
+        if torch.is_grad_enabled() and self._marked != (i, j):
+            self.used[i, j].fill_(True)
+            self._marked = (i, j)
+        momentum = self.momentum
+        if self.cumulative:
+            self._seen += 1
+            momentum = 1.0 / self._seen
+        return F.batch_norm(x, self.running_mean[i, j], self.running_var[i, j], w, b, True,
+                            momentum, self.eps)
+
+    def clear_usage(self) -> None:
+        self.used.zero_()
+        self._marked = None
+
+    def reset_running_stats(self) -> None:
+        self.running_mean.zero_()
+        self.running_var.fill_(1.0)
+        self._seen = 0
+
+    def get_extra_state(self):
+        return {"wi": self.wi, "ai": self.ai}
+
+    def set_extra_state(self, state) -> None:
+        self.wi, self.ai = state["wi"], state["ai"]
+
+    def extra_repr(self) -> str:
+        n_w, n_a, c = self.weight.shape
+        return f"{c}, copies={n_w}x{n_a}, eps={self.eps}, momentum={self.momentum}"

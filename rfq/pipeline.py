@@ -1,0 +1,209 @@
+"""What the CLI and the demo run after training: evaluate the one model at any configuration
+(BN recalibrated), search budgets, report a table and a Pareto plot."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from rfq import checkpoint as ckpt
+from rfq.bitops import CostModel, format_bitops
+from rfq.data import BatchStream, Dataset, eval_batches, load_dataset, normalize
+from rfq.nn import current_config, set_bits
+from rfq.search import GreedySearch, ScoreBatches, calibration_count, recalibrate_bn
+from rfq.train import EMA, TrainConfig, evaluate, flush_denormals, load_model
+
+
+@dataclass
+class LoadedRun:
+    cfg: TrainConfig
+    model: nn.Module  # the EMA model when the run has one
+    dataset: Dataset
+    costs: CostModel | None
+    wall: float
+    path: Path
+
+
+def load_run(path: str | Path, dataset: Dataset | None = None, data_dir=None,
+             device="cpu") -> LoadedRun:
+    """A trained run's evaluation model (EMA if any) from its checkpoint."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "checkpoint.pt"
+    saved = ckpt.load(path)
+    cfg = TrainConfig.from_dict(saved["config"])
+    if data_dir is not None:
+        cfg.data_dir = data_dir
+    cfg.init_from = None  # the checkpoint holds every weight
+    cfg.device = device
+    ds = dataset or load_dataset(cfg.dataset, cfg.data_dir, seed=cfg.seed)
+    model = load_model(cfg, ds, device)
+    try:
+        if saved.get("ema") is not None:
+            model.load_state_dict(saved["ema"]["model"])
+        else:
+            model.load_state_dict(saved["model"])
+    except RuntimeError as err:
+        raise ckpt.CheckpointError(f"{path} does not match its own model: {str(err)[:300]}")
+    model.eval()
+    costs = CostModel(model, (ds.in_channels, *ds.image_size)) if cfg.mode != "float" else None
+    return LoadedRun(cfg, model, ds, costs, saved.get("wall", 0.0), path)
+
+
+def calibration_batches(run: LoadedRun, images: int, batch_size: int = 128, seed: int = 1):
+    """Augmented training batches for BN recalibration: floor(images / batch) + 1 of them."""
+    stream = BatchStream(run.dataset.train, run.dataset, batch_size, seed + 1000,
+                         channels_last=run.cfg.channels_last,
+                         device=next(run.model.parameters()).device)
+    n = min(calibration_count(images, batch_size), stream.steps_per_epoch)
+    return [stream.batch(0, i) for i in range(n)]
+
+
+def test_batches(run: LoadedRun, split: str = "test", limit: int | None = None):
+    s = getattr(run.dataset, split)
+    return eval_batches(s, run.dataset, 256, next(run.model.parameters()).device,
+                        run.cfg.channels_last, limit)
+
+
+def evaluate_config(run: LoadedRun, config, calib, split: str = "test",
+                    limit: int | None = None) -> float:
+    """Accuracy of the one model at ``config``: bits set, all BN statistics recalibrated."""
+    model = copy.deepcopy(run.model)
+    with flush_denormals():
+        if config is not None and run.costs is not None:
+            set_bits(model, config)
+        if calib:
+            recalibrate_bn(model, calib)
+        return evaluate(model, test_batches(run, split, limit))
+
+
+def score_batches(run: LoadedRun, batch_size: int, seed: int = 0) -> ScoreBatches:
+    ds = run.dataset
+    device = next(run.model.parameters()).device
+
+    def transform(images):
+        x = normalize(images, ds.mean, ds.std)
+        if run.cfg.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x.to(device)
+
+    return ScoreBatches(ds.holdout.images, ds.holdout.labels.to(device), batch_size, seed,
+                        transform)
+
+
+def search_budgets(run: LoadedRun, budgets: list[float], metric: str = "bitops",
+                   batch_size: int = 1024, calib_images: int = 7000, fast: bool = True,
+                   min_bits: int | None = None, legacy_floor: bool = False, progress=print,
+                   seed: int = 0) -> list[dict]:
+    """Greedy search per budget (each from uniform 5), then recalibrated test accuracy."""
+    if run.costs is None:
+        raise ValueError("a float model has no bit-widths to search")
+    calib = calibration_batches(run, calib_images)
+    results = []
+    for target in budgets:
+        with flush_denormals():
+            searcher = GreedySearch(run.model, run.costs, score_batches(run, batch_size, seed),
+                                    metric, min_bits, legacy_floor, fast)
+            result = searcher.run(target)
+        result.accuracy = evaluate_config(run, {n: tuple(v) for n, v in result.config.items()},
+                                          calib)
+        results.append(result.to_dict())
+        if progress:
+            unit = format_bitops(target) if metric == "bitops" else f"{target / 8 / 1024:.1f}KiB"
+            progress(f"  budget {unit}: {format_bitops(result.bitops)} BitOps, "
+                     f"{result.size_mib * 1024:.1f} KiB, acc {result.accuracy * 100:.2f} %, "
+                     f"{result.iterations} moves, {result.evaluations} evaluations, "
+                     f"{result.seconds:.1f} s")
+    return results
+
+
+def uniform_results(run: LoadedRun, bits: list[int], calib_images: int = 7000) -> list[dict]:
+    calib = calibration_batches(run, calib_images)
+    out = []
+    for b in bits:
+        cfg = run.costs.uniform(run.model, b)
+        out.append({"bits": b, "bitops": run.costs.bitops(cfg),
+                    "size_mib": run.costs.size_mib(cfg),
+                    "accuracy": evaluate_config(run, cfg, calib)})
+    return out
+
+
+def format_table(uniform: list[dict], searched: list[dict], baselines: list[dict] = ()) -> str:
+    lines = ["| model | W/A bits | BitOps | size KiB | top-1 % |", "|---|---|---|---|---|"]
+    for u in uniform:
+        lines.append(f"| coupled, uniform | {u['bits']}/{u['bits']} | {format_bitops(u['bitops'])} "
+                     f"| {u['size_mib'] * 1024:.1f} | {u['accuracy'] * 100:.2f} |")
+    for s in searched:
+        w = [v[0] for v in s["config"].values()]
+        a = [v[1] for v in s["config"].values() if v[1] is not None]
+        lines.append(f"| coupled, searched < {format_bitops(s['target'])} | mixed "
+                     f"(mean {sum(w) / len(w):.2f}/{sum(a) / max(len(a), 1):.2f}) | "
+                     f"{format_bitops(s['bitops'])} | {s['size_mib'] * 1024:.1f} | "
+                     f"{s['accuracy'] * 100:.2f} |")
+    for b in baselines:
+        lines.append(f"| LSQ trained alone | {b['bits']}/{b['bits']} | "
+                     f"{format_bitops(b['bitops'])} | {b['size_mib'] * 1024:.1f} | "
+                     f"{b['accuracy'] * 100:.2f} |")
+    return "\n".join(lines)
+
+
+def pareto_plot(path: str | Path, uniform: list[dict], searched: list[dict],
+                baselines: list[dict] = (), title: str = "") -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
+    if uniform:
+        ax.plot([u["bitops"] / 1e6 for u in uniform], [u["accuracy"] * 100 for u in uniform],
+                "o-", label="one coupled model, uniform W=A")
+        for u in uniform:
+            ax.annotate(f"{u['bits']}", (u["bitops"] / 1e6, u["accuracy"] * 100),
+                        textcoords="offset points", xytext=(4, -10), fontsize=8)
+    if searched:
+        ax.plot([s["bitops"] / 1e6 for s in searched], [s["accuracy"] * 100 for s in searched],
+                "*", markersize=12, label="same model, searched mixed precision")
+    if baselines:
+        ax.plot([b["bitops"] / 1e6 for b in baselines], [b["accuracy"] * 100 for b in baselines],
+                "s", label="LSQ trained alone per bit-width")
+    ax.set_xlabel("BitOps (M)")
+    ax.set_ylabel("test top-1 (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    if title:
+        ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def write_json(path: str | Path, obj) -> Path:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    tmp.replace(path)
+    return path
+
+
+def budget_levels(run: LoadedRun, levels: list[float]) -> list[float]:
+    """BitOps of (fractional) uniform levels: 4 -> cost of W4A4; 3.5 -> the midpoint of 3 and 4."""
+    out = []
+    for lv in levels:
+        lo, hi = math.floor(lv), math.ceil(lv)
+        c_lo = run.costs.bitops(run.costs.uniform(run.model, lo))
+        c_hi = run.costs.bitops(run.costs.uniform(run.model, hi))
+        out.append(c_lo + (c_hi - c_lo) * (lv - lo))
+    return out
+
+
+__all__ = ["LoadedRun", "load_run", "evaluate_config", "search_budgets", "uniform_results",
+           "format_table", "pareto_plot", "EMA", "current_config"]

@@ -1,0 +1,269 @@
+"""Stage 2: bidirectional greedy search under a BitOps or size budget, BN recalibration and the
+final evaluation (spec method_rfq.md §5, with the fixes of §6: quirks 3, 4, 10).
+
+Search, from uniform W=A=5:
+1. weight phase: move weight bits only until cost <= 0.95 cost(W=b*, A=5), b* the uniform level
+   whose cost is nearest the target;
+2. activation phase: move input bits only until cost < target (BitOps; a size budget has no
+   activation phase, since input bits cost no storage).
+Every iteration scores each feasible one-step move (one layer one candidate down or up) on one
+fresh held-out batch, BN on batch statistics, and applies the argmin of
+S = 1.5 e/e_max + c/c_max - 1 (e: top-1 error, c: cost; maxima over the feasible moves).
+
+Evaluating a move only recomputes what it changes: every layer's K quantized weights are made
+once (``coupled_quant_multi``), and the inputs of the model's stages under the current config
+are cached per iteration, so a move in stage s runs only stages s.. (``fast=False`` is the
+straightforward version: a full forward per move, weights re-quantized every time; both choose
+the identical configuration).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+
+from rfq.bitops import CostModel
+from rfq.nn import (BitConfig, SwitchableBatchNorm2d, mixed_layers, quant_layers, set_bits)
+
+
+@dataclass
+class SearchResult:
+    metric: str
+    target: float
+    config: dict  # {layer: [w, a]}
+    bitops: float
+    size_mib: float
+    search_error: float  # error on the last search batch
+    iterations: int
+    evaluations: int
+    seconds: float
+    accuracy: float | None = None  # after BN recalibration, on the evaluation split
+    reached: bool = True  # False: no feasible move could bring the cost under the target
+    history: list = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class ScoreBatches:
+    """Fresh un-augmented held-out batches, cycling through a seeded order of the split."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, seed: int = 0,
+                 transform: Callable | None = None):
+        if batch_size < 1:
+            raise ValueError(f"search batch size must be >= 1, got {batch_size}")
+        self.images, self.labels, self.batch_size = images, labels, min(batch_size, len(labels))
+        self.transform = transform
+        self.order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
+        self.pos = 0
+
+    def __iter__(self) -> Iterator:
+        return self
+
+    def __next__(self):
+        if self.pos + self.batch_size > len(self.order):
+            self.pos = 0
+        idx = self.order[self.pos:self.pos + self.batch_size]
+        self.pos += self.batch_size
+        x = self.images[idx]
+        return (self.transform(x) if self.transform else x), self.labels[idx]
+
+
+def _stage_index(model: nn.Module) -> tuple[list[nn.Module] | None, dict[str, int]]:
+    stages = model.stages() if hasattr(model, "stages") else None
+    where = {}
+    if stages:
+        owner = {}
+        for s, stage in enumerate(stages):
+            for m in stage.modules():
+                owner[id(m)] = s
+        for name, layer in mixed_layers(model):
+            if id(layer) not in owner:
+                return None, {}
+            where[name] = owner[id(layer)]
+    return stages, where
+
+
+class GreedySearch:
+    def __init__(self, model: nn.Module, costs: CostModel, batches: Iterator,
+                 metric: str = "bitops", min_bits: int | None = None, legacy_floor: bool = False,
+                 fast: bool = True, start_bits: int = 5):
+        if metric not in ("bitops", "size"):
+            raise ValueError(f"search metric must be 'bitops' or 'size', got {metric!r}")
+        self.model = copy.deepcopy(model)  # BN modes and caches never touch the caller's model
+        self.costs, self.batches, self.metric = costs, batches, metric
+        self.layers = mixed_layers(self.model)
+        self._by_name = dict(self.layers)
+        smallest = min(min(m.w_bits) for _, m in self.layers)
+        if min_bits is not None and not smallest <= min_bits <= 8:
+            raise ValueError(f"min_bits must be between the smallest candidate ({smallest}) "
+                             f"and 8, got {min_bits}")
+        self.min_bits, self.legacy_floor = min_bits, legacy_floor
+        self.fast, self.start_bits = fast, start_bits
+        self.stages, self.stage_of = _stage_index(self.model) if fast else (None, {})
+        self.evaluations = 0
+
+    # -- moves --
+    def floor(self, target: float) -> int:
+        if self.legacy_floor:  # RFQuant: never below 3 bits for ImageNet-size budgets (quirk 3)
+            return 3 if (self.metric == "bitops" and target >= 5e9) else 2
+        return self.min_bits if self.min_bits is not None else \
+            min(min(m.w_bits) for _, m in self.layers)
+
+    def moves(self, config: BitConfig, phase: str, floor: int) -> list[tuple[str, int, int]]:
+        """(layer, slot 0=w/1=a, new bit) for each feasible one-candidate step down or up."""
+        out = []
+        slot = 0 if phase == "w" else 1
+        for name, layer in self.layers:
+            cands = sorted(layer.w_bits if slot == 0 else layer.a_bits)
+            if not cands:
+                continue
+            cur = config[name][slot]
+            i = cands.index(cur)
+            if i > 0 and cur > max(floor, cands[0]):
+                out.append((name, slot, cands[i - 1]))
+            if i + 1 < len(cands):
+                out.append((name, slot, cands[i + 1]))
+        return out
+
+    @staticmethod
+    def _apply(config: BitConfig, move) -> BitConfig:
+        name, slot, bit = move
+        new = dict(config)
+        pair = list(new[name])
+        pair[slot] = bit
+        new[name] = tuple(pair)
+        return new
+
+    # -- scoring --
+    def _prepare(self):
+        self.model.train()
+        for m in self.model.modules():
+            if isinstance(m, SwitchableBatchNorm2d):
+                m.batch_stats_only = True
+            elif isinstance(m, nn.BatchNorm2d):
+                m.momentum = 0.0  # batch statistics, running averages left as they are
+        if self.fast:
+            for _, layer in quant_layers(self.model):
+                layer.fill_weight_cache()
+
+    def _errors(self, config: BitConfig, moves, x, y) -> list[float]:
+        """Top-1 error of every move's config on (x, y); one host read for all of them."""
+        wrong = []
+        with torch.no_grad():
+            if self.stages:
+                set_bits(self.model, config)
+                inputs, h = [], x
+                for stage in self.stages:
+                    inputs.append(h)
+                    h = stage(h)
+            for move in moves:
+                name, slot, bit = move
+                layer = self._by_name[name]
+                old = (layer.w_bit, layer.a_bit)
+                if self.stages:
+                    layer.set_bits(*((bit, None) if slot == 0 else (None, bit)))
+                    s = self.stage_of[name]
+                    h = inputs[s]
+                    for stage in self.stages[s:]:
+                        h = stage(h)
+                    layer.set_bits(*old)
+                else:
+                    set_bits(self.model, self._apply(config, move))
+                    h = self.model(x)
+                wrong.append((h.argmax(1) != y).sum())
+                self.evaluations += 1
+        counts = torch.stack(wrong).tolist()
+        return [c / len(y) for c in counts]
+
+    # -- the search --
+    def run(self, target: float) -> SearchResult:
+        if not target > 0:
+            raise ValueError(f"search target must be positive, got {target}")
+        t0 = time.perf_counter()
+        self._prepare()
+        cost = lambda c: self.costs.cost(c, self.metric)  # noqa: E731
+        config = self.costs.uniform(self.model, self.start_bits)
+        levels = sorted({b for _, m in self.layers for b in m.w_bits})
+        b_star = min(levels, key=lambda b: abs(cost(self.costs.uniform(self.model, b)) - target))
+        w_star = {n: (self.costs.uniform(self.model, b_star)[n][0], config[n][1])
+                  for n in config}
+        floor = self.floor(target)
+        phases = [("w", 0.95 * cost(w_star), lambda c, thr: cost(c) <= thr)]
+        if self.metric == "bitops":
+            phases.append(("a", target, lambda c, thr: cost(c) < thr))
+        else:  # size: only weight bits cost storage
+            phases[0] = ("w", target, lambda c, thr: cost(c) <= thr)
+        history, iterations, error = [], 0, float("nan")
+        for phase, threshold, done in phases:
+            # A "+" move back to a configuration already visited in this phase would let the
+            # search cycle; such moves are dropped, so each phase ends (every "-" lowers cost).
+            visited = {tuple(sorted(config.items()))}
+            while not done(config, threshold):
+                moves = [m for m in self.moves(config, phase, floor)
+                         if tuple(sorted(self._apply(config, m).items())) not in visited]
+                if not moves:
+                    break
+                x, y = next(self.batches)
+                errors = self._errors(config, moves, x, y)
+                costs = [cost(self._apply(config, m)) for m in moves]
+                e_max, c_max = max(errors), max(costs)
+                scores = [1.5 * (e / e_max if e_max > 0 else 0.0) + c / c_max - 1
+                          for e, c in zip(errors, costs)]
+                best = min(range(len(moves)), key=lambda i: scores[i])
+                config = self._apply(config, moves[best])
+                visited.add(tuple(sorted(config.items())))
+                error = errors[best]
+                history.append({"phase": phase, "move": list(moves[best]), "error": error,
+                                "cost": costs[best]})
+                iterations += 1
+        reached = cost(config) < target if self.metric == "bitops" else cost(config) <= target
+        return SearchResult(
+            metric=self.metric, target=target, config={n: list(v) for n, v in config.items()},
+            bitops=self.costs.bitops(config), size_mib=self.costs.size_mib(config),
+            search_error=error, iterations=iterations, evaluations=self.evaluations,
+            seconds=time.perf_counter() - t0, reached=reached, history=history)
+
+
+# ---- BN recalibration and evaluation -------------------------------------------------------------
+
+
+@torch.no_grad()
+def recalibrate_bn(model: nn.Module, batches) -> int:
+    """Reset every BN's statistics, then set them to the plain average over ``batches``
+    (train-mode forwards of the current config). Returns the number of batches."""
+    bns = [m for m in model.modules() if isinstance(m, (SwitchableBatchNorm2d, nn.BatchNorm2d))]
+    saved = {}
+    for m in bns:
+        m.reset_running_stats()
+        if isinstance(m, SwitchableBatchNorm2d):
+            m.cumulative, m.batch_stats_only = True, False
+        else:
+            saved[m] = m.momentum
+            m.momentum = None  # PyTorch's cumulative moving average
+    was_training = model.training
+    model.train()
+    n = 0
+    try:
+        for x, _ in batches:
+            model(x)
+            n += 1
+    finally:
+        for m in bns:
+            if isinstance(m, SwitchableBatchNorm2d):
+                m.cumulative = False
+            else:
+                m.momentum = saved[m]
+        model.train(was_training)
+    return n
+
+
+def calibration_count(images: int, batch_size: int, world: int = 1) -> int:
+    """RFQuant: floor(images / (world * batch)) + 1 batches."""
+    return math.floor(images / (world * batch_size)) + 1

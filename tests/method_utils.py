@@ -1,0 +1,33 @@
+"""Shared helpers of the method tests: tiny runs on scikit-learn's digits with SmallCNN."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+from rfq import checkpoint as ckpt
+from rfq.train import TrainConfig, Trainer
+
+DIGITS = dict(model="smallcnn", dataset="digits", batch_size=64, channels_last=False)
+
+
+def float_config(**kw) -> TrainConfig:
+    return TrainConfig(**{**DIGITS, "mode": "float", "epochs": 6, "lr": 0.05,
+                          "warmup_epochs": 0.0, "weight_decay": 5e-4, **kw})
+
+
+def coupled_config(init_from=None, **kw) -> TrainConfig:
+    return TrainConfig(**{**DIGITS, "mode": "coupled", "epochs": 4, "lr": 0.01,
+                          "warmup_epochs": 0.0, "ema_decay": 0.99, "freeze_start": 1,
+                          "init_from": str(init_from) if init_from else None, **kw})
+
+
+def train_float(tmp_path, dataset, **kw):
+    """A float SmallCNN on digits; returns the path of its model.pt."""
+    cfg = float_config(**kw)
+    tr = Trainer(cfg, tmp_path / "float", dataset=dataset, progress=False)
+    tr.run()
+    path = tmp_path / "float" / "model.pt"
+    ckpt.save_atomic({"kind": "float", "config": asdict(cfg), "model": tr.model.state_dict()},
+                     path)
+    tr.close()
+    return path

@@ -1,0 +1,190 @@
+"""Coupled training on digits: it learns at every bit-width, unused entries stay put, resume is
+bit-identical, checkpoints fail loudly and are never overwritten."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from rfq import checkpoint as ckpt
+from rfq.data import load_digits_dataset
+from rfq.nn import SwitchableBatchNorm2d, mixed_layers, set_bits
+from rfq.nn.modules import QuantLayer
+from rfq.search import recalibrate_bn
+from rfq.train import EMA, TrainConfig, Trainer, qe_loss
+
+from method_utils import coupled_config, train_float
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_digits_dataset()
+
+
+@pytest.fixture(scope="module")
+def float_ckpt(tmp_path_factory, digits):
+    return train_float(tmp_path_factory.mktemp("float"), digits)
+
+
+def batch_losses(model, batches, bits):
+    """Loss at a uniform config, evaluated as the method does: BN statistics recalibrated."""
+    model = copy.deepcopy(model)
+    set_bits(model, bits)
+    recalibrate_bn(model, batches)
+    model.eval()
+    with torch.no_grad():
+        return sum(F.cross_entropy(model(x), y).item() for x, y in batches) / len(batches)
+
+
+def test_coupled_steps_reduce_loss_at_every_bit_width(tmp_path, digits):
+    # from scratch (no float init), so there is a lot to learn in a few steps
+    tr = Trainer(coupled_config(epochs=1, steps_per_epoch=40, freeze_start=10, lr=0.1),
+                 tmp_path / "r", dataset=digits, progress=False)
+    batches = [tr.stream.batch(0, i) for i in range(3)]
+    before = {b: batch_losses(tr.model, batches, b) for b in (6, 5, 4, 3, 2)}
+    tr.run()
+    after = {b: batch_losses(tr.model, batches, b) for b in (6, 5, 4, 3, 2)}
+    for b in before:
+        assert after[b] < 0.8 * before[b], (b, before[b], after[b])
+
+
+def test_unused_entries_keep_values_and_moments(tmp_path, digits, float_ckpt):
+    tr = Trainer(coupled_config(float_ckpt, n_random=1, scheduler=False), tmp_path / "r",
+                 dataset=digits, progress=False)
+    x, y = tr.stream.batch(0, 0)
+    tr.train_step(x, y)  # optimizer moments now exist everywhere
+    layers = mixed_layers(tr.model)
+    bns = [m._bn_ref[0] for _, m in layers]
+    before = [(m.w_steps.detach().clone(), m.a_steps.detach().clone()) for _, m in layers]
+    bn_before = [b.weight.detach().clone() for b in bns]
+    mom_before = [tr.sgd.state[b.weight]["momentum_buffer"].clone() for b in bns]
+    tr.train_step(x, y)
+    for (_, m), (ws, as_), bn, w0, mom0 in zip(layers, before, bns, bn_before, mom_before):
+        unused_w = ~m.w_used
+        assert unused_w.any()
+        assert torch.equal(m.w_steps.detach()[unused_w], ws[unused_w])
+        assert not torch.equal(m.w_steps.detach()[m.w_used], ws[m.w_used])
+        assert torch.equal(m.a_steps.detach()[~m.a_used], as_[~m.a_used])
+        unused = ~bn.used
+        assert torch.equal(bn.weight.detach()[unused], w0[unused])
+        assert torch.equal(tr.sgd.state[bn.weight]["momentum_buffer"][unused], mom0[unused])
+        assert not torch.equal(bn.weight.detach()[bn.used], w0[bn.used])
+
+
+def test_legacy_drift_moves_unused_entries(tmp_path, digits, float_ckpt):
+    tr = Trainer(coupled_config(float_ckpt, n_random=1, scheduler=False, masked_update=False),
+                 tmp_path / "r", dataset=digits, progress=False)
+    x, y = tr.stream.batch(0, 0)
+    tr.train_step(x, y)
+    bn = mixed_layers(tr.model)[0][1]._bn_ref[0]
+    w0 = bn.weight.detach().clone()
+    tr.train_step(x, y)
+    assert not torch.equal(bn.weight.detach()[~bn.used], w0[~bn.used])  # momentum drift
+
+
+@pytest.mark.parametrize("toggles", [dict(idm=False, scheduler=False, kd=False),
+                                     dict(qe=True, qe_start=0, ar=True, n_random=2),
+                                     dict(n_random=0)])
+def test_every_term_toggles_independently(tmp_path, digits, float_ckpt, toggles):
+    tr = Trainer(coupled_config(float_ckpt, epochs=1, steps_per_epoch=3, **toggles),
+                 tmp_path / "r", dataset=digits, progress=False)
+    logs = tr.run()
+    assert all(torch.isfinite(torch.tensor(v)) for v in logs.values())
+    assert ("loss_random" in logs) == (tr.cfg.n_random > 0)
+
+
+def test_qe_loss_pulls_only_towards_coarse_grid_codes():
+    conv = torch.nn.Conv2d(1, 2, 1, bias=False)
+    from rfq.nn import QuantConv2d
+
+    q = QuantConv2d(conv, [4, 2], [4, 2])
+    with torch.no_grad():
+        q.w_steps.copy_(torch.tensor([1.0, 4.0]))
+        conv.weight.copy_(torch.tensor([4.2, 2.7]).reshape(2, 1, 1, 1))
+    q.set_bits(4, 4)
+    # 4.2 -> code 4 (divisible by 2^(4-2)): pulled to 4; 2.7 -> code 3: no pull
+    loss = qe_loss(q, 2)
+    torch.testing.assert_close(loss, torch.tensor(0.2**2), rtol=1e-5, atol=1e-7)
+
+
+def test_ema_warmup_and_lerp():
+    m = torch.nn.Linear(2, 1)
+    ema = EMA(m, decay=0.9, warmup=True)
+    w0 = ema.model.weight.detach().clone()
+    with torch.no_grad():
+        m.weight.add_(1.0)
+    ema.update()  # d_0 = min(0.9, 1/10) = 0.1
+    torch.testing.assert_close(ema.model.weight, w0 + 0.9)
+
+
+def test_resume_is_bit_identical(tmp_path, digits, float_ckpt):
+    cfg = coupled_config(float_ckpt, epochs=3, steps_per_epoch=4, checkpoint_every=100,
+                         freeze_start=0)
+    full = Trainer(cfg, tmp_path / "full", dataset=digits, progress=False)
+    full.run()
+    part = Trainer(cfg, tmp_path / "part", dataset=digits, progress=False)
+    part.run(max_steps=5)  # stops mid-epoch; run() checkpoints at its last step
+    part.close()
+    resumed = Trainer(cfg, tmp_path / "part", resume=True, dataset=digits, progress=False)
+    assert resumed.step == 5
+    resumed.run()
+    assert resumed.step == full.step == 12
+    for (n, a), (_, b) in zip(full.model.state_dict().items(),
+                              resumed.model.state_dict().items()):
+        if torch.is_tensor(a):
+            assert torch.equal(a, b), n
+    for (n, a), (_, b) in zip(full.ema.model.state_dict().items(),
+                              resumed.ema.model.state_dict().items()):
+        if torch.is_tensor(a):
+            assert torch.equal(a, b), n
+    assert full.scheduler.state_dict() == resumed.scheduler.state_dict()
+
+
+def test_checkpoint_errors_never_overwrite(tmp_path, digits, float_ckpt):
+    cfg = coupled_config(float_ckpt, epochs=1, steps_per_epoch=2)
+    tr = Trainer(cfg, tmp_path / "r", dataset=digits, progress=False)
+    tr.run()
+    path = tmp_path / "r" / "checkpoint.pt"
+    good = path.read_bytes()
+    with pytest.raises(ckpt.CheckpointError, match="already exists"):
+        Trainer(cfg, tmp_path / "r", dataset=digits, progress=False)
+    other = TrainConfig(**{**cfg.__dict__, "bits": [4, 2]})
+    with pytest.raises(ckpt.CheckpointError, match="different run; bits"):
+        Trainer(other, tmp_path / "r", resume=True, dataset=digits, progress=False)
+    assert path.read_bytes() == good
+    bad = tmp_path / "bad" / "checkpoint.pt"
+    bad.parent.mkdir()
+    bad.write_bytes(good[: len(good) // 2])  # truncated
+    with pytest.raises(ckpt.CheckpointError, match="corrupt"):
+        Trainer(cfg, tmp_path / "bad", resume=True, dataset=digits, progress=False)
+    assert bad.read_bytes() == good[: len(good) // 2]
+    with pytest.raises(ckpt.CheckpointError, match="holds a 'coupled' model, expected 'float'"):
+        Trainer(coupled_config(path, epochs=1), tmp_path / "x", dataset=digits, progress=False)
+
+
+def test_bad_settings_are_named():
+    with pytest.raises(ValueError, match="mode must be one of"):
+        TrainConfig(mode="fancy")
+    with pytest.raises(ValueError, match="epochs must be >= 1"):
+        TrainConfig(epochs=0)
+    with pytest.raises(ValueError, match="bits must be non-empty bit-widths in 1..8"):
+        TrainConfig(bits=[12, 4])
+    with pytest.raises(ValueError, match="unknown training settings"):
+        TrainConfig.from_dict({"learning_rate": 0.1})
+
+
+def test_usage_marks_and_max_pass_config(tmp_path, digits, float_ckpt):
+    tr = Trainer(coupled_config(float_ckpt, n_random=2), tmp_path / "r", dataset=digits,
+                 progress=False)
+    x, y = tr.stream.batch(0, 0)
+    tr.train_step(x, y)
+    for _, m in mixed_layers(tr.model):
+        assert m.w_used[m.w_bits.index(6)]  # the max pass always runs at 6 bits
+        assert 1 <= int(m.w_used.sum()) <= 3
+        assert (m.w_bit, m.a_bit) == (6, 6)  # left at the max config after the step
+    for m in tr.model.modules():
+        if isinstance(m, SwitchableBatchNorm2d):
+            assert m.used[0, 0]
+        if isinstance(m, QuantLayer):
+            assert (m.w_steps > 0).all() and (m.a_steps > 0).all()
