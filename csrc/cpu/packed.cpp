@@ -58,6 +58,11 @@ float* scratch_floats(int64_t count, int slot) {
   return b.data();
 }
 
+FloatKind float_kind(at::ScalarType t) {
+  return t == at::kBFloat16 ? FloatKind::kBFloat16
+                            : (t == at::kHalf ? FloatKind::kFloat16 : FloatKind::kFloat32);
+}
+
 std::pair<int64_t, int64_t> signed_range(int64_t bits) {
   if (bits == 1) return {-1, 1};
   return {-(int64_t{1} << (bits - 1)), (int64_t{1} << (bits - 1)) - 1};
@@ -197,39 +202,47 @@ at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& packed, const at
   if (m == 0 || n == 0) return at::zeros(out_shape, x.options());
 
   const int64_t kp = packed::padded_k(k);
-  at::Tensor xp = at::from_blob(scratch_floats(m * kp, 0), {m, kp}, f32);
-  if (kp > k) xp.narrow(1, k, kp - k).zero_();
-  xp.narrow(1, 0, k).copy_(x.reshape({m, k}));
-  const at::Tensor s = scales.to(at::kFloat).contiguous();
+  const at::Tensor x2 = x.reshape({m, k}).contiguous();
+  // fp32, bf16 and fp16 scales are read in place; other float types once converted
+  const auto sdt = scales.scalar_type();
+  const at::Tensor s = (sdt == at::kFloat || sdt == at::kBFloat16 || sdt == at::kHalf)
+                           ? scales.contiguous()
+                           : scales.to(at::kFloat).contiguous();
   const at::Tensor packed_c = packed.contiguous();
   // per-tensor: one scale for every "group" of 128 (strides 0)
-  const PackedMatmul args{xp.const_data_ptr<float>(), m, kp, packed_c.const_data_ptr<uint8_t>(),
-                          packed.size(1), packed::container_bits(bits), n,
-                          s.const_data_ptr<float>(), group_size ? groups : 0, group_size ? 1 : 0,
-                          group_size ? group_size : packed::kBlockK};
+  const PackedMatmul args{x2.const_data_ptr(), float_kind(x2.scalar_type()), m, k, kp,
+                          packed_c.const_data_ptr<uint8_t>(), packed.size(1),
+                          packed::container_bits(bits), n, s.const_data_ptr(),
+                          float_kind(s.scalar_type()), group_size ? groups : 0,
+                          group_size ? 1 : 0, groups, group_size ? group_size : packed::kBlockK};
 
   at::Tensor y = at::empty({m, n}, f32);
   const PackedKernels& kernels = packed_kernels();
   if (m < gemm_min_m()) {
     kernels.matmul(args, y.mutable_data_ptr<float>());
-  } else if (n * kp <= kGemmWholeFloats) {  // small weight: one dequantize, one MKL call into y
-    at::Tensor w = at::from_blob(scratch_floats(n * kp, 1), {n, kp}, f32);
-    kernels.dequantize_rows(args, 0, n, w.mutable_data_ptr<float>());
-    at::mm_out(y, xp, w.t());
   } else {
-    at::Tensor w = at::from_blob(scratch_floats(std::min(n, kGemmTileN) * kp, 1),
-                                 {std::min(n, kGemmTileN), kp}, f32);
-    for (int64_t n0 = 0; n0 < n; n0 += kGemmTileN) {
-      const int64_t rows = std::min(kGemmTileN, n - n0);
-      kernels.dequantize_rows(args, n0, n0 + rows, w.mutable_data_ptr<float>());
-      y.narrow(1, n0, rows).copy_(at::mm(xp, w.narrow(0, 0, rows).t()));
+    const at::Tensor xf = x2.to(at::kFloat);
+    if (n * kp <= kGemmWholeFloats) {  // small weight: one dequantize, one MKL call into y
+      at::Tensor w = at::from_blob(scratch_floats(n * kp, 1), {n, kp}, f32);
+      kernels.dequantize_rows(args, 0, n, w.mutable_data_ptr<float>());
+      at::mm_out(y, xf, w.narrow(1, 0, k).t());
+    } else {
+      at::Tensor w = at::from_blob(scratch_floats(std::min(n, kGemmTileN) * kp, 1),
+                                   {std::min(n, kGemmTileN), kp}, f32);
+      for (int64_t n0 = 0; n0 < n; n0 += kGemmTileN) {
+        const int64_t rows = std::min(kGemmTileN, n - n0);
+        kernels.dequantize_rows(args, n0, n0 + rows, w.mutable_data_ptr<float>());
+        y.narrow(1, n0, rows).copy_(at::mm(xf, w.narrow(0, 0, rows).narrow(1, 0, k).t()));
+      }
     }
   }
   if (zeros.has_value()) {  // w = (u - z) s = q s + (offset - z) s: add xsum_g (offset - z) s
     const double off = static_cast<double>(packed::code_offset(bits));
-    const at::Tensor zterm = s.mul(zeros->to(at::kFloat).neg().add(off)).contiguous();  // [N, G]
-    const at::Tensor xsum = xp.view({m, kp / group_size, group_size}).sum(-1).narrow(1, 0, groups);
-    y.addmm_(xsum, zterm.t());
+    const at::Tensor sf = s.to(at::kFloat);
+    const at::Tensor zterm = sf.mul(zeros->to(at::kFloat).neg().add(off)).contiguous();  // [N, G]
+    at::Tensor xg = at::zeros({m, groups * group_size}, f32);
+    xg.narrow(1, 0, k).copy_(x2);
+    y.addmm_(xg.view({m, groups, group_size}).sum(-1), zterm.t());
   }
   if (bias.has_value()) y.add_(bias->to(at::kFloat));
   return y.to(x.scalar_type()).reshape(out_shape);

@@ -6,19 +6,26 @@
 
 namespace rfq::cpu {
 
+// Element types the kernels read directly, so the wrapper never converts x or scales per call.
+enum class FloatKind : int32_t { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
+
 // Scales are read as scales[n * scale_row_stride + g * scale_group_stride] for group g of row n
 // (per-tensor: both strides 0). Codes enter as q = u - offset; zero points are the wrapper's job.
 struct PackedMatmul {
-  const float* x;  // [m, kp] fp32, zero-padded to kp
+  const void* x;  // [m, k], contiguous rows of x_kind
+  FloatKind x_kind;
   int64_t m;
-  int64_t kp;
+  int64_t k;
+  int64_t kp;  // k padded to whole 128-element blocks
   const uint8_t* packed;  // [n, row_bytes]
   int64_t row_bytes;
   int64_t container_bits;  // 2, 4 or 8
   int64_t n;
-  const float* scales;
+  const void* scales;
+  FloatKind scale_kind;
   int64_t scale_row_stride;
   int64_t scale_group_stride;
+  int64_t groups;      // scale columns that exist (per-tensor: 1); later groups are padding
   int64_t group_size;  // 32, 64 or 128 (per-tensor runs as 128 with one scale)
 };
 

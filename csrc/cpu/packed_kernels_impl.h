@@ -2,16 +2,24 @@
 // Every row's packed bytes are read once per call, whatever M is.
 //   default / AVX2: each 128-element block is decoded to q floats in an L1-resident buffer by
 //     plain loops the compiler vectorizes, then multiplied with fp32 activations (Vectorized FMA).
-//   AVX512: blocks are decoded in registers and the dots run as int16 vpmaddwd on activations
-//     rounded to int16 per 128-element block (matmul_rows_avx512); dequantize_rows decodes in
-//     registers to fp32 for the dequantize + MKL path.
+//   AVX512: x is rounded to int16 per 128-element block into a buffer stored in the order the
+//     packed fields decode to (in-lane shifts and masks only), and the dots run as int16
+//     vpdpwssd (AVX512-VNNI, picked at run time) or vpmaddwd + vpaddd
+//     (packed_kernels_avx512_body.h). dequantize_rows decodes to fp32 for the dequantize + MKL
+//     path.
 
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 
 #include <algorithm>
 #include <array>
+#include <cmath>
+#include <cstdlib>
 #include <cstring>
+#include <limits>
+#include <utility>
 #include <vector>
 
 #include "cpu/packed_kernels.h"
@@ -29,6 +37,21 @@ constexpr int64_t kVF = Vec::size();
 constexpr int64_t kB = packed::kBlockK;
 constexpr int64_t kTileM = 4;  // activation rows sharing one decoded block
 static_assert(32 % kVF == 0, "a 32-element group must be whole vectors");
+
+inline float load_float(const void* p, FloatKind kind, int64_t i) {
+  switch (kind) {
+    case FloatKind::kBFloat16: return static_cast<float>(static_cast<const c10::BFloat16*>(p)[i]);
+    case FloatKind::kFloat16: return static_cast<float>(static_cast<const c10::Half*>(p)[i]);
+    default: return static_cast<const float*>(p)[i];
+  }
+}
+
+// Scale of group g of row n; groups past the last real one (K padding) weigh nothing, and a
+// per-tensor scale (strides 0) covers every group.
+inline float scale_at(const PackedMatmul& a, int64_t n, int64_t g) {
+  if (g >= a.groups && a.scale_group_stride != 0) return 0.f;
+  return load_float(a.scales, a.scale_kind, n * a.scale_row_stride + g * a.scale_group_stride);
+}
 
 // Decodes one block into q = u - offset as floats (layout: csrc/packed_layout.h).
 template <int kBits>
@@ -52,10 +75,6 @@ inline void decode_block(const uint8_t* __restrict__ p, float* __restrict__ q) {
   }
 }
 
-inline float scale_of(const PackedMatmul& a, int64_t n, int64_t k) {
-  return a.scales[n * a.scale_row_stride + (k / a.group_size) * a.scale_group_stride];
-}
-
 inline float hsum(const Vec& v) {
   alignas(64) float lanes[kVF];
   v.store(lanes);
@@ -64,13 +83,16 @@ inline float hsum(const Vec& v) {
   return total;
 }
 
+// Generic kernel: x as padded fp32 [m, kp], scales as an fp32 table [n, kp / g].
 template <int kBits>
-void matmul_rows(const PackedMatmul& a, int64_t n0, int64_t n1, float* y) {
+void matmul_rows(const PackedMatmul& a, const float* xp, const float* sp, int64_t n0, int64_t n1,
+                 float* y) {
   alignas(64) float q[kB];
   const int64_t blocks = a.kp / kB;
-  const int64_t g = a.group_size;
+  const int64_t g = a.group_size, row_groups = a.kp / g;
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* row = a.packed + n * a.row_bytes;
+    const float* row_scales = sp + n * row_groups;
     for (int64_t m0 = 0; m0 < a.m; m0 += kTileM) {
       const int64_t tm = std::min(kTileM, a.m - m0);
       std::array<Vec, kTileM> acc;
@@ -78,9 +100,9 @@ void matmul_rows(const PackedMatmul& a, int64_t n0, int64_t n1, float* y) {
       for (int64_t b = 0; b < blocks; ++b) {
         decode_block<kBits>(row + b * packed::block_bytes(kBits), q);
         for (int64_t s = 0; s < kB; s += g) {  // groups inside this block
-          const Vec scale(scale_of(a, n, b * kB + s));
+          const Vec scale(row_scales[(b * kB + s) / g]);
           for (int64_t i = 0; i < tm; ++i) {
-            const float* xr = a.x + (m0 + i) * a.kp + b * kB + s;
+            const float* xr = xp + (m0 + i) * a.kp + b * kB + s;
             Vec part(0.f);
             for (int64_t v = 0; v < g; v += kVF) {
               part = at::vec::fmadd(Vec::loadu(q + s + v), Vec::loadu(xr + v), part);
@@ -94,9 +116,319 @@ void matmul_rows(const PackedMatmul& a, int64_t n0, int64_t n1, float* y) {
   }
 }
 
+void matmul_generic(const PackedMatmul& a, float* y) {
+  // Per-call fp32 copies (this path serves CPUs without AVX512; the copies are O(m k + n k/g)).
+  thread_local std::vector<float> xp, sp;
+  const int64_t row_groups = a.kp / a.group_size;
+  xp.assign(a.m * a.kp, 0.f);
+  sp.resize(a.n * row_groups);
+  for (int64_t r = 0; r < a.m; ++r) {
+    for (int64_t j = 0; j < a.k; ++j) xp[r * a.kp + j] = load_float(a.x, a.x_kind, r * a.k + j);
+  }
+  for (int64_t n = 0; n < a.n; ++n) {
+    for (int64_t g = 0; g < row_groups; ++g) sp[n * row_groups + g] = scale_at(a, n, g);
+  }
+  const float* xs = xp.data();
+  const float* ss = sp.data();
+  // rows in tasks of >= 16: a row is one K-long dot per activation row
+  at::parallel_for(0, a.n, 16, [&](int64_t n0, int64_t n1) {
+    switch (a.container_bits) {
+      case 2: return matmul_rows<2>(a, xs, ss, n0, n1, y);
+      case 4: return matmul_rows<4>(a, xs, ss, n0, n1, y);
+      default: return matmul_rows<8>(a, xs, ss, n0, n1, y);
+    }
+  });
+}
+
+template <int kBits>
+void dequantize_typed(const PackedMatmul& a, int64_t n0, int64_t n1, float* w) {
+  at::parallel_for(n0, n1, 16, [&](int64_t r0, int64_t r1) {
+    for (int64_t n = r0; n < r1; ++n) {
+      const uint8_t* row = a.packed + n * a.row_bytes;
+      float* out = w + (n - n0) * a.kp;
+      for (int64_t b = 0; b < a.kp / kB; ++b) {
+        decode_block<kBits>(row + b * packed::block_bytes(kBits), out + b * kB);
+        for (int64_t s = 0; s < kB; s += a.group_size) {
+          const Vec scale(scale_at(a, n, (b * kB + s) / a.group_size));
+          for (int64_t v = 0; v < a.group_size; v += kVF) {
+            (Vec::loadu(out + b * kB + s + v) * scale).store(out + b * kB + s + v);
+          }
+        }
+      }
+    }
+  });
+}
+
 #if defined(CPU_CAPABILITY_AVX512)
-// AVX512: a block's 128 codes are decoded straight into eight fp32 registers (mask/shift the
-// bytes, subtract the offset, sign-extend 16 at a time, convert), never touching memory.
+
+// ---- AVX512 integer path -------------------------------------------------------------------
+// A "unit" is what one 64-byte load of a packed row covers: one block at 4 bits (one of two
+// loads at 8 bits), two blocks at 2 bits. Decoding a unit gives kVecs int16 vectors d_t; the
+// activation buffer holds, per (unit, activation row), the matching int16 vectors X_t, so that
+// sum_t d_t * X_t (lane by lane) is the unit's dot product:
+//   4-bit: 16-bit word i of the load holds elements 2i, 64+2i, 2i+1, 65+2i in its nibbles, so
+//          d_0..d_3 = w & 15, (w >> 4) & 15, (w >> 8) & 15, w >> 12, and X_0..X_3 = x at
+//          even 0..62, even 64..126, odd 1..63, odd 65..127.
+//   8-bit: the two loads' low / high bytes (sign-extended in place); X as for 4 bits.
+//   2-bit: word i of block h holds 2i + (t >> 2) + 32 (t & 3) in its bits 2t..2t+1, t = 0..7;
+//          X_t lanes 0-15 are block b's elements, lanes 16-31 block b+1's.
+// vpdpwssd sums lane pairs into 16 int32 lanes: lanes 0-7 come from int16 lanes 0-15, lanes
+// 8-15 from 16-31. A group of 32 or the second block of a 2-bit unit therefore lands in one
+// half of the int32 lanes, and each int32 accumulator ("acc") gets one scale per half.
+// Unsigned fields (2/4 bits) are multiplied as stored, u = q + offset; each acc starts from
+// -offset * sum(X) of its lanes (precomputed per activation row), so int32 sums are exact q*x.
+
+template <int C, int G>  // container bits, group size (per-tensor: 128)
+struct Cfg {
+  static constexpr int kUnitBlocks = C == 2 ? 2 : 1;
+  static constexpr int kVecs = C == 2 ? 8 : 4;
+  static constexpr bool kSplit = C == 2 || G == 32;  // the two int32 halves scale differently
+  static constexpr int kHalves = kSplit ? 2 : 1;
+  static constexpr int kAccs = G == 128 ? 1 : (C == 2 ? 128 / G : 2);
+  static constexpr int kSlots = kAccs * kHalves;  // scales per unit
+  static constexpr bool kUnsigned = C != 8;
+  static constexpr int kOffset = C == 2 ? 2 : 8;
+  static constexpr int kUnitVecs = kVecs + (kUnsigned ? kAccs : 0);  // X_t, then the acc inits
+  static constexpr int acc_of(int t) {
+    return G == 128 ? 0 : (C == 2 ? (G == 64 ? (t & 3) >> 1 : t & 3) : (t & 1));
+  }
+  // slot s = acc * kHalves + half: its block within the unit and its group within that block
+  static constexpr int block_of(int s) { return C == 2 ? s % kHalves : 0; }
+  static constexpr int group_in_block(int s) {
+    return G == 128 ? 0 : (C == 2 ? s / kHalves : s);  // 4/8-bit g32: s = 2 acc + half
+  }
+};
+
+inline __mmask16 tail_mask(int64_t count) {  // first min(count, 16) lanes
+  return count >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << std::max<int64_t>(count, 0)) - 1);
+}
+
+template <FloatKind kKind>
+inline __m512 load16(const void* base, int64_t offset, __mmask16 mask) {
+  if constexpr (kKind == FloatKind::kFloat32) {
+    return _mm512_maskz_loadu_ps(mask, static_cast<const float*>(base) + offset);
+  } else {
+    const __m256i h = _mm256_maskz_loadu_epi16(mask, static_cast<const uint16_t*>(base) + offset);
+    if constexpr (kKind == FloatKind::kBFloat16) {
+      return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    } else {
+      return _mm512_cvtph_ps(h);
+    }
+  }
+}
+
+// Rounds 128 elements of x (from element offset `start` of a row holding `valid` more) to int16
+// with step max|x| / 32767: v[0..3] hold elements 0-31, 32-63, 64-95, 96-127. Returns the step;
+// NaN when the block holds inf or NaN, so that the outputs it touches become NaN.
+template <FloatKind kKind>
+inline float quantize_block(const void* x, int64_t start, int64_t valid, __m512i v[4]) {
+  __m512 f[8];
+  __m512 mx = _mm512_setzero_ps();
+  __mmask16 bad = 0;
+  const __m512 inf = _mm512_set1_ps(std::numeric_limits<float>::infinity());
+  for (int j = 0; j < 8; ++j) {
+    f[j] = load16<kKind>(x, start + 16 * j, tail_mask(valid - 16 * j));
+    const __m512 ab = _mm512_abs_ps(f[j]);
+    bad |= _mm512_cmp_ps_mask(ab, inf, _CMP_NLT_UQ);
+    mx = _mm512_max_ps(mx, ab);
+  }
+  const float maxabs = _mm512_reduce_max_ps(mx);
+  if (bad) {
+    for (int j = 0; j < 4; ++j) v[j] = _mm512_setzero_si512();
+    return std::numeric_limits<float>::quiet_NaN();
+  }
+  const __m512 inv = _mm512_set1_ps(maxabs > 0.f ? 32767.f / maxabs : 0.f);
+  for (int j = 0; j < 4; ++j) {
+    const __m256i lo = _mm512_cvtsepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(f[2 * j], inv)));
+    const __m256i hi =
+        _mm512_cvtsepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(f[2 * j + 1], inv)));
+    v[j] = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+  }
+  return maxabs / 32767.f;
+}
+
+// Activation buffer: for unit u and activation row m, Cfg::kUnitVecs vectors at
+// buf[(u * M + m) * kUnitVecs]; steps sx[m * bpad + block] (bpad = units * kUnitBlocks).
+template <int C, int G, FloatKind kKind>
+void quantize_rows(const PackedMatmul& a, int64_t m0, int64_t m1, int64_t units, __m512i* buf,
+                   float* sx) {
+  using K = Cfg<C, G>;
+  const int64_t bpad = units * K::kUnitBlocks;
+  const __m512i even = _mm512_set_epi16(62, 60, 58, 56, 54, 52, 50, 48, 46, 44, 42, 40, 38, 36,
+                                        34, 32, 30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6,
+                                        4, 2, 0);
+  const __m512i odd = _mm512_add_epi16(even, _mm512_set1_epi16(1));
+  const __m512i ones = _mm512_set1_epi16(1);
+  for (int64_t m = m0; m < m1; ++m) {
+    for (int64_t u = 0; u < units; ++u) {
+      __m512i v[K::kUnitBlocks][4];
+      for (int h = 0; h < K::kUnitBlocks; ++h) {
+        const int64_t b = u * K::kUnitBlocks + h, start = b * kB;
+        sx[m * bpad + b] = quantize_block<kKind>(a.x, m * a.k + start, a.k - start, v[h]);
+      }
+      __m512i* out = buf + (u * a.m + m) * K::kUnitVecs;
+      if constexpr (C == 2) {
+        for (int t = 0; t < 8; ++t) {
+          const int f = t & 3;
+          out[t] = _mm512_permutex2var_epi16(v[0][f], (t >> 2) ? odd : even, v[1][f]);
+        }
+      } else {
+        out[0] = _mm512_permutex2var_epi16(v[0][0], even, v[0][1]);
+        out[1] = _mm512_permutex2var_epi16(v[0][2], even, v[0][3]);
+        out[2] = _mm512_permutex2var_epi16(v[0][0], odd, v[0][1]);
+        out[3] = _mm512_permutex2var_epi16(v[0][2], odd, v[0][3]);
+      }
+      if constexpr (K::kUnsigned) {
+        for (int j = 0; j < K::kAccs; ++j) {
+          __m512i s = _mm512_setzero_si512();
+          for (int t = 0; t < K::kVecs; ++t) {
+            if (K::acc_of(t) == j) s = _mm512_add_epi32(s, _mm512_madd_epi16(out[t], ones));
+          }
+          alignas(64) int32_t init[16] = {};
+          init[0] = -K::kOffset * _mm512_mask_reduce_add_epi32(0x00FF, s);
+          init[8] = -K::kOffset * _mm512_mask_reduce_add_epi32(0xFF00, s);
+          out[K::kVecs + j] = _mm512_load_si512(init);
+        }
+      }
+    }
+  }
+}
+
+// Groups g0..g0+count-1 of row n's scales as fp32, zeros past the last real group.
+inline void row_scales_f32(const PackedMatmul& a, int64_t n, int64_t g0, int64_t count,
+                           float* out) {
+  if (a.scale_group_stride == 0) {
+    const float s = load_float(a.scales, a.scale_kind, n * a.scale_row_stride);
+    std::fill(out, out + count, s);
+    return;
+  }
+  const int64_t base = n * a.scale_row_stride + g0;
+  for (int64_t g = 0; g < count; g += 16) {
+    const __mmask16 mask = tail_mask(a.groups - g0 - g);
+    __m512 v;
+    switch (a.scale_kind) {
+      case FloatKind::kBFloat16: v = load16<FloatKind::kBFloat16>(a.scales, base + g, mask); break;
+      case FloatKind::kFloat16: v = load16<FloatKind::kFloat16>(a.scales, base + g, mask); break;
+      default: v = load16<FloatKind::kFloat32>(a.scales, base + g, mask); break;
+    }
+    _mm512_mask_storeu_ps(out + g, tail_mask(count - g), v);
+  }
+}
+
+// c[(r * kRm + i) * units * kSlots + u * kSlots + s] = row scale * activation step, the one
+// factor each int32 acc half is multiplied with; swf and sx start at the chunk's first unit
+// (sx rows are bpad apart).
+// (rn x rm of the tile's kRn x kRm are real rows; kRm is the stride).
+template <int C, int G>
+void combined_scales(const float* swf, int64_t gpad, int rn, const float* sx, int64_t bpad,
+                     int64_t m0, int rm, int kRm, int64_t units, float* c) {
+  using K = Cfg<C, G>;
+  const int64_t cstride = units * K::kSlots;
+  for (int r = 0; r < rn; ++r) {
+    for (int i = 0; i < rm; ++i) {
+      float* cr = c + (r * kRm + i) * cstride;
+      const float* sw = swf + r * gpad;
+      const float* sa = sx + (m0 + i) * bpad;
+      if constexpr (G == 128) {  // slots are blocks, in order
+        const int64_t nb = units * K::kUnitBlocks;
+        for (int64_t b = 0; b < nb; b += 16) {
+          const __mmask16 mask = tail_mask(nb - b);
+          _mm512_mask_storeu_ps(cr + b, mask, _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, sw + b),
+                                                            _mm512_maskz_loadu_ps(mask, sa + b)));
+        }
+      } else {
+        for (int64_t u = 0; u < units; ++u) {
+          for (int s = 0; s < K::kSlots; ++s) {
+            const int64_t block = u * K::kUnitBlocks + K::block_of(s);
+            cr[u * K::kSlots + s] = sw[block * (128 / G) + K::group_in_block(s)] * sa[block];
+          }
+        }
+      }
+    }
+  }
+}
+
+// Scratch for one task's row scales and combined scales (per thread, only grows).
+inline float* tile_scratch(int64_t count) {
+  thread_local std::vector<float> buffer;
+  if (static_cast<int64_t>(buffer.size()) < count) buffer.resize(count);
+  return buffer.data();
+}
+
+#define RFQ_PACKED_BODY_NS plain
+#define RFQ_PACKED_BODY_VNNI false
+#include "cpu/packed_kernels_avx512_body.h"
+#undef RFQ_PACKED_BODY_NS
+#undef RFQ_PACKED_BODY_VNNI
+
+// The same kernels with vpdpwssd: compiled for AVX512-VNNI, run only where the CPU has it.
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx512vnni"))), apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx512vnni")
+#endif
+#define RFQ_PACKED_BODY_NS vnni
+#define RFQ_PACKED_BODY_VNNI true
+#include "cpu/packed_kernels_avx512_body.h"
+#undef RFQ_PACKED_BODY_NS
+#undef RFQ_PACKED_BODY_VNNI
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
+#pragma GCC pop_options
+#endif
+
+// vpdpwssd where the CPU has AVX512-VNNI; RFQ_PACKED_VNNI=0 forces vpmaddwd (tests both).
+bool use_vnni() {
+  static const bool value = [] {
+    const char* env = std::getenv("RFQ_PACKED_VNNI");
+    if (env && env[0] == '0') return false;
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512vnni") != 0;
+  }();
+  return value;
+}
+
+template <int C, int G>
+void matmul_cfg(const PackedMatmul& a, float* y) {
+  using K = Cfg<C, G>;
+  const int64_t units = (a.kp / kB + K::kUnitBlocks - 1) / K::kUnitBlocks;
+  thread_local std::vector<__m512i> xbuf;
+  thread_local std::vector<float> steps;
+  const int64_t vecs = units * a.m * K::kUnitVecs, nsteps = a.m * units * K::kUnitBlocks;
+  if (static_cast<int64_t>(xbuf.size()) < vecs) xbuf.resize(vecs);
+  if (static_cast<int64_t>(steps.size()) < nsteps) steps.resize(nsteps);
+  __m512i* xb = xbuf.data();
+  float* sx = steps.data();
+  // rounding x is O(m k): in parallel only once it is worth a task
+  at::parallel_for(0, a.m, std::max<int64_t>(1, 32768 / a.kp), [&](int64_t m0, int64_t m1) {
+    switch (a.x_kind) {
+      case FloatKind::kBFloat16:
+        return quantize_rows<C, G, FloatKind::kBFloat16>(a, m0, m1, units, xb, sx);
+      case FloatKind::kFloat16:
+        return quantize_rows<C, G, FloatKind::kFloat16>(a, m0, m1, units, xb, sx);
+      default: return quantize_rows<C, G, FloatKind::kFloat32>(a, m0, m1, units, xb, sx);
+    }
+  });
+  if (use_vnni()) {
+    vnni::run<C, G>(a, xb, sx, units, y);
+  } else {
+    plain::run<C, G>(a, xb, sx, units, y);
+  }
+}
+
+template <int C>
+void matmul_bits(const PackedMatmul& a, float* y) {
+  switch (a.group_size) {
+    case 32: return matmul_cfg<C, 32>(a, y);
+    case 64: return matmul_cfg<C, 64>(a, y);
+    default: return matmul_cfg<C, 128>(a, y);
+  }
+}
+
+// AVX512 fp32 decode for the dequantize + MKL path: a block's 128 codes straight into eight fp32
+// registers (mask/shift the bytes, subtract the offset, sign-extend, convert).
 inline __m512 widen(__m128i q8) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q8)); }
 
 template <int kBits>
@@ -136,163 +468,40 @@ inline void decode_block_regs(const uint8_t* p, __m512 w[8]) {
   }
 }
 
-// The dot products run in integers: activations are quantized to int16 per (row, 128-block)
-// (error <= max|x_block| / 65534 per element), codes widened to int16, vpmaddwd gives int32
-// pair sums, and each group's sum is scaled once in fp32 by scale_g * x_scale_block.
-template <int kBits>
-inline void decode_block_i16(const uint8_t* p, __m512i w[4]) {  // 4 x 32 codes, one per 32-group
-  if constexpr (kBits == 4) {
-    const __m512i b = _mm512_loadu_si512(p);
-    const __m512i mask = _mm512_set1_epi8(0x0F), eight = _mm512_set1_epi8(8);
-    const __m512i lo = _mm512_sub_epi8(_mm512_and_si512(b, mask), eight);
-    const __m512i hi = _mm512_sub_epi8(_mm512_and_si512(_mm512_srli_epi16(b, 4), mask), eight);
-    w[0] = _mm512_cvtepi8_epi16(_mm512_castsi512_si256(lo));
-    w[1] = _mm512_cvtepi8_epi16(_mm512_extracti64x4_epi64(lo, 1));
-    w[2] = _mm512_cvtepi8_epi16(_mm512_castsi512_si256(hi));
-    w[3] = _mm512_cvtepi8_epi16(_mm512_extracti64x4_epi64(hi, 1));
-  } else if constexpr (kBits == 2) {
-    const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-    const __m256i mask = _mm256_set1_epi8(3), two = _mm256_set1_epi8(2);
-    w[0] = _mm512_cvtepi8_epi16(_mm256_sub_epi8(_mm256_and_si256(b, mask), two));
-    w[1] = _mm512_cvtepi8_epi16(
-        _mm256_sub_epi8(_mm256_and_si256(_mm256_srli_epi16(b, 2), mask), two));
-    w[2] = _mm512_cvtepi8_epi16(
-        _mm256_sub_epi8(_mm256_and_si256(_mm256_srli_epi16(b, 4), mask), two));
-    w[3] = _mm512_cvtepi8_epi16(
-        _mm256_sub_epi8(_mm256_and_si256(_mm256_srli_epi16(b, 6), mask), two));
-  } else {
-    for (int i = 0; i < 4; ++i) {
-      w[i] = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32 * i)));
-    }
-  }
-}
-
-struct QuantizedActivations {
-  std::vector<int16_t> values;  // [m, kp]
-  std::vector<float> scales;    // [m, kp / 128]
-};
-
-QuantizedActivations quantize_activations(const PackedMatmul& a) {
-  const int64_t blocks = a.kp / kB;
-  QuantizedActivations q{std::vector<int16_t>(a.m * a.kp), std::vector<float>(a.m * blocks)};
-  for (int64_t r = 0; r < a.m * blocks; ++r) {
-    const float* x = a.x + r * kB;
-    __m512 mx = _mm512_setzero_ps();
-    for (int v = 0; v < 8; ++v) mx = _mm512_max_ps(mx, _mm512_abs_ps(_mm512_loadu_ps(x + 16 * v)));
-    const float maxabs = _mm512_reduce_max_ps(mx);
-    const float scale = maxabs / 32767.f;
-    q.scales[r] = scale;
-    const __m512 inv = _mm512_set1_ps(maxabs > 0.f ? 32767.f / maxabs : 0.f);
-    for (int v = 0; v < 8; ++v) {
-      const __m512i i32 = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x + 16 * v), inv));
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(q.values.data() + r * kB + 16 * v),
-                          _mm512_cvtsepi32_epi16(i32));
-    }
-  }
-  return q;
-}
-
-template <int kBits>
-void matmul_rows_avx512(const PackedMatmul& a, const QuantizedActivations& xq, int64_t n0,
-                        int64_t n1, float* y) {
-  const int64_t blocks = a.kp / kB;
-  const int64_t per_group = a.group_size / 32;  // 32-element subgroups per group: 1, 2 or 4
-  std::array<__m512, 64> acc_store;            // per activation row, M < 64 on this path
-  for (int64_t n = n0; n < n1; ++n) {
-    const uint8_t* row = a.packed + n * a.row_bytes;
-    const float* row_scales = a.scales + n * a.scale_row_stride;
-    for (int64_t m0 = 0; m0 < a.m; m0 += 64) {
-      const int64_t tm = std::min<int64_t>(64, a.m - m0);
-      for (int64_t i = 0; i < tm; ++i) acc_store[i] = _mm512_setzero_ps();
-      int64_t group = 0;
-      for (int64_t b = 0; b < blocks; ++b) {
-        __m512i w[4];
-        decode_block_i16<kBits>(row + b * packed::block_bytes(kBits), w);  // once for all m
-        for (int64_t s0 = 0; s0 < 4; s0 += per_group, ++group) {
-          const float scale = row_scales[group * a.scale_group_stride];
-          for (int64_t i = 0; i < tm; ++i) {
-            const int16_t* xr = xq.values.data() + (m0 + i) * a.kp + b * kB;
-            __m512i sum = _mm512_madd_epi16(w[s0], _mm512_loadu_si512(xr + 32 * s0));
-            for (int64_t s = s0 + 1; s < s0 + per_group; ++s) {
-              sum = _mm512_add_epi32(sum, _mm512_madd_epi16(w[s], _mm512_loadu_si512(xr + 32 * s)));
-            }
-            const float combined = scale * xq.scales[(m0 + i) * blocks + b];
-            acc_store[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_set1_ps(combined),
-                                           acc_store[i]);
-          }
-        }
-      }
-      for (int64_t i = 0; i < tm; ++i) y[(m0 + i) * a.n + n] = _mm512_reduce_add_ps(acc_store[i]);
-    }
-  }
-}
-#endif
-
-void matmul(const PackedMatmul& a, float* y) {
-#if defined(CPU_CAPABILITY_AVX512)
-  const QuantizedActivations xq = quantize_activations(a);
-#endif
-  // rows in tasks of >= 16: a row is one K-long dot per activation row
-  at::parallel_for(0, a.n, 16, [&](int64_t n0, int64_t n1) {
-#if defined(CPU_CAPABILITY_AVX512)
-    switch (a.container_bits) {
-      case 2: return matmul_rows_avx512<2>(a, xq, n0, n1, y);
-      case 4: return matmul_rows_avx512<4>(a, xq, n0, n1, y);
-      default: return matmul_rows_avx512<8>(a, xq, n0, n1, y);
-    }
-#else
-    switch (a.container_bits) {
-      case 2: return matmul_rows<2>(a, n0, n1, y);
-      case 4: return matmul_rows<4>(a, n0, n1, y);
-      default: return matmul_rows<8>(a, n0, n1, y);
-    }
-#endif
-  });
-}
-
-template <int kBits>
-void dequantize_typed(const PackedMatmul& a, int64_t n0, int64_t n1, float* w) {
-  at::parallel_for(n0, n1, 16, [&](int64_t r0, int64_t r1) {
-    for (int64_t n = r0; n < r1; ++n) {
-      const uint8_t* row = a.packed + n * a.row_bytes;
-      float* out = w + (n - n0) * a.kp;
-      for (int64_t b = 0; b < a.kp / kB; ++b) {
-        decode_block<kBits>(row + b * packed::block_bytes(kBits), out + b * kB);
-        for (int64_t s = 0; s < kB; s += a.group_size) {
-          const Vec scale(scale_of(a, n, b * kB + s));
-          for (int64_t v = 0; v < a.group_size; v += kVF) {
-            (Vec::loadu(out + b * kB + s + v) * scale).store(out + b * kB + s + v);
-          }
-        }
-      }
-    }
-  });
-}
-
-#if defined(CPU_CAPABILITY_AVX512)
 template <int kBits>
 void dequantize_avx512(const PackedMatmul& a, int64_t n0, int64_t n1, float* w) {
-  const int64_t per_group = a.group_size / 16;
+  const int64_t per_group = a.group_size / 16, row_groups = a.kp / a.group_size;
   at::parallel_for(n0, n1, 16, [&](int64_t r0, int64_t r1) {
+    float* row_scales = tile_scratch(row_groups);
     for (int64_t n = r0; n < r1; ++n) {
       const uint8_t* row = a.packed + n * a.row_bytes;
-      const float* row_scales = a.scales + n * a.scale_row_stride;
+      row_scales_f32(a, n, 0, row_groups, row_scales);
       float* out = w + (n - n0) * a.kp;
-      int64_t group = 0;
       for (int64_t b = 0; b < a.kp / kB; ++b) {
         __m512 q[8];
         decode_block_regs<kBits>(row + b * packed::block_bytes(kBits), q);
         for (int64_t v = 0; v < 8; ++v) {
-          if (v % per_group == 0 && v) ++group;
-          _mm512_storeu_ps(out + b * kB + v * 16,
-                           _mm512_mul_ps(q[v], _mm512_set1_ps(row_scales[group * a.scale_group_stride])));
+          const __m512 scale = _mm512_set1_ps(row_scales[(b * 8 + v) / per_group]);
+          _mm512_storeu_ps(out + b * kB + v * 16, _mm512_mul_ps(q[v], scale));
         }
-        ++group;
       }
     }
   });
 }
+
+#endif  // CPU_CAPABILITY_AVX512
+
+void matmul(const PackedMatmul& a, float* y) {
+#if defined(CPU_CAPABILITY_AVX512)
+  switch (a.container_bits) {
+    case 2: return matmul_bits<2>(a, y);
+    case 4: return matmul_bits<4>(a, y);
+    default: return matmul_bits<8>(a, y);
+  }
+#else
+  matmul_generic(a, y);
 #endif
+}
 
 void dequantize_rows(const PackedMatmul& a, int64_t n0, int64_t n1, float* w) {
 #if defined(CPU_CAPABILITY_AVX512)
@@ -301,12 +510,13 @@ void dequantize_rows(const PackedMatmul& a, int64_t n0, int64_t n1, float* w) {
     case 4: return dequantize_avx512<4>(a, n0, n1, w);
     default: return dequantize_avx512<8>(a, n0, n1, w);
   }
-#endif
+#else
   switch (a.container_bits) {
     case 2: return dequantize_typed<2>(a, n0, n1, w);
     case 4: return dequantize_typed<4>(a, n0, n1, w);
     default: return dequantize_typed<8>(a, n0, n1, w);
   }
+#endif
 }
 
 }  // namespace
