@@ -1,0 +1,94 @@
+"""The CLI end to end on digits (train float -> train coupled -> search -> eval -> export),
+the exported packed model, and clear errors for bad settings."""
+
+import json
+
+import pytest
+import torch
+
+from rfq.cli import main
+from rfq.data import load_digits_dataset
+from rfq.export import load_packed, packed_size_bytes, to_packed
+from rfq.nn import set_bits
+from rfq.pipeline import load_run, score_batches
+
+COMMON = ["--model", "smallcnn", "--dataset", "digits", "--batch-size", "64", "--no-progress",
+          "--set", "channels_last=False"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("cli")
+    assert main(["train", "--out", str(tmp / "float"), "--mode", "float", "--epochs", "5",
+                 "--lr", "0.05", "--set", "warmup_epochs=0", *COMMON]) == 0
+    assert (tmp / "float" / "model.pt").is_file()
+    assert main(["train", "--out", str(tmp / "coupled"), "--profile", "quick", "--epochs", "2",
+                 "--steps-per-epoch", "15", "--init-from", str(tmp / "float" / "model.pt"),
+                 *COMMON]) == 0
+    return tmp
+
+
+def test_train_writes_checkpoint_log_and_config(runs):
+    log = (runs / "coupled" / "log.csv").read_text().splitlines()
+    assert log[0].startswith("step,epoch,lr,loss_max,loss_random")
+    assert int(log[-1].split(",")[0]) == 30
+    cfg = json.loads((runs / "coupled" / "config.json").read_text())
+    assert cfg["mode"] == "coupled" and cfg["epochs"] == 2
+
+
+def test_search_eval_export(runs, capsys):
+    out = runs / "search.json"
+    assert main(["search", "--checkpoint", str(runs / "coupled"), "--budget", "level:3.5",
+                 "--budget", "6M", "--batch-size", "128", "--calib-images", "256",
+                 "--uniform", "3,4", "--out", str(out), "--plot", str(runs / "p.png")]) == 0
+    text = capsys.readouterr().out
+    assert "| coupled, searched <" in text and "| coupled, uniform | 3/3" in text
+    data = json.loads(out.read_text())
+    assert len(data["searched"]) == 2 and all(s["reached"] for s in data["searched"])
+    assert (runs / "p.png").stat().st_size > 1000
+    assert main(["eval", "--checkpoint", str(runs / "coupled"), "--result", str(out),
+                 "--index", "1", "--calib-images", "256"]) == 0
+    assert "test accuracy" in capsys.readouterr().out
+    assert main(["export", "--checkpoint", str(runs / "coupled"), "--result", str(out),
+                 "--out", str(runs / "model.rfq"), "--calib-images", "256"]) == 0
+    packed = load_packed(runs / "model.rfq")
+    assert packed_size_bytes(packed) > 0
+
+
+def test_packed_model_matches_the_fake_quantized_one(runs):
+    run = load_run(runs / "coupled", dataset=load_digits_dataset())
+    model = run.model
+    set_bits(model, {n: (b, 4) for n, b in zip(model.rfq_mixed, (2, 5))})
+    model.eval()
+    packed = to_packed(model)
+    x, _ = next(score_batches(run, 64))
+    with torch.no_grad():
+        ref, got = model(x), packed(x)
+    # same codes and steps; packed_linear rounds its activations to int16 per block (~2e-5)
+    torch.testing.assert_close(got, ref, rtol=1e-3, atol=1e-3 * ref.abs().max().item())
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["train", "--out", "X", "--set", "epochs=0"], "epochs must be >= 1"),
+    (["train", "--out", "X", "--bits", "9,4"], "bits must be non-empty bit-widths in 1..8"),
+    (["train", "--out", "X", "--set", "no_such=1"], "unknown training settings"),
+    (["train", "--out", "X", "--set", "oops"], "--set expects key=value"),
+    (["train", "--out", "X", "--config", "/nonexistent.json"], "does not exist"),
+])
+def test_bad_train_settings_exit_with_a_message(argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert message in str(exc.value) + capsys.readouterr().err
+
+
+def test_bad_budget_and_checkpoint(runs, tmp_path):
+    with pytest.raises(SystemExit, match="budget must be positive"):
+        main(["search", "--checkpoint", str(runs / "coupled"), "--budget", "0"])
+    with pytest.raises(SystemExit, match="not a number"):
+        main(["search", "--checkpoint", str(runs / "coupled"), "--budget", "cheap"])
+    with pytest.raises(SystemExit, match="does not exist"):
+        main(["search", "--checkpoint", str(tmp_path / "none"), "--budget", "1M"])
+    with pytest.raises(SystemExit, match="float model"):
+        main(["search", "--checkpoint", str(runs / "float"), "--budget", "1M"])
+    with pytest.raises(SystemExit, match="already exists"):
+        main(["train", "--out", str(runs / "coupled"), *COMMON])
