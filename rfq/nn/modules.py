@@ -13,6 +13,7 @@ through ``get_extra_state`` so checkpoints restore it.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Sequence
 
@@ -24,6 +25,21 @@ from rfq import ops
 from rfq.reference import qrange
 
 MIN_STEP = 1e-6  # steps are clamped here after every update (the kernels reject s <= 0)
+
+# The quantizer every layer calls. Only the E1b benchmark swaps in rfq.reference's plain-PyTorch
+# twin (use_reference_quantizer), to time the same training step built without the fused ops.
+_quantizer = [ops.coupled_quant]
+
+
+@contextlib.contextmanager
+def use_reference_quantizer():
+    from rfq import reference
+
+    _quantizer[0] = reference.coupled_quant
+    try:
+        yield
+    finally:
+        _quantizer[0] = ops.coupled_quant
 
 
 def weight_steps_init(weight: Tensor, bits: Sequence[int]) -> Tensor:
@@ -62,7 +78,7 @@ class QuantLayer(nn.Module):
         self.a_ready = [False] * len(self.a_bits)
         self._marked = None
         self.quant_enabled = True  # False: a float layer (cost probes, float baselines)
-        self.weight_cache: Tensor | None = None  # [K, *weight.shape] during search
+        self.weight_cache: list[Tensor] | None = None  # K quantized weights during search
         self._bn_ref: list = []  # the SwitchableBatchNorm2d fed by this layer, if any
         # start at the highest candidate bits
         self.w_index = self.w_bits.index(max(self.w_bits))
@@ -120,13 +136,13 @@ class QuantLayer(nn.Module):
         if self.weight_cache is not None:
             return self.weight_cache[self.w_index]
         gs = self._grad_scale(self.weight.numel(), self.w_bit, True)
-        return ops.coupled_quant(self.weight, self.w_steps, self.w_bits, self.w_sel, True, gs)
+        return _quantizer[0](self.weight, self.w_steps, self.w_bits, self.w_sel, True, gs)
 
     def quantize_input(self, x: Tensor) -> Tensor:
         if not self.a_ready[self.a_index]:
             self._init_act_step(x, self.a_index)
         gs = self._grad_scale(x.numel(), self.a_bit, self.a_signed)
-        return ops.coupled_quant(x, self.a_steps, self.a_bits, self.a_sel, self.a_signed, gs)
+        return _quantizer[0](x, self.a_steps, self.a_bits, self.a_sel, self.a_signed, gs)
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.quant_enabled:
@@ -154,8 +170,11 @@ class QuantLayer(nn.Module):
     @torch.no_grad()
     def fill_weight_cache(self) -> None:
         """All K quantized weights from one read (coupled_quant_multi), for inference loops."""
-        self.weight_cache = ops.coupled_quant_multi(self.weight.detach(), self.w_steps.detach(),
-                                                    self.w_bits, True)
+        multi = ops.coupled_quant_multi(self.weight.detach(), self.w_steps.detach(),
+                                        self.w_bits, True)
+        # each in the weight's own layout (e.g. channels_last): the conv then runs the same
+        # algorithm as with coupled_quant's output, so results are bit-identical
+        self.weight_cache = [torch.empty_like(self.weight).copy_(q) for q in multi]
 
     def clamp_steps_(self) -> None:
         with torch.no_grad():

@@ -1,0 +1,131 @@
+"""The method's own speed (issue 6 targets E1a, E1b, E2): ResNet-20 at 28x28, batch 128,
+channels_last, fp32, denormals flushed, on both sides of every ratio.
+
+- E1a: one coupled training step (1 max + 3 random passes, KD, IDM, masked update, EMA) vs the
+  same 4 forward+backward passes of the float model plus one SGD step. Overhead = the inverse
+  ratio; floor <= 1.10x, stretch <= 1.03x.
+- E1b: the same coupled step vs the identical step whose quantizers are rfq.reference's plain
+  PyTorch expressions instead of the fused ops (floor 1.3x).
+- E2: a whole greedy search to a fixed BitOps budget, cached evaluation (shared prefix stages,
+  quantized weights made once per (layer, bit)) vs the straightforward one (a full forward per
+  candidate, weights re-quantized each time); the bench checks that both choose the identical
+  config (floor 2x, stretch 4x).
+Inputs are synthetic tensors of the Fashion-MNIST shapes (the timing does not depend on the
+pixels), so the bench needs no dataset.
+"""
+
+import os
+import shutil
+import tempfile
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from rfq.data import Dataset, Split
+from rfq.models import build_model
+from rfq.nn.modules import use_reference_quantizer
+from rfq.train import TrainConfig, Trainer, flush_denormals
+
+SMOKE = bool(os.environ.get("RFQ_BENCH_SMOKE"))
+BATCH = 16 if SMOKE else 128
+
+
+def synthetic_dataset(n=512, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (n, 1, 28, 28), generator=g, dtype=torch.uint8)
+    labels = torch.randint(0, 10, (n,), generator=g)
+    split = Split(images, labels)
+    return Dataset("synthetic", split, split, split, 0.286, 0.353)
+
+
+@pytest.fixture(scope="module")
+def trainer():
+    tmp = tempfile.mkdtemp(prefix="rfq-bench-")
+    cfg = TrainConfig(mode="coupled", model="resnet20", dataset="synthetic", epochs=1,
+                      steps_per_epoch=10**6, batch_size=BATCH, checkpoint_every=10**9)
+    tr = Trainer(cfg, tmp, dataset=synthetic_dataset(), progress=False)
+    yield tr
+    tr.close()
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def tag(benchmark, role, target, floor, group):
+    benchmark.group = group
+    benchmark.extra_info.update(role=role, target=target, floor=floor)
+
+
+GROUP_STEP = f"ResNet-20 training step, batch {BATCH} (4 passes)"
+
+
+@pytest.mark.parametrize("impl", ["rfq", "float model, 4 passes", "plain PyTorch quantizers"])
+def bench_training_step(benchmark, trainer, impl):
+    x, y = trainer.stream.batch(0, 0)
+    tag(benchmark, impl, "E1a (float) / E1b (plain quantizers)", "<=1.10x overhead / >=1.3x",
+        GROUP_STEP)
+    if impl == "float model, 4 passes":
+        torch.manual_seed(0)
+        model = build_model("resnet20").to(memory_format=torch.channels_last)
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True)
+
+        def step():
+            opt.zero_grad(set_to_none=True)
+            for _ in range(4):
+                F.cross_entropy(model(x), y).backward()
+            opt.step()
+    elif impl == "rfq":
+        def step():
+            trainer.train_step(x, y)
+    else:
+        def step():
+            with use_reference_quantizer():
+                trainer.train_step(x, y)
+    with flush_denormals():
+        step()
+        benchmark.pedantic(step, rounds=3 if SMOKE else 12, warmup_rounds=1 if SMOKE else 3)
+
+
+@pytest.fixture(scope="module")
+def search_setup(trainer):
+    from rfq.bitops import CostModel
+    from rfq.pipeline import budget_levels
+
+    model = trainer.ema.model
+    costs = CostModel(model, (1, 28, 28))
+
+    class Run:  # what budget_levels needs
+        pass
+
+    run = Run()
+    run.model, run.costs = model, costs
+    level = 4.9 if SMOKE else 4.5
+    return model, costs, budget_levels(run, [level])[0]
+
+
+CHOSEN = {}
+
+
+@pytest.mark.parametrize("impl", ["rfq", "straightforward search"])
+def bench_greedy_search(benchmark, search_setup, impl):
+    from rfq.search import GreedySearch, ScoreBatches
+
+    model, costs, target = search_setup
+    batch = 32 if SMOKE else 256
+    tag(benchmark, impl, "E2", ">=2x (identical config)",
+        f"greedy search ResNet-20 to {target / 1e6:.0f}M BitOps, {batch}-image scores")
+    g = torch.Generator().manual_seed(1)
+    images = torch.randn(1024, 1, 28, 28, generator=g).contiguous(
+        memory_format=torch.channels_last)
+    labels = torch.randint(0, 10, (1024,), generator=g)
+
+    def search():
+        scores = ScoreBatches(images, labels, batch, seed=0)
+        with flush_denormals():
+            return GreedySearch(model, costs, scores, fast=impl == "rfq").run(target)
+
+    result = benchmark.pedantic(search, rounds=1 if SMOKE else 3, warmup_rounds=0)
+    CHOSEN[impl] = result.config
+    benchmark.extra_info["moves"] = result.iterations
+    benchmark.extra_info["evaluations"] = result.evaluations
+    if len(CHOSEN) == 2:
+        assert CHOSEN["rfq"] == CHOSEN["straightforward search"]
