@@ -22,6 +22,18 @@ if ! torch_ok; then
 fi
 echo "[setup] installing test and demo dependencies"
 "$PY" -m pip install -q numpy pytest hypothesis pytest-benchmark expecttest scikit-learn
+"$PY" -m pip install -q tqdm matplotlib  # the method's CLI: progress bars, the Pareto plot
+# The demo's data: Fashion-MNIST from Debian's package (never downloaded at run time).
+FMNIST=/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+if [ ! -f "$FMNIST" ] && [ -z "${RFQ_DATA_DIR:-}" ]; then
+  if command -v apt-get >/dev/null && [ "$(id -u)" -eq 0 ]; then
+    echo "[setup] installing Fashion-MNIST (Debian package dataset-fashion-mnist)"
+    { apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; } >/dev/null \
+      || echo "[setup] WARNING: could not install dataset-fashion-mnist; the demo needs it" >&2
+  else
+    echo "[setup] NOTE: the demo needs Fashion-MNIST: sudo apt-get install dataset-fashion-mnist" >&2
+  fi
+fi
 echo "[setup] building rfq._C (MAX_JOBS=$MAX_JOBS)"
 "$PY" -m pip install -q -e . --no-build-isolation
 "$PY" -c "import rfq, torch; print('[setup] rfq ready: torch', torch.__version__, '| CPU kernels', rfq.ops.cpu_capability())"
