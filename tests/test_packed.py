@@ -103,7 +103,7 @@ def check_linear(device, x, packed, scales, zeros, bits, group_size, bias=None):
 @pytest.mark.parametrize("group_size, with_zeros", [(0, False), (32, False), (64, True),
                                                     (128, False), (128, True)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("m", [0, 1, 3, 17, 40])  # 40: the dequantize + MKL path
+@pytest.mark.parametrize("m", [0, 1, 3, 17, 40])  # 40: dequantize + MKL below AVX512
 def test_packed_linear_matches_reference(device, bits, group_size, with_zeros, dtype, m):
     need_kernel(device, "packed_linear")
     g = torch.Generator().manual_seed(bits * 100 + m)
@@ -204,9 +204,11 @@ def test_packed_linear_gradient_reaches_x(device):
     torch.testing.assert_close(x.grad.cpu(), (codes.float() * 0.1).sum(0).expand(3, 64))
 
 
-# The ISA levels are covered by tests/test_cpu_isa.py; this checks the AVX512 kernels without
-# VNNI (vpmaddwd) against the reference on a machine whose kernels use vpdpwssd.
-NO_VNNI_CHECK = textwrap.dedent(
+# The ISA levels are covered by tests/test_cpu_isa.py. These run the kernel variants a machine
+# does not pick by default: the AVX512 kernels without VNNI (vpmaddwd), and the dequantize + MKL
+# path (whole weight, and row tiles for weights past 16 MB of fp32) that the AVX512 level only
+# takes when RFQ_PACKED_GEMM_MIN_M asks for it.
+VARIANT_CHECK = textwrap.dedent(
     """
     import sys
     sys.path.insert(0, TESTS_DIR)
@@ -216,28 +218,34 @@ NO_VNNI_CHECK = textwrap.dedent(
     g = torch.Generator().manual_seed(0)
     for bits in (2, 4, 8):
         lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
-        codes = torch.randint(lo, hi + 1, (37, 1300), generator=g, dtype=torch.int8)
-        packed = ops.pack_weight(codes, bits)
-        for group_size in (0, 32, 64, 128):
-            groups = -(-1300 // group_size) if group_size else 1
-            scales = torch.rand(37, groups, generator=g) + 0.5 if group_size else torch.tensor([0.3])
-            for m in (1, 6):
-                x = torch.randn(m, 1300, generator=g)
-                y = ops.packed_linear(x, packed, scales, bits, group_size)
-                want = ref.packed_linear(x, packed, scales, None, bits, group_size)
-                w = ref.dequantize_weight(packed, scales, bits, (37, 1300), group_size)
-                assert_linear_close(y, want, x, w)
+        for n, k, ms in ((37, 1300, (1, 6)), (4100, 1100, (3,))):
+            codes = torch.randint(lo, hi + 1, (n, k), generator=g, dtype=torch.int8)
+            packed = ops.pack_weight(codes, bits)
+            for group_size in ((0, 32, 64, 128) if n < 100 else (128,)):
+                groups = -(-k // group_size) if group_size else 1
+                scales = (torch.rand(n, groups, generator=g) + 0.5 if group_size
+                          else torch.tensor([0.3]))
+                zeros = torch.rand(n, groups, generator=g) * 3 if group_size == 64 else None
+                w = ref.dequantize_weight(packed, scales, bits, (n, k), group_size, zeros)
+                wq = ref.dequantize_weight(packed, scales, bits, (n, k), group_size, None)
+                for m in ms:
+                    x = torch.randn(m, k, generator=g)
+                    y = ops.packed_linear(x, packed, scales, bits, group_size, zeros)
+                    want = ref.packed_linear(x, packed, scales, zeros, bits, group_size)
+                    assert_linear_close(y, want, x, w, wq)
     print("ok")
     """
 )
 
 
-def test_packed_linear_without_vnni():
-    if ops.cpu_capability() != "AVX512":
+@pytest.mark.parametrize("env", [{"RFQ_PACKED_VNNI": "0"}, {"RFQ_PACKED_GEMM_MIN_M": "2"}],
+                         ids=["no-vnni", "dequantize-mkl"])
+def test_packed_linear_kernel_variants(env):
+    if "RFQ_PACKED_VNNI" in env and ops.cpu_capability() != "AVX512":
         pytest.skip("only AVX512 kernels have a VNNI variant")
-    env = dict(os.environ, RFQ_PACKED_VNNI="0")
-    script = NO_VNNI_CHECK.replace("TESTS_DIR", repr(os.path.dirname(os.path.abspath(__file__))))
-    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
+    script = VARIANT_CHECK.replace("TESTS_DIR", repr(os.path.dirname(os.path.abspath(__file__))))
+    out = subprocess.run([sys.executable, "-c", script], env=dict(os.environ, **env),
+                         capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.split() == ["ok"], out.stderr[-3000:]
 
 

@@ -37,14 +37,15 @@ const PackedKernels& packed_kernels() {
 
 namespace {
 
-// From this many activation rows on, dequantize + MKL beats decoding per row (bench/README.md);
-// RFQ_PACKED_GEMM_MIN_M overrides it (read once) for tuning on other machines.
-int64_t gemm_min_m() {
-  static const int64_t value = [] {
+// From this many activation rows on, packed_linear dequantizes row tiles and calls MKL; each
+// kernel level brings its default (PackedKernels::gemm_min_m) and RFQ_PACKED_GEMM_MIN_M
+// overrides it (read once) for tuning on other machines.
+int64_t gemm_min_m(const PackedKernels& kernels) {
+  static const int64_t forced = [] {
     const char* env = std::getenv("RFQ_PACKED_GEMM_MIN_M");
-    return env ? std::max<int64_t>(1, std::atoll(env)) : int64_t{32};
+    return env ? std::max<int64_t>(1, std::atoll(env)) : int64_t{0};
   }();
-  return value;
+  return forced ? forced : kernels.gemm_min_m;
 }
 constexpr int64_t kGemmTileN = 512;  // dequantized rows per MKL call: 512 x 4608 fp32 = 9 MB (L3)
 constexpr int64_t kGemmWholeFloats = int64_t{4} << 20;  // up to 16 MB: dequantize whole, one call
@@ -218,7 +219,7 @@ at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& packed, const at
 
   at::Tensor y = at::empty({m, n}, f32);
   const PackedKernels& kernels = packed_kernels();
-  if (m < gemm_min_m()) {
+  if (m < gemm_min_m(kernels)) {
     kernels.matmul(args, y.mutable_data_ptr<float>());
   } else {
     const at::Tensor xf = x2.to(at::kFloat);

@@ -34,6 +34,8 @@ struct PackedKernels {
   void (*matmul)(const PackedMatmul& args, float* y);
   // w[r, k] = q[n0 + r, k] * scale(n0 + r, k / g) for r < n1 - n0 (w: [n1 - n0, kp] fp32)
   void (*dequantize_rows)(const PackedMatmul& args, int64_t n0, int64_t n1, float* w);
+  // from this many activation rows on, dequantize + MKL beats `matmul` (bench/README.md)
+  int64_t gemm_min_m;
 };
 
 namespace DEFAULT { extern const PackedKernels kPackedKernels; }

@@ -160,6 +160,12 @@ void dequantize_typed(const PackedMatmul& a, int64_t n0, int64_t n1, float* w) {
 }
 
 #if defined(CPU_CAPABILITY_AVX512)
+// GCC 12's AVX-512 intrinsic headers start some results from a self-initialized "undefined"
+// register (__Y = __Y) and -Wall then reports it at every inlined call site.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
 
 // ---- AVX512 integer path -------------------------------------------------------------------
 // A "unit" is what one 64-byte load of a packed row covers: one block at 4 bits (one of two
@@ -189,6 +195,10 @@ struct Cfg {
   static constexpr bool kUnsigned = C != 8;
   static constexpr int kOffset = C == 2 ? 2 : 8;
   static constexpr int kUnitVecs = kVecs + (kUnsigned ? kAccs : 0);  // X_t, then the acc inits
+  // units per K chunk: a tile's activation rows of one chunk fill at most 32 KB of L1
+  static constexpr int64_t chunk_units(int rm) {
+    return (32 << 10) / (rm * kUnitVecs * 64) > 0 ? (32 << 10) / (rm * kUnitVecs * 64) : 1;
+  }
   static constexpr int acc_of(int t) {
     return G == 128 ? 0 : (C == 2 ? (G == 64 ? (t & 3) >> 1 : t & 3) : (t & 1));
   }
@@ -247,8 +257,17 @@ inline float quantize_block(const void* x, int64_t start, int64_t valid, __m512i
   return maxabs / 32767.f;
 }
 
-// Activation buffer: for unit u and activation row m, Cfg::kUnitVecs vectors at
-// buf[(u * M + m) * kUnitVecs]; steps sx[m * bpad + block] (bpad = units * kUnitBlocks).
+// Activation rows per register tile (the tile kernels' kRm).
+inline int64_t tile_m(int64_t m) { return m == 1 ? 1 : 4; }
+
+// Activation buffer, tile-major so that a tile's rows of one K chunk are contiguous (with a
+// row-major [unit][m] order, M = 64 puts them 20 KB apart and they fight over the same L1
+// sets): row m = mt * rm + i of unit u at buf[((mt * units + u) * rm + i) * kUnitVecs], rm =
+// tile_m(M). Steps sx[m * bpad + block] (bpad = units * kUnitBlocks).
+inline int64_t x_offset(int64_t m, int64_t u, int64_t units, int64_t rm) {
+  return ((m / rm) * units + u) * rm + m % rm;
+}
+
 template <int C, int G, FloatKind kKind>
 void quantize_rows(const PackedMatmul& a, int64_t m0, int64_t m1, int64_t units, __m512i* buf,
                    float* sx) {
@@ -266,7 +285,7 @@ void quantize_rows(const PackedMatmul& a, int64_t m0, int64_t m1, int64_t units,
         const int64_t b = u * K::kUnitBlocks + h, start = b * kB;
         sx[m * bpad + b] = quantize_block<kKind>(a.x, m * a.k + start, a.k - start, v[h]);
       }
-      __m512i* out = buf + (u * a.m + m) * K::kUnitVecs;
+      __m512i* out = buf + x_offset(m, u, units, tile_m(a.m)) * K::kUnitVecs;
       if constexpr (C == 2) {
         for (int t = 0; t < 8; ++t) {
           const int f = t & 3;
@@ -315,38 +334,33 @@ inline void row_scales_f32(const PackedMatmul& a, int64_t n, int64_t g0, int64_t
   }
 }
 
-// c[(r * kRm + i) * units * kSlots + u * kSlots + s] = row scale * activation step, the one
-// factor each int32 acc half is multiplied with; swf and sx start at the chunk's first unit
-// (sx rows are bpad apart).
-// (rn x rm of the tile's kRn x kRm are real rows; kRm is the stride).
+// c[(r * kRm + i) * stride + u * kSlots + s] = row scale * activation step, the one factor
+// each int32 acc half is multiplied with, for groups of 32 or 64 (128: in the tile itself);
+// swf and sx start at the chunk's first unit (swf rows gn apart, sx rows bpad apart). Rows and
+// activation rows past rn / rm repeat the last real one.
 template <int C, int G>
-void combined_scales(const float* swf, int64_t gpad, int rn, const float* sx, int64_t bpad,
-                     int64_t m0, int rm, int kRm, int64_t units, float* c) {
+void combined_scales(const float* swf, int64_t gn, int rn, int kRn, const float* sx,
+                     int64_t bpad, int64_t m0, int rm, int kRm, int64_t stride, int64_t units,
+                     float* c) {
   using K = Cfg<C, G>;
-  const int64_t cstride = units * K::kSlots;
-  for (int r = 0; r < rn; ++r) {
-    for (int i = 0; i < rm; ++i) {
-      float* cr = c + (r * kRm + i) * cstride;
-      const float* sw = swf + r * gpad;
-      const float* sa = sx + (m0 + i) * bpad;
-      if constexpr (G == 128) {  // slots are blocks, in order
-        const int64_t nb = units * K::kUnitBlocks;
-        for (int64_t b = 0; b < nb; b += 16) {
-          const __mmask16 mask = tail_mask(nb - b);
-          _mm512_mask_storeu_ps(cr + b, mask, _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, sw + b),
-                                                            _mm512_maskz_loadu_ps(mask, sa + b)));
-        }
-      } else {
-        for (int64_t u = 0; u < units; ++u) {
-          for (int s = 0; s < K::kSlots; ++s) {
-            const int64_t block = u * K::kUnitBlocks + K::block_of(s);
-            cr[u * K::kSlots + s] = sw[block * (128 / G) + K::group_in_block(s)] * sa[block];
-          }
+  for (int r = 0; r < kRn; ++r) {
+    for (int i = 0; i < kRm; ++i) {
+      float* cr = c + (r * kRm + i) * stride;
+      const float* sw = swf + std::min(r, rn - 1) * gn;
+      const float* sa = sx + (m0 + std::min(i, rm - 1)) * bpad;
+      for (int64_t u = 0; u < units; ++u) {
+        for (int s = 0; s < K::kSlots; ++s) {
+          const int64_t block = u * K::kUnitBlocks + K::block_of(s);
+          cr[u * K::kSlots + s] = sw[block * (128 / G) + K::group_in_block(s)] * sa[block];
         }
       }
     }
   }
 }
+
+struct alignas(64) Zmm {  // storage of one vector (std::vector<__m512i> drops the alignment)
+  int32_t lanes[16];
+};
 
 // Scratch for one task's row scales and combined scales (per thread, only grows).
 inline float* tile_scratch(int64_t count) {
@@ -394,12 +408,14 @@ template <int C, int G>
 void matmul_cfg(const PackedMatmul& a, float* y) {
   using K = Cfg<C, G>;
   const int64_t units = (a.kp / kB + K::kUnitBlocks - 1) / K::kUnitBlocks;
-  thread_local std::vector<__m512i> xbuf;
+  thread_local std::vector<Zmm> xbuf;
   thread_local std::vector<float> steps;
-  const int64_t vecs = units * a.m * K::kUnitVecs, nsteps = a.m * units * K::kUnitBlocks;
+  const int64_t rm = tile_m(a.m);
+  const int64_t vecs = units * (a.m + rm - 1) / rm * rm * K::kUnitVecs;
+  const int64_t nsteps = a.m * units * K::kUnitBlocks;
   if (static_cast<int64_t>(xbuf.size()) < vecs) xbuf.resize(vecs);
   if (static_cast<int64_t>(steps.size()) < nsteps) steps.resize(nsteps);
-  __m512i* xb = xbuf.data();
+  __m512i* xb = reinterpret_cast<__m512i*>(xbuf.data());
   float* sx = steps.data();
   // rounding x is O(m k): in parallel only once it is worth a task
   at::parallel_for(0, a.m, std::max<int64_t>(1, 32768 / a.kp), [&](int64_t m0, int64_t m1) {
@@ -521,6 +537,14 @@ void dequantize_rows(const PackedMatmul& a, int64_t n0, int64_t n1, float* w) {
 
 }  // namespace
 
-extern const PackedKernels kPackedKernels = {matmul, dequantize_rows};
+// AVX512's int16 kernel beat dequantize + MKL at every M measured (up to 1024, bench/README.md);
+// the fp32 decode kernels hand over at M = 32.
+#if defined(CPU_CAPABILITY_AVX512)
+constexpr int64_t kGemmMinM = std::numeric_limits<int64_t>::max();
+#else
+constexpr int64_t kGemmMinM = 32;
+#endif
+
+extern const PackedKernels kPackedKernels = {matmul, dequantize_rows, kGemmMinM};
 
 }  // namespace rfq::cpu::CPU_CAPABILITY
