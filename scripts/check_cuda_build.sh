@@ -37,8 +37,13 @@ if ! venv_ok; then
   say "creating $VENV with $TORCH_SPEC (CUDA 13 build)"
   rm -rf "$VENV"
   "$PY" -m venv "$VENV" || fail "could not create the venv $VENV"
-  "$VENV/bin/python" -m pip install -q "$TORCH_SPEC" numpy "setuptools>=64" wheel \
-    || fail "pip could not install $TORCH_SPEC into $VENV"
+  PIP_LOG=$(mktemp "${TMPDIR:-/tmp}/rfq-cuda-venv-pip.XXXXXX")
+  if ! "$VENV/bin/python" -m pip install -q "$TORCH_SPEC" numpy "setuptools>=64" wheel \
+    >"$PIP_LOG" 2>&1; then
+    grep -v "WARNING: Location" "$PIP_LOG" | tail -20 >&2
+    fail "pip could not install $TORCH_SPEC into $VENV"
+  fi
+  rm -f "$PIP_LOG"
   venv_ok || fail "$VENV has no CUDA build of torch 2.14.1 after installing it"
 fi
 VPY="$VENV/bin/python"
