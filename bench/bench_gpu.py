@@ -115,6 +115,17 @@ def count_launches(fn):
     return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
 
 
+@pytest.fixture(autouse=True)
+def _cuda_backend():
+    """These files measure the C++/CUDA kernels, whatever RFQ_GPU_BACKEND routes wrappers to."""
+    choose = getattr(ops, "gpu_backend", None)  # rfq.ops' cuda/triton switch, where present
+    if choose is None:
+        yield
+    else:
+        with choose("cuda"):
+            yield
+
+
 # ---- fused LSQ (F1, F3, F5, F8, F10) -----------------------------------------------------------
 SEL = None
 ZERO_POINT = None

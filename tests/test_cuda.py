@@ -30,6 +30,17 @@ REGISTRATION = Path(__file__).resolve().parents[1] / "csrc" / "registration.cpp"
 OPS = re.findall(r'm\.def\(\s*"(\w+)\(', REGISTRATION.read_text())
 
 
+@pytest.fixture(autouse=True)
+def _cuda_backend():
+    """These files measure the C++/CUDA kernels, whatever RFQ_GPU_BACKEND routes wrappers to."""
+    choose = getattr(ops, "gpu_backend", None)  # rfq.ops' cuda/triton switch, where present
+    if choose is None:
+        yield
+    else:
+        with choose("cuda"):
+            yield
+
+
 def arrange(x: torch.Tensor, layout: str) -> torch.Tensor:
     """Same values as x in another memory layout (strided and misaligned ones take the kernels'
     scalar paths; channels_last must be kept as it is)."""
