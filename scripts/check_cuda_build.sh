@@ -67,8 +67,7 @@ say "building rfq._C with RFQ_CUDA=1 (MAX_JOBS=$MAX_JOBS, arch ${TORCH_CUDA_ARCH
 rc=$?
 cp "$WORK/build.log" "${RFQ_CUDA_CHECK_LOG:-${TMPDIR:-/tmp}/rfq-cuda-check-build.log}" 2>/dev/null
 if [ "$rc" -ne 0 ]; then
-  grep -E "error|Error" "$WORK/build.log" | head -40 >&2
-  tail -20 "$WORK/build.log" >&2
+  grep -E -B1 -A3 "(error|Error)[: ]" "$WORK/build.log" | grep -v "warning" | head -60 >&2
   fail "the CUDA build did not compile (exit $rc); the errors are above"
 fi
 SO=$(ls "$WORK"/lib/rfq/_C*.so 2>/dev/null | head -1)
