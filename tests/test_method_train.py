@@ -188,3 +188,18 @@ def test_usage_marks_and_max_pass_config(tmp_path, digits, float_ckpt):
             assert m.used[0, 0]
         if isinstance(m, QuantLayer):
             assert (m.w_steps > 0).all() and (m.a_steps > 0).all()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="host-sync check needs a CUDA device")
+def test_coupled_step_never_syncs_on_cuda(tmp_path, digits, float_ckpt):
+    cfg = coupled_config(float_ckpt, device="cuda", qe=True, qe_start=0, ar=True)
+    tr = Trainer(cfg, tmp_path / "r", dataset=digits, progress=False)
+    x, y = tr.stream.batch(0, 0)
+    tr.train_step(x, y)  # first step: optimizer state allocation
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            tr.train_step(x, y)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
