@@ -1,7 +1,7 @@
 """The main job (README command 1): ResNet-20 on Fashion-MNIST, candidates {6..2}, trained once
 from the shipped float checkpoint; then the one model at every uniform bit-width and the greedy
-search at three BitOps budgets (the uniform W3A3, W4A4 and W5A5 costs), each BN-recalibrated and
-tested on the 10k test images. Prints the table, writes results.json and pareto.png.
+search at three BitOps budgets (the W3.5A3.5 midpoint, the W4A4 cost and the W4.5A4.5 midpoint),
+each BN-recalibrated and tested on the 10k test images. Prints the table, writes results.json and pareto.png.
 
 ``--quick`` is a one-minute version for CI; ``--from-scratch`` pretrains the float model first
 (30 epochs, ~40 min here) instead of using the shipped one.
@@ -92,7 +92,7 @@ def main(args) -> int:
               f"--profile float`)")
 
     # stage 1: coupled training, sized to the time budget
-    base = {**PROFILES["quick"], "model": "resnet20", "data_dir": args.data_dir,
+    base = {**PROFILES["demo"], "model": "resnet20", "data_dir": args.data_dir,
             "init_from": str(init), "log_every": 10}
     if quick:
         base.update(epochs=2, steps_per_epoch=15, train_limit=4000, batch_size=64,
@@ -121,18 +121,19 @@ def main(args) -> int:
 
     # stage 2: uniform levels and searched configs of the one model
     run = load_run(out / "coupled", dataset=ds)
-    calib = 512 if quick else 2048
-    batch = 256 if quick else 512
-    levels = [4.8, 4.6, 4.4] if quick else [3, 4, 5]
+    calib = 256 if quick else 2048
+    batch = 128 if quick else 512
+    levels = [4.9, 4.8, 4.7] if quick else [3.5, 4, 4.5]
     budgets = budget_levels(run, levels)
     print(f"\n[3/4] the one model at every uniform bit-width (BN recalibrated on {calib} "
           f"training images)")
-    uniform = uniform_results(run, [2, 3, 4, 5, 6], calib)
+    limit = 2000 if quick else None  # test images (quick: the first 2000)
+    uniform = uniform_results(run, [2, 3, 4, 5, 6], calib, limit)
     for u in uniform:
         print(f"      W{u['bits']}A{u['bits']}: {u['accuracy'] * 100:.2f} %")
     print(f"\n[4/4] greedy search at {len(budgets)} BitOps budgets (search batch {batch} "
           f"held-out images)")
-    searched = search_budgets(run, budgets, "bitops", batch, calib)
+    searched = search_budgets(run, budgets, "bitops", batch, calib, eval_limit=limit)
     print("\n" + format_table(uniform, searched))
     write_json(out / "results.json", {"uniform": uniform, "searched": searched,
                                       "train_seconds": train_s, "config": asdict(cfg)})

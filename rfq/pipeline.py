@@ -100,7 +100,7 @@ def score_batches(run: LoadedRun, batch_size: int, seed: int = 0) -> ScoreBatche
 def search_budgets(run: LoadedRun, budgets: list[float], metric: str = "bitops",
                    batch_size: int = 1024, calib_images: int = 7000, fast: bool = True,
                    min_bits: int | None = None, legacy_floor: bool = False, progress=print,
-                   seed: int = 0) -> list[dict]:
+                   seed: int = 0, eval_limit: int | None = None) -> list[dict]:
     """Greedy search per budget (each from uniform 5), then recalibrated test accuracy."""
     if run.costs is None:
         raise ValueError("a float model has no bit-widths to search")
@@ -112,7 +112,7 @@ def search_budgets(run: LoadedRun, budgets: list[float], metric: str = "bitops",
                                     metric, min_bits, legacy_floor, fast)
             result = searcher.run(target)
         result.accuracy = evaluate_config(run, {n: tuple(v) for n, v in result.config.items()},
-                                          calib)
+                                          calib, limit=eval_limit)
         results.append(result.to_dict())
         if progress:
             unit = format_bitops(target) if metric == "bitops" else f"{target / 8 / 1024:.1f}KiB"
@@ -123,14 +123,15 @@ def search_budgets(run: LoadedRun, budgets: list[float], metric: str = "bitops",
     return results
 
 
-def uniform_results(run: LoadedRun, bits: list[int], calib_images: int = 7000) -> list[dict]:
+def uniform_results(run: LoadedRun, bits: list[int], calib_images: int = 7000,
+                    eval_limit: int | None = None) -> list[dict]:
     calib = calibration_batches(run, calib_images)
     out = []
     for b in bits:
         cfg = run.costs.uniform(run.model, b)
         out.append({"bits": b, "bitops": run.costs.bitops(cfg),
                     "size_mib": run.costs.size_mib(cfg),
-                    "accuracy": evaluate_config(run, cfg, calib)})
+                    "accuracy": evaluate_config(run, cfg, calib, limit=eval_limit)})
     return out
 
 

@@ -1,0 +1,35 @@
+"""`python -m rfq demo --quick`: the main job end to end on Fashion-MNIST (CI installs the
+Debian package; the shipped float checkpoint is the starting point)."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from rfq.cli import main
+from rfq.data import DEFAULT_FASHION_DIR
+from rfq.demo import SHIPPED_FLOAT
+
+HAVE_DATA = (Path(DEFAULT_FASHION_DIR) / "train-images-idx3-ubyte.gz").is_file()
+
+
+@pytest.mark.skipif(not HAVE_DATA, reason="Fashion-MNIST missing: apt-get install "
+                                          "dataset-fashion-mnist (scripts/setup.sh does)")
+def test_quick_demo_end_to_end(tmp_path, capsys):
+    assert SHIPPED_FLOAT.is_file()
+    assert main(["demo", "--quick", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "| coupled, searched <" in out
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert [u["bits"] for u in results["uniform"]] == [2, 3, 4, 5, 6]
+    assert len(results["searched"]) == 3
+    for s in results["searched"]:
+        assert s["reached"] and s["bitops"] < s["target"]
+    # the one model is far above chance at every uniform bit-width from 3 bits on
+    assert all(u["accuracy"] > 0.5 for u in results["uniform"] if u["bits"] >= 3)
+    assert (tmp_path / "pareto.png").stat().st_size > 1000
+
+
+def test_demo_without_data_names_the_package(tmp_path):
+    with pytest.raises(SystemExit, match="dataset-fashion-mnist"):
+        main(["demo", "--quick", "--out", str(tmp_path), "--data-dir", str(tmp_path / "none")])
