@@ -16,6 +16,8 @@ Conventions shared by the LSQ family:
 
 from __future__ import annotations
 
+import contextlib
+import os
 from typing import Sequence
 
 import torch
@@ -164,6 +166,86 @@ torch.library.register_autograd(
     "rfq::packed_linear", _packed_linear_backward, setup_context=_packed_linear_setup
 )
 
+# ---- GPU backend switch -------------------------------------------------------------------------
+# CUDA tensors go to the C++/CUDA kernels (torch.ops.rfq, "cuda") or to the Triton kernels
+# (torch.ops.rfq_triton, "triton"), chosen per op family: "lsq" (coupled_quant, coupled_quant_multi,
+# quant_stats, quantize_codes) and "packed" (packed_linear). CPU tensors always take the C++ ops.
+# The default stays "cuda" until GPU measurements show Triton faster; RFQ_GPU_BACKEND sets it at
+# import ("triton", or per family: "lsq=triton,packed=cuda"). A wrapper pays one global bool test
+# on the default path; torch.compile guards on it, so switching recompiles instead of going stale.
+
+GPU_BACKENDS = ("cuda", "triton")
+GPU_FAMILIES = ("lsq", "packed")
+_triton_lsq = False
+_triton_packed = False
+
+
+def _triton_ops():
+    import importlib.util
+
+    if importlib.util.find_spec("triton") is None:
+        raise RuntimeError("rfq.ops.set_gpu_backend: the triton backend needs the triton package "
+                           "(pip install triton), which is not installed")
+    from rfq import triton_ops  # registers torch.ops.rfq_triton.*
+
+    return triton_ops
+
+
+def set_gpu_backend(backend: str, family: str | None = None) -> None:
+    """Routes CUDA tensors of one op family ("lsq" or "packed"; None: both) to the C++/CUDA
+    kernels ("cuda", the default) or the Triton kernels ("triton")."""
+    global _triton_lsq, _triton_packed
+    if backend not in GPU_BACKENDS:
+        raise ValueError(f"rfq.ops.set_gpu_backend: backend must be one of {GPU_BACKENDS}, "
+                         f"got {backend!r}")
+    if family is not None and family not in GPU_FAMILIES:
+        raise ValueError(f"rfq.ops.set_gpu_backend: family must be one of {GPU_FAMILIES} or None, "
+                         f"got {family!r}")
+    if backend == "triton":
+        _triton_ops()
+    use_triton = backend == "triton"
+    if family in (None, "lsq"):
+        _triton_lsq = use_triton
+    if family in (None, "packed"):
+        _triton_packed = use_triton
+
+
+def get_gpu_backend(family: str) -> str:
+    """The backend CUDA tensors of ``family`` ("lsq" or "packed") go to."""
+    if family not in GPU_FAMILIES:
+        raise ValueError(f"rfq.ops.get_gpu_backend: family must be one of {GPU_FAMILIES}, "
+                         f"got {family!r}")
+    return "triton" if (_triton_lsq if family == "lsq" else _triton_packed) else "cuda"
+
+
+@contextlib.contextmanager
+def gpu_backend(backend: str, family: str | None = None):
+    """``with rfq.ops.gpu_backend("triton"):`` set_gpu_backend for the block, then restore the
+    previous choice of every family (also when the block raises)."""
+    saved = {f: get_gpu_backend(f) for f in GPU_FAMILIES}
+    set_gpu_backend(backend, family)
+    try:
+        yield
+    finally:
+        for f, b in saved.items():
+            set_gpu_backend(b, f)
+
+
+def _backend_from_env(value: str) -> None:
+    """RFQ_GPU_BACKEND: "cuda", "triton", or comma-separated family=backend pairs."""
+    for item in (v.strip() for v in value.split(",")):
+        if not item:
+            continue
+        family, _, backend = item.rpartition("=")
+        try:
+            set_gpu_backend(backend.strip(), family.strip() or None)
+        except (ValueError, RuntimeError) as err:
+            raise RuntimeError(f"RFQ_GPU_BACKEND={value!r}: {err}") from None
+
+
+if os.environ.get("RFQ_GPU_BACKEND"):
+    _backend_from_env(os.environ["RFQ_GPU_BACKEND"])
+
 # ---- typed wrappers -------------------------------------------------------------------------
 
 
@@ -180,6 +262,9 @@ def coupled_quant(
     Differentiable: dx is the clipped straight-through gradient, d steps is the LSQ step gradient
     (times ``grad_scale``) in slot ``sel`` and zero elsewhere. Output has x's dtype and layout.
     """
+    if _triton_lsq and x.is_cuda:
+        return torch.ops.rfq_triton.coupled_quant.default(x, steps, list(bits), sel, signed,
+                                                          grad_scale)
     return _ops.coupled_quant.default(x, steps, list(bits), sel, signed, grad_scale)
 
 
@@ -191,6 +276,9 @@ def coupled_quant_multi(
     grad_scale: float = 1.0,
 ) -> Tensor:
     """All K fake-quantized versions of ``x``, stacked as [K, *x.shape], from one read of x."""
+    if _triton_lsq and x.is_cuda:
+        return torch.ops.rfq_triton.coupled_quant_multi.default(x, steps, list(bits), signed,
+                                                                grad_scale)
     return _ops.coupled_quant_multi.default(x, steps, list(bits), signed, grad_scale)
 
 
@@ -208,12 +296,16 @@ def quant_stats(
     fp32 [K]; an empty x gives zeros. The bit-width scheduler's turbulence is
     ``mean_b(share_b / b)``.
     """
+    if _triton_lsq and x.is_cuda:
+        return torch.ops.rfq_triton.quant_stats.default(x, steps, list(bits), signed, delta)
     return _ops.quant_stats.default(x, steps, list(bits), signed, delta)
 
 
 def quantize_codes(x: Tensor, step: Tensor, bits: int, signed: bool = True) -> Tensor:
     """Integer codes of ``x`` at ``bits`` with one fp32 ``step``: int8 when ``signed``, uint8
     otherwise (unsigned 8-bit codes reach 255). NaN maps to code 0."""
+    if _triton_lsq and x.is_cuda:
+        return torch.ops.rfq_triton.quantize_codes.default(x, step, bits, signed)
     return _ops.quantize_codes.default(x, step, bits, signed)
 
 
@@ -267,6 +359,9 @@ def packed_linear(
     (and optional zeros, in offset-binary units) of shape [N, ceil(K/group_size)]. x: [..., K]
     fp32/bf16/fp16; output [..., N] in x's dtype, fp32 accumulation. Differentiable in x only.
     """
+    if _triton_packed and x.is_cuda:
+        return torch.ops.rfq_triton.packed_linear.default(x, packed, scales, zeros, bits,
+                                                          group_size, bias)
     return _ops.packed_linear.default(x, packed, scales, zeros, bits, group_size, bias)
 
 
@@ -318,6 +413,9 @@ def cpu_capability() -> str:
 
 
 __all__ = [
+    "set_gpu_backend",
+    "get_gpu_backend",
+    "gpu_backend",
     "pack_weight",
     "unpack_weight",
     "dequantize_weight",

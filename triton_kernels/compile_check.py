@@ -64,53 +64,60 @@ def compile_launch(kernel, args, kwargs, target):
     return triton.compile(source, target=target, options=options.__dict__)
 
 
-def _lsq_launches():
+def _lsq_launches(quick=False):
     """Launch every LSQ launcher over the specializations that matter: dtypes, n = 1 (a
-    constexpr), n % 16 == 0 and odd n, strided steps, binary candidates, K = 1 and 8."""
+    constexpr), n % 16 == 0 and odd n, strided steps, binary candidates, K = 1 and 8. quick:
+    two of them (bf16 n = 1 with a binary candidate; fp32 odd n, strided steps, K = 5)."""
     from rfq.triton_kernels import lsq
 
     cases = [([4], True), ([6, 5, 4, 3, 2], True), ([1, 2, 8], True), ([8, 7, 6, 5, 4, 3, 2, 1],
              False), ([1], True)]
-    for dtype in (torch.float32, torch.bfloat16, torch.float16):
-        for n in (1, 4096, 4133):
-            x = torch.randn(n).to(dtype)
-            for bits, signed in cases:
-                k = len(bits)
-                steps = torch.full((2 * k,), 0.1)[::2] if n == 4133 else torch.full((k,), 0.1)
-                sel = torch.tensor(k - 1)
-                lsq.coupled_quant(x, steps, bits, sel, signed)
-                lsq.coupled_quant_backward(x, x, steps, bits, sel, signed, 1.0)
-                lsq.coupled_quant_multi(x, steps, bits, signed)
-                lsq.coupled_quant_multi_backward(torch.stack([x] * k), x, steps, bits, signed,
-                                                 1.0)
-                lsq.quant_stats(x, steps, bits, signed)
-            for b in (1, 4, 8):
-                lsq.quantize_codes(x, torch.tensor([0.1]), b, True)
-                lsq.quantize_codes(x, torch.tensor([0.1]), b, False)
+    plan = [(dtype, n, cases) for dtype in (torch.float32, torch.bfloat16, torch.float16)
+            for n in (1, 4096, 4133)]
+    if quick:
+        plan = [(torch.bfloat16, 1, [([1, 4, 8], True)]),
+                (torch.float32, 4133, [([6, 5, 4, 3, 2], False)])]
+    for dtype, n, n_cases in plan:
+        x = torch.randn(n).to(dtype)
+        for bits, signed in n_cases:
+            k = len(bits)
+            steps = torch.full((2 * k,), 0.1)[::2] if n == 4133 else torch.full((k,), 0.1)
+            sel = torch.tensor(k - 1)
+            lsq.coupled_quant(x, steps, bits, sel, signed)
+            lsq.coupled_quant_backward(x, x, steps, bits, sel, signed, 1.0)
+            lsq.coupled_quant_multi(x, steps, bits, signed)
+            lsq.coupled_quant_multi_backward(torch.stack([x] * k), x, steps, bits, signed, 1.0)
+            lsq.quant_stats(x, steps, bits, signed)
+        for b in (1, 8) if quick else (1, 4, 8):
+            lsq.quantize_codes(x, torch.tensor([0.1]), b, True)
+            lsq.quantize_codes(x, torch.tensor([0.1]), b, False)
 
 
-def _packed_launches():
+def _packed_launches(quick=False):
+    """Every container, scale mode, dtype and path (GEMV direct, GEMV split-K, GEMM). quick:
+    4-bit g128 with zeros in fp16 on every path, and 8-bit per-tensor fp32 on the GEMM."""
     from rfq.triton_kernels import packed
 
     n, k = 40, 300
-    for bits in (1, 2, 4, 5, 8):
-        codes = torch.zeros(n, k, dtype=torch.int8) + (1 if bits == 1 else 0)
+    plan = [(bits, g, (torch.float32, torch.bfloat16, torch.float16), (1, 3, 40))
+            for bits in (1, 2, 4, 5, 8)
+            for g in ((0, False), (32, False), (64, True), (128, True), (32, True))]
+    if quick:
+        plan = [(4, (128, True), (torch.float16,), (1, 3, 40)),
+                (8, (0, False), (torch.float32,), (40,))]
+    for bits, (group_size, with_zeros), dtypes, ms in plan:
         w = torch.zeros(n, packed.row_bytes(k, bits), dtype=torch.uint8)
-        for group_size, with_zeros in ((0, False), (32, False), (64, True), (128, True),
-                                       (32, True)):
-            groups = -(-k // group_size) if group_size else 1
-            scales = (torch.ones(n, groups, dtype=torch.bfloat16) if group_size
-                      else torch.tensor([0.1]))
-            zeros = torch.ones(n, groups, dtype=torch.float16) if with_zeros else None
-            for dtype in (torch.float32, torch.bfloat16, torch.float16):
-                for m in (1, 3, 40):  # GEMV direct / GEMV split-K / GEMM
-                    x = torch.randn(m, k).to(dtype)
-                    packed.packed_linear(x, w, scales, zeros, bits, group_size, torch.ones(n))
-                    packed.packed_linear(x, w, scales, zeros, bits, group_size, None,
-                                         splits=1)
-            packed.dequantize_weight(w, scales, zeros, bits, group_size, k)
+        groups = -(-k // group_size) if group_size else 1
+        scales = (torch.ones(n, groups, dtype=torch.bfloat16) if group_size
+                  else torch.tensor([0.1]))
+        zeros = torch.ones(n, groups, dtype=torch.float16) if with_zeros else None
+        for dtype in dtypes:
+            for m in ms:  # GEMV direct / GEMV split-K / GEMM
+                x = torch.randn(m, k).to(dtype)
+                packed.packed_linear(x, w, scales, zeros, bits, group_size, torch.ones(n))
+                packed.packed_linear(x, w, scales, zeros, bits, group_size, None, splits=1)
+        packed.dequantize_weight(w, scales, zeros, bits, group_size, k)
         packed.unpack_weight(w, bits, (n, k))
-        del codes
 
 
 # kernels that quantize (divide, clip, round) and the reduction finishers of the LSQ family
@@ -138,6 +145,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 80, 90")
     parser.add_argument("--only", choices=["lsq", "packed"], default=None)
+    parser.add_argument("--quick", action="store_true",
+                        help="a few risky specializations of every kernel (the test suite's)")
     parser.add_argument("--verbose", action="store_true")
     opts = parser.parse_args(argv)
     _require_compiler_mode()
@@ -146,9 +155,9 @@ def main(argv=None) -> int:
     target = GPUTarget("cuda", opts.arch, 32)
     with recorded_launches() as calls:
         if opts.only in (None, "lsq"):
-            _lsq_launches()
+            _lsq_launches(opts.quick)
         if opts.only in (None, "packed"):
-            _packed_launches()
+            _packed_launches(opts.quick)
     seen, failures = {}, 0
     for kernel, args, kwargs in calls:
         compiled = compile_launch(kernel, args, kwargs, target)

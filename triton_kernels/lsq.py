@@ -26,7 +26,6 @@ the op and the argument. They run on CUDA tensors, or on CPU tensors under TRITO
 
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import numpy as np
@@ -35,10 +34,19 @@ import triton
 import triton.language as tl
 
 from rfq.triton_kernels import _interpreter_compat
+from rfq.triton_kernels.checks import (
+    check_bit,
+    check_delta,
+    check_grad,
+    check_grad_scale,
+    check_sel,
+    check_step,
+    check_steps,
+    check_x,
+    qrange,
+)
 
 _interpreter_compat.apply()
-
-MAX_CANDIDATES = 8
 # One tile per program; it is also the reduction chunk (one fp32 partial per tile). 2048
 # elements on 8 warps is 8 per thread: two 128-bit loads of fp32, one of bf16/fp16.
 BLOCK = 2048
@@ -48,7 +56,6 @@ RBLOCK = 1024
 RBLOCK_WARPS = 4
 FLT_MAX = tl.constexpr(3.4028234663852886e38)  # largest finite fp32
 
-_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 # ---- device helpers -----------------------------------------------------------------------------
@@ -318,73 +325,12 @@ def candidate_ranges(bits: Sequence[int], signed: bool):
     if hit is None:
         qn, qp, binary = [], [], []
         for b in key[0]:
-            if signed and b == 1:
-                lo, hi = -1, 1
-            elif signed:
-                lo, hi = -(1 << (b - 1)), (1 << (b - 1)) - 1
-            else:
-                lo, hi = 0, (1 << b) - 1
+            lo, hi = qrange(b, signed)
             qn.append(float(lo))
             qp.append(float(hi))
             binary.append(bool(signed and b == 1))
         hit = _RANGES[key] = (tuple(qn), tuple(qp), tuple(binary))
     return hit
-
-
-def _fail(op: str, message: str):
-    raise RuntimeError(f"rfq_triton.{op}: {message}")
-
-
-def _check_x(op: str, x: torch.Tensor):
-    if x.dtype not in _FLOAT_DTYPES:
-        _fail(op, f"x must be float32, bfloat16 or float16, got {x.dtype}")
-
-
-def _check_bit(op: str, name: str, b: int):
-    if not 1 <= b <= 8:
-        _fail(op, f"{name} must be in 1..8, got {b}")
-
-
-def _check_steps(op: str, x: torch.Tensor, steps: torch.Tensor, bits: Sequence[int]):
-    if steps.device != x.device:
-        _fail(op, f"steps must be on x's device ({x.device}), got {steps.device}")
-    if steps.dtype != torch.float32:
-        _fail(op, f"steps must be float32, got {steps.dtype}")
-    if steps.dim() != 1:
-        _fail(op, f"steps must be 1-D [K], got shape {list(steps.shape)}")
-    if steps.numel() == 0:
-        _fail(op, "steps is empty: one step per candidate bit is needed")
-    if len(bits) == 0:
-        _fail(op, "bits is empty: at least one candidate bit-width is needed")
-    if steps.numel() != len(bits):
-        _fail(op, f"steps has K={steps.numel()} entries but bits lists {len(bits)} candidates")
-    if len(bits) > MAX_CANDIDATES:
-        _fail(op, f"at most 8 candidate bits, got {len(bits)}")
-    for b in bits:
-        _check_bit(op, "bits", b)
-
-
-def _check_sel(op: str, x: torch.Tensor, sel: torch.Tensor):
-    if sel.device != x.device:
-        _fail(op, f"sel must be on x's device ({x.device}), got {sel.device}")
-    if sel.dtype != torch.int64:
-        _fail(op, f"sel must be int64, got {sel.dtype}")
-    if sel.numel() != 1:
-        _fail(op, f"sel must hold one index, got shape {list(sel.shape)}")
-
-
-def _check_grad(op: str, grad: torch.Tensor, x: torch.Tensor, shape):
-    if grad.device != x.device:
-        _fail(op, "grad_y must be on x's device")
-    if grad.dtype != x.dtype:
-        _fail(op, f"grad_y must have x's dtype ({x.dtype}), got {grad.dtype}")
-    if tuple(grad.shape) != tuple(shape):
-        _fail(op, f"grad_y must have shape {list(shape)}, got {list(grad.shape)}")
-
-
-def _check_grad_scale(op: str, grad_scale: float):
-    if not math.isfinite(grad_scale):
-        _fail(op, f"grad_scale must be finite, got {grad_scale}")
 
 
 def _split_f64(value: float):
@@ -432,9 +378,9 @@ def _tiles(n: int, block: int) -> int:
 def coupled_quant(x, steps, bits, sel, signed=True, grad_scale=1.0, *, block=BLOCK):
     """y = fake-quantized x at bits[sel], step steps[sel] (sel read in the kernel)."""
     op = "coupled_quant"
-    _check_x(op, x)
-    _check_steps(op, x, steps, bits)
-    _check_sel(op, x, sel)
+    check_x(op, x)
+    check_steps(op, x, steps, bits)
+    check_sel(op, x, sel)
     qn, qp, binary = candidate_ranges(bits, signed)
     xd = _dense(x)
     y = torch.empty_like(xd)
@@ -450,11 +396,11 @@ def coupled_quant_backward(grad_y, x, steps, bits, sel, signed, grad_scale, *, b
     """(dx, d steps): dx = dy inside the range of bits[sel]; slot sel of d steps holds
     grad_scale * sum(dy * h), the other slots 0."""
     op = "coupled_quant_backward"
-    _check_x(op, x)
-    _check_steps(op, x, steps, bits)
-    _check_sel(op, x, sel)
-    _check_grad(op, grad_y, x, x.shape)
-    _check_grad_scale(op, grad_scale)
+    check_x(op, x)
+    check_steps(op, x, steps, bits)
+    check_sel(op, x, sel)
+    check_grad(op, grad_y, x, x.shape)
+    check_grad_scale(op, grad_scale)
     qn, qp, binary = candidate_ranges(bits, signed)
     xd = _dense(x)
     gd = _in_layout_of(grad_y, xd)
@@ -477,8 +423,8 @@ def coupled_quant_backward(grad_y, x, steps, bits, sel, signed, grad_scale, *, b
 def coupled_quant_multi(x, steps, bits, signed=True, grad_scale=1.0, *, block=BLOCK):
     """[K, *x.shape]: every candidate's fake-quantized x from one read of x."""
     op = "coupled_quant_multi"
-    _check_x(op, x)
-    _check_steps(op, x, steps, bits)
+    check_x(op, x)
+    check_steps(op, x, steps, bits)
     qn, qp, binary = candidate_ranges(bits, signed)
     xc = x.contiguous()
     y = torch.empty((len(bits), *x.shape), dtype=x.dtype, device=x.device)
@@ -494,10 +440,10 @@ def coupled_quant_multi_backward(grad_y, x, steps, bits, signed, grad_scale, *, 
     """(dx, d steps): dx sums the K planes' in-range gradients in fp32 in candidate order; every
     d steps[j] = grad_scale * sum(dy_j * h_j)."""
     op = "coupled_quant_multi_backward"
-    _check_x(op, x)
-    _check_steps(op, x, steps, bits)
-    _check_grad(op, grad_y, x, (len(bits), *x.shape))
-    _check_grad_scale(op, grad_scale)
+    check_x(op, x)
+    check_steps(op, x, steps, bits)
+    check_grad(op, grad_y, x, (len(bits), *x.shape))
+    check_grad_scale(op, grad_scale)
     qn, qp, binary = candidate_ranges(bits, signed)
     xc = x.contiguous()
     gc = grad_y.contiguous()
@@ -520,10 +466,9 @@ def quant_stats(x, steps, bits, signed=True, delta=0.125, *, block=BLOCK):
     """(mse[K], share[K]): MSE of each candidate's stored output and the exact share of values
     inside its range within delta of a rounding boundary (signed 1-bit: |v| < delta)."""
     op = "quant_stats"
-    _check_x(op, x)
-    _check_steps(op, x, steps, bits)
-    if not 0.0 <= delta <= 0.5:
-        _fail(op, f"delta must be in [0, 0.5], got {delta}")
+    check_x(op, x)
+    check_steps(op, x, steps, bits)
+    check_delta(op, delta)
     qn, qp, binary = candidate_ranges(bits, signed)
     xd = _dense(x)  # a reduction over all of x: memory order is as good as any
     k = len(bits)
@@ -547,14 +492,9 @@ def quant_stats(x, steps, bits, signed=True, delta=0.125, *, block=BLOCK):
 def quantize_codes(x, step, bits, signed=True, *, block=BLOCK):
     """Integer codes of x at one bit-width: int8 when signed, uint8 otherwise; NaN -> 0."""
     op = "quantize_codes"
-    _check_x(op, x)
-    _check_bit(op, "bits", bits)
-    if step.device != x.device:
-        _fail(op, f"step must be on x's device ({x.device}), got {step.device}")
-    if step.dtype != torch.float32:
-        _fail(op, f"step must be float32, got {step.dtype}")
-    if step.numel() != 1:
-        _fail(op, f"step must hold one value, got shape {list(step.shape)}")
+    check_x(op, x)
+    check_bit(op, "bits", bits)
+    check_step(op, x, step)
     (qn,), (qp,), (binary,) = candidate_ranges([bits], signed)
     xd = _dense(x)
     codes = torch.empty_like(xd, dtype=torch.int8 if signed else torch.uint8)

@@ -26,6 +26,7 @@ Two kernels, both with fp32 accumulation, output in x's dtype:
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -33,13 +34,18 @@ import triton
 import triton.language as tl
 
 from rfq.triton_kernels import _interpreter_compat
+from rfq.triton_kernels.checks import (
+    BLOCK_K,
+    check_linear,
+    check_packed,
+    check_scales,
+    code_offset,
+    container_bits,
+    fail,
+    row_bytes,  # noqa: F401  (re-exported: the layout size, for callers and compile_check)
+)
 
 _interpreter_compat.apply()
-
-BLOCK_K = 128
-ROW_ALIGN = 64
-GROUP_SIZES = (0, 32, 64, 128)
-_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 # Up to this many rows of x the GEMV kernel runs (one weight pass per row); above, the tiled GEMM.
 # Not tuned on a GPU yet; RFQ_TRITON_GEMV_MAX_M moves it.
@@ -51,19 +57,6 @@ GEMM_BLOCK_N = 64
 GEMM_KSTEP = 32  # dot depth (fp16/bf16): 64 spilled registers on sm_90 (ptxas -v)
 GEMM_GROUP_M = 8  # program swizzle: GROUP_M row tiles share weight tiles in L2
 FINISH_BLOCK_N = 256
-
-
-def container_bits(bits: int) -> int:
-    return 2 if bits <= 2 else (4 if bits <= 4 else 8)
-
-
-def code_offset(bits: int) -> int:
-    return {2: 2, 4: 8, 8: 0}[container_bits(bits)]
-
-
-def row_bytes(k: int, bits: int) -> int:
-    raw = triton.cdiv(k, BLOCK_K) * BLOCK_K * container_bits(bits) // 8
-    return triton.cdiv(raw, ROW_ALIGN) * ROW_ALIGN
 
 
 # ---- device helpers -----------------------------------------------------------------------------
@@ -281,49 +274,6 @@ def _dequantize_kernel(w_ptr, stride_wn, s_ptr, stride_sn, stride_sg, z_ptr, str
 _SM_COUNT: dict = {}
 
 
-def _fail(op: str, message: str):
-    raise RuntimeError(f"rfq_triton.{op}: {message}")
-
-
-def _check_packed(op: str, packed: torch.Tensor, k: int, bits: int):
-    if not 1 <= bits <= 8:
-        _fail(op, f"bits must be in 1..8, got {bits}")
-    if packed.dtype != torch.uint8:
-        _fail(op, f"packed must be uint8 (from pack_weight), got {packed.dtype}")
-    if packed.dim() != 2:
-        _fail(op, f"packed must be 2-D [N, row_bytes], got shape {list(packed.shape)}")
-    if packed.shape[1] != row_bytes(k, bits):
-        _fail(op, f"packed rows hold {packed.shape[1]} bytes but K={k} at {bits} bits needs "
-                  f"{row_bytes(k, bits)} (wrong bits, K or layout)")
-
-
-def _check_scales(op, packed, scales, zeros, k, group_size, device):
-    n = packed.shape[0]
-    if group_size not in GROUP_SIZES:
-        _fail(op, f"group_size must be 0 (per-tensor) or 32, 64, 128, got {group_size}")
-    for name, t in (("packed", packed), ("scales", scales), ("zeros", zeros)):
-        if t is not None and t.device != device:
-            _fail(op, f"{name} must be on x's device ({device}), got {t.device}")
-    if not scales.is_floating_point():
-        _fail(op, f"scales must be floating point, got {scales.dtype}")
-    if group_size == 0:
-        if scales.numel() != 1:
-            _fail(op, f"per-tensor scales must hold one value, got shape {list(scales.shape)}")
-        if zeros is not None:
-            _fail(op, "zeros need group-wise scales (group_size 32/64/128)")
-        return
-    groups = triton.cdiv(k, group_size)
-    if scales.dim() != 2 or tuple(scales.shape) != (n, groups):
-        _fail(op, f"scales must be [N, ceil(K/group_size)] = [{n}, {groups}], got "
-                  f"{list(scales.shape)}")
-    if zeros is not None:
-        if zeros.shape != scales.shape:
-            _fail(op, f"zeros must have scales' shape {list(scales.shape)}, got "
-                      f"{list(zeros.shape)}")
-        if not zeros.is_floating_point():
-            _fail(op, "zeros must be floating point")
-
-
 def _group_args(scales, zeros, group_size):
     """(scales, stride_n, stride_g, zeros, stride_n, stride_g) kernel arguments; per-tensor
     scales are read at their single element, absent zeros point at the scales (never read)."""
@@ -357,23 +307,11 @@ def split_k(m: int, n: int, k: int, device: torch.device, block_n: int = GEMV_BL
 def packed_linear(x, packed, scales, zeros, bits, group_size, bias=None, *, gemv_max_m=None,
                   splits=None):
     """y = x @ dequant(W)^T (+ bias), fp32 accumulation, output in x's dtype."""
-    op = "packed_linear"
-    if x.dtype not in _FLOAT_DTYPES:
-        _fail(op, f"x must be float32, bfloat16 or float16, got {x.dtype}")
-    if x.dim() < 1:
-        _fail(op, "x must have a last dimension K, got a 0-dim tensor")
-    k = x.shape[-1]
-    _check_packed(op, packed, k, bits)
-    _check_scales(op, packed, scales, zeros, k, group_size, x.device)
-    n = packed.shape[0]
-    if bias is not None:
-        if bias.dim() != 1 or bias.shape[0] != n:
-            _fail(op, f"bias must be [N] = [{n}], got {list(bias.shape)}")
-        if bias.device != x.device:
-            _fail(op, f"bias must be on x's device ({x.device}), got {bias.device}")
+    check_linear("packed_linear", x, packed, scales, zeros, bits, group_size, bias)
+    k, n = x.shape[-1], packed.shape[0]
     out_shape = (*x.shape[:-1], n)
-    x2d = x.reshape(-1, k)
-    m = x2d.shape[0]
+    m = math.prod(x.shape[:-1])
+    x2d = x.reshape(m, k)
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0 or n == 0:
         return y.reshape(out_shape)
@@ -446,7 +384,7 @@ def step_sums(x2d: torch.Tensor, kstep: int) -> torch.Tensor:
     return padded.view(m, kp // kstep, kstep).sum(-1)
 
 
-def _decode(op, packed, scales, zeros, bits, group_size, k, codes):
+def _decode(packed, scales, zeros, bits, group_size, k, codes):
     n = packed.shape[0]
     out = torch.empty((n, k), dtype=torch.int8 if codes else torch.float32, device=packed.device)
     if n == 0 or k == 0:
@@ -467,15 +405,15 @@ def unpack_weight(packed, bits, shape):
     """int8 codes [N, K] of a packed weight (the exact inverse of pack_weight)."""
     op = "unpack_weight"
     n, k = shape
-    _check_packed(op, packed, k, bits)
+    check_packed(op, packed, k, bits)
     if packed.shape[0] != n:
-        _fail(op, f"packed has {packed.shape[0]} rows but shape asks for N={n}")
-    return _decode(op, packed, None, None, bits, 0, k, codes=True)
+        fail(op, f"packed has {packed.shape[0]} rows but shape asks for N={n}")
+    return _decode(packed, None, None, bits, 0, k, codes=True)
 
 
 def dequantize_weight(packed, scales, zeros, bits, group_size, k):
     """fp32 weights [N, K]: q * s (per-tensor) or (u - z) * scale per group, as the reference."""
     op = "dequantize_weight"
-    _check_packed(op, packed, k, bits)
-    _check_scales(op, packed, scales, zeros, k, group_size, packed.device)
-    return _decode(op, packed, scales, zeros, bits, group_size, k, codes=False)
+    check_packed(op, packed, k, bits)
+    check_scales(op, packed, scales, zeros, k, group_size, packed.device)
+    return _decode(packed, scales, zeros, bits, group_size, k, codes=False)
