@@ -21,7 +21,7 @@ if ! torch_ok; then
   "$PY" -m pip install -q torch==2.13.0
 fi
 echo "[setup] installing test and demo dependencies"
-"$PY" -m pip install -q numpy pytest hypothesis pytest-benchmark expecttest scikit-learn
+"$PY" -m pip install -q numpy pytest hypothesis pytest-benchmark expecttest scikit-learn "triton>=3.6"
 "$PY" -m pip install -q tqdm matplotlib  # the method's CLI: progress bars, the Pareto plot
 # The demo's data: Fashion-MNIST from Debian's package (never downloaded at run time).
 FMNIST=/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
