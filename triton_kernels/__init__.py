@@ -1,6 +1,15 @@
-"""Triton kernels of rfq, installed as ``rfq.triton_kernels``.
+"""Triton kernels of rfq, installed as ``rfq.triton_kernels`` (always import it under that name:
+a top-level ``triton_kernels`` would clash with Triton's own package, hence the mapping in
+setup.py).
 
-A top-level ``triton_kernels`` name would clash with Triton's own package, hence the mapping in
-setup.py. The GPU kernels and their launchers arrive with the CUDA/Triton issue; importing this
-package never imports triton, so CPU-only installs stay light.
+    lsq            coupled_quant (+ backward), coupled_quant_multi (+ backward), quant_stats,
+                   quantize_codes: kernels and launchers (spec §1-2)
+    packed         packed_linear (GEMV/split-K and tiled GEMM), dequantize_weight, unpack_weight
+                   on the canonical packed layout (spec §3)
+    checks         the launchers' argument checks (no triton import)
+    compile_check  compiles every kernel for an NVIDIA target without a GPU and checks the PTX
+
+The PyTorch ops over these (torch.ops.rfq_triton.*) live in rfq/triton_ops.py; rfq.ops routes
+CUDA tensors to them when ``rfq.ops.set_gpu_backend("triton")`` selects them. Importing this
+package does not import triton; importing ``lsq`` or ``packed`` does.
 """

@@ -328,7 +328,7 @@ def packed_linear(x, packed, scales, zeros, bits, group_size, bias=None, *, gemv
     has_bias = bias is not None
     bias_args = (bias, bias.stride(0)) if has_bias else (scales, 0)
     limit = GEMV_MAX_M if gemv_max_m is None else gemv_max_m
-    if m <= limit:
+    if m <= min(limit, 65535):  # rows of x are the GEMV grid's y dimension (CUDA: <= 65535)
         nsplit = splits if splits is not None else split_k(m, n, k, x.device)
         blocks = triton.cdiv(k, BLOCK_K)
         per_split = triton.cdiv(blocks, nsplit)
