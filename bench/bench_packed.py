@@ -158,3 +158,20 @@ def bench_int4_rfq_suite(benchmark, impl, name, m):
     call = Rotating(fn, weights, x)
     call()
     benchmark(call)
+
+
+# Reference for the GB/s columns: this machine's memory bandwidth, measured in the same run
+# (256 MB, far past L3). Its row's "rfq GB/s" is the copy's (bytes read + written); the ratio
+# column means nothing here.
+@pytest.mark.parametrize("impl", ["copy", "sum"])
+def bench_memory_bandwidth(benchmark, impl):
+    n = (0 if COLD_BYTES == 0 else 64 << 20) or (1 << 20)  # fp32 elements (smoke: 4 MB)
+    src = torch.ones(n)
+    benchmark.group = "machine bandwidth: 256 MB fp32 copy_ (read + write) vs sum (read)"
+    if impl == "copy":
+        dst = torch.empty_like(src)
+        tag(benchmark, "rfq", "bandwidth reference", "-", 2 * 4 * n)
+        benchmark(lambda: dst.copy_(src))
+    else:
+        tag(benchmark, "sum (read only)", "bandwidth reference", "-", 4 * n)
+        benchmark(src.sum)
