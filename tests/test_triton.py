@@ -23,6 +23,7 @@ import pytest
 import torch
 
 triton = pytest.importorskip("triton", reason="triton is not installed (pip install triton)")
+import triton.language as tl  # noqa: E402
 
 from lsq_cases import abs_step_terms, assert_step_grad_close, make_x, steps_for  # noqa: E402
 from rfq import ops  # noqa: E402
@@ -708,14 +709,21 @@ def test_switch_env_var_forms(restore_backend):
         ops._backend_from_env("lsq=tvm")
 
 
-def test_switch_env_var_at_import():
-    code = ("import rfq; from rfq import ops; "
-            "print(ops.get_gpu_backend('lsq'), ops.get_gpu_backend('packed'))")
-    env = dict(os.environ, RFQ_GPU_BACKEND="packed=triton")
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                         cwd=ROOT, timeout=120)
+@pytest.mark.parametrize("env, want", [(None, "cuda cuda False"),
+                                       ("packed=triton", "cuda triton True")])
+def test_switch_env_var_at_import(env, want):
+    """RFQ_GPU_BACKEND is read at import; import rfq never imports triton, and registers the
+    rfq_triton ops only when the Triton backend is chosen."""
+    code = ("import sys, rfq; from rfq import ops; "
+            "print(ops.get_gpu_backend('lsq'), ops.get_gpu_backend('packed'), "
+            "'rfq.triton_ops' in sys.modules, 'triton' in sys.modules)")
+    environ = {k: v for k, v in os.environ.items() if k != "RFQ_GPU_BACKEND"}
+    if env:
+        environ["RFQ_GPU_BACKEND"] = env
+    out = subprocess.run([sys.executable, "-c", code], env=environ, capture_output=True,
+                         text=True, cwd=ROOT, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == ["cuda", "triton"]
+    assert out.stdout.split() == want.split() + ["False"]
 
 
 def _traced_ops(fn, *args):
@@ -878,9 +886,8 @@ def test_gpu_lsq_exact(dtype, signed):
 
 
 @triton.jit
-def _plain_division_codes(x_ptr, out_ptr, s, n, BLOCK: triton.language.constexpr):
+def _plain_division(x_ptr, out_ptr, s, n, BLOCK: tl.constexpr):
     # The hazard the kernels avoid: `/` on fp32 is div.full.f32 (<= 2 ulp) on NVIDIA GPUs.
-    tl = triton.language
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     x = tl.load(x_ptr + offs, mask=offs < n)
     tl.store(out_ptr + offs, x / s, mask=offs < n)
@@ -899,13 +906,13 @@ def test_gpu_division_is_correctly_rounded():
         x = ((k + 0.5) * s).cuda()
         x = torch.nextafter(x, x + torch.randint(-1, 2, (n,), generator=g).float().cuda() * 1e30)
         step = torch.tensor([s], device="cuda")
-        exact = (x.double() / s).float()
+        exact = (x.double() / step.double()).float()  # fp32 step, correctly rounded quotient
         with ops.gpu_backend("triton", "lsq"):
             codes = ops.quantize_codes(x, step, 8, True)
         assert torch.equal(codes, torch.clamp(exact, -128, 127).round().to(torch.int8))
         assert torch.equal(x / step, exact)  # torch's CUDA division is IEEE too
     plain = torch.empty_like(x)
-    _plain_division_codes[(triton.cdiv(n, 1024),)](x, plain, float(torch.tensor(s)), n, 1024)
+    _plain_division[(triton.cdiv(n, 1024),)](x, plain, step.item(), n, BLOCK=1024)
     assert not torch.equal(plain, exact), "div.full.f32 matched div.rn on every quotient here"
 
 

@@ -11,7 +11,9 @@ a cubin (ptxas ships with Triton). This catches type and lowering errors the int
     - the LSQ kernels contain no fused multiply-add (enable_fp_fusion=False keeps k*s rounded)
     - the half-to-even rounding constant 1.5 * 2^23 (0f4B400000) survives, so (c + M) - M was
       not folded away
-Must run without TRITON_INTERPRET (the interpreter replaces the JIT). Exit status 1 on failure.
+A control kernel with Triton's plain `/` is compiled first and must be flagged, so the check
+cannot pass blind. Must run without TRITON_INTERPRET (the interpreter replaces the JIT). Exit
+status 1 on failure.
 """
 
 from __future__ import annotations
@@ -141,6 +143,19 @@ def check_ptx(name: str, ptx: str, constexprs: dict) -> list[str]:
     return problems
 
 
+def _control_kernel():
+    """A kernel with Triton's plain fp32 `/`: check_ptx must flag it, or the check is blind."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def plain_division(x_ptr, y_ptr, s, n, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        tl.store(y_ptr + offs, tl.load(x_ptr + offs, mask=offs < n) / s, mask=offs < n)
+
+    return plain_division
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 80, 90")
@@ -153,6 +168,16 @@ def main(argv=None) -> int:
     from triton.backends.compiler import GPUTarget
 
     target = GPUTarget("cuda", opts.arch, 32)
+    control = _control_kernel()
+    with recorded_launches() as calls:
+        x = torch.empty(64)
+        control[(1,)](x, x, 0.1, 64, BLOCK=64)
+    kernel, args, kwargs = calls[0]
+    if not check_ptx("_codes_kernel", compile_launch(kernel, args, kwargs, target).asm["ptx"],
+                     {"BINARY": False}):
+        print("compile_check: the PTX check does not flag plain fp32 division (div.full.f32) "
+              "on this Triton: it cannot vouch for the kernels")
+        return 1
     with recorded_launches() as calls:
         if opts.only in (None, "lsq"):
             _lsq_launches(opts.quick)
