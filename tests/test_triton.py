@@ -852,9 +852,8 @@ GPU_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 @pytest.mark.parametrize("signed", [True, False], ids=["signed", "unsigned"])
 def test_gpu_lsq_exact(dtype, signed):
     """Every LSQ op on CUDA (bf16 included) against the reference, bit-exact codes/y/dx."""
-    for cands in ([6, 5, 4, 3, 2], [1, 8], [3]):
-        for pow2, shape in [(True, (1,)), (True, (4133,)), (False, (3, 1000, 7)),
-                            (False, (1_000_003,))]:
+    for cands in ([6, 5, 4, 3, 2], [1, 8]):
+        for pow2, shape in [(True, (1,)), (True, (3, 1000, 7)), (False, (1_000_003,))]:
             steps = steps_for(cands, signed, pow2, "cuda")
             x = make_x(shape, dtype, min(cands), signed, steps.max().item(), "cuda", seed=1)
             sel = torch.tensor(len(cands) - 1, device="cuda")
