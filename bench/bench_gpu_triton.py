@@ -136,7 +136,7 @@ def skip_without_cuda_kernels(impl, op):
         pytest.skip(f"rfq._C has no CUDA kernel for rfq::{op} (CPU-only build)")
 
 
-# ---- fused LSQ: F1, F3 (one bit) and F8 (K = 5) ---------------------------------------------------
+# ---- fused LSQ: F1, F3 (one bit) and F8 (K = 5) --------------------------------------------------
 
 
 def lsq_inputs(n, k=1, dtype=torch.float32):

@@ -76,7 +76,7 @@ def _coupled_quant_cpu(x, steps, bits, sel, signed=True, grad_scale=1.0):
     checks.check_x(op, x)
     checks.check_steps(op, x, steps, bits)
     checks.check_sel(op, x, sel)
-    j, ok = _selected_ok(steps, sel)
+    _, ok = _selected_ok(steps, sel)
     if not ok:
         return torch.full_like(x, _NAN)
     return _like(x, ref.coupled_quant(x, steps, bits, sel.reshape(()), signed))
@@ -108,8 +108,9 @@ def _coupled_quant_backward_cpu(grad_y, x, steps, bits, sel, signed, grad_scale)
         return torch.full_like(x, _NAN), torch.full_like(steps, _NAN)
     grad_x, grad_steps = ref.coupled_quant_backward(grad_y, x, steps, bits, sel.reshape(()),
                                                     signed, grad_scale)
-    if not ok:
-        grad_x, grad_steps[j] = torch.full_like(grad_x, _NAN), _NAN
+    if not ok:  # a bad selected step: NaN dx and NaN in its slot
+        grad_x = torch.full_like(grad_x, _NAN)
+        grad_steps[j] = _NAN
     return _like(x, grad_x), grad_steps.contiguous()
 
 
@@ -205,7 +206,7 @@ coupled_quant_multi.register_autograd(_coupled_quant_multi_grad,
                                       setup_context=_coupled_quant_multi_setup)
 
 
-# ---- quant_stats, quantize_codes (not differentiable) ---------------------------------------------
+# ---- quant_stats, quantize_codes (not differentiable) --------------------------------------------
 
 
 @torch.library.custom_op(

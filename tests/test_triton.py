@@ -326,7 +326,7 @@ def test_out_of_range_sel_gives_nan(sel):
     assert gx.isnan().all() and gs.isnan().all()
 
 
-# ---- packed weights (interpreter) -----------------------------------------------------------------
+# ---- packed weights (interpreter) ----------------------------------------------------------------
 
 
 def random_codes(n, k, bits, seed=0):
@@ -457,7 +457,7 @@ def test_packed_linear_many_tiles():
     assert_linear_close(y, ref.packed_linear(x[:2], w, scales, zeros, 2, 128), x[:2], magnitude)
 
 
-# ---- errors name the op and the argument ------------------------------------------------------------
+# ---- errors name the op and the argument ---------------------------------------------------------
 
 X = torch.randn(10)
 STEPS = torch.tensor([0.5, 0.25])
@@ -514,7 +514,7 @@ def test_packed_errors_name_op_and_argument():
             pl(x, w.to(torch.int8), scales, zeros, 4, 32)
 
 
-# ---- the custom ops on CPU: opcheck, autograd, torch.compile ----------------------------------------
+# ---- the custom ops on CPU: opcheck, autograd, torch.compile -------------------------------------
 
 OPCHECK_DTYPES = [torch.float32, torch.float16]
 
@@ -664,7 +664,7 @@ def test_compile_fullgraph_through_rfq_triton_ops():
         torch.testing.assert_close(a, b)
 
 
-# ---- the backend switch -----------------------------------------------------------------------------
+# ---- the backend switch --------------------------------------------------------------------------
 
 
 @pytest.fixture
@@ -832,7 +832,7 @@ def test_compile_check_detects_approximate_division():
     assert len(problems) == 4
 
 
-# ---- GPU (compiled Triton, CUDA tensors) ----------------------------------------------------------
+# ---- GPU (compiled Triton, CUDA tensors) ---------------------------------------------------------
 
 
 @pytest.mark.skipif(not HAS_CUDA or not INTERPRET,
