@@ -121,7 +121,8 @@ def test_packed_linear_matches_reference(device, bits, group_size, with_zeros, d
 # Shapes past the kernels' blocking: K chunks (activations kept in L1), row blocks (packed rows
 # kept in L2), row and activation tiles with remainders, and 2-bit units of two blocks with an
 # odd block count.
-BIG_CASES = [(1, 9, 13_100), (2, 37, 4_100), (5, 203, 3_300), (9, 70, 1_000), (31, 5, 4_000)]
+BIG_CASES = [(1, 9, 13_100), (2, 37, 4_100), (5, 203, 3_300), (9, 70, 1_000), (31, 5, 4_000),
+             (3, 7, 10), (1, 5, 64), (4, 3, 129)]
 
 
 @pytest.mark.parametrize("m, n, k", BIG_CASES)
@@ -184,6 +185,24 @@ def test_packed_linear_nan_in_x_gives_nan_rows(device, m):
         x[0] = 0
         want = check_linear("cpu", x, packed, scales, None, 4, 128)
         assert torch.allclose(y[1:], want[1:]) and not torch.isnan(y[1:]).any()
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_packed_linear_same_bits_on_1_and_2_threads(bits):
+    """Every output comes from one tile in a fixed order, whatever the thread count."""
+    g = torch.Generator().manual_seed(bits)
+    packed = ops.pack_weight(random_codes(300, 1000, bits), bits)
+    scales, _ = make_scales(300, 1000, 128, False, g)
+    before = torch.get_num_threads()
+    try:
+        for m in (1, 5, 40):
+            x = torch.randn(m, 1000, generator=g)
+            torch.set_num_threads(1)
+            one = ops.packed_linear(x, packed, scales, bits, 128)
+            torch.set_num_threads(2)
+            assert torch.equal(ops.packed_linear(x, packed, scales, bits, 128), one)
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_packed_linear_batched_and_noncontiguous_x(device):
