@@ -6,9 +6,6 @@
 namespace RFQ_PACKED_BODY_NS {
 
 constexpr bool kVnni = RFQ_PACKED_BODY_VNNI;
-#ifndef RFQ_EXP_NOINIT
-#define RFQ_EXP_NOINIT 0
-#endif
 
 inline __m512i dot_acc(__m512i acc, __m512i w, __m512i x) {
   if constexpr (kVnni) {
