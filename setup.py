@@ -151,8 +151,9 @@ def make_extension():
 
 
 setup(
-    packages=["rfq", "rfq.triton_kernels"],
+    packages=["rfq", "rfq.nn", "rfq.triton_kernels"],
     package_dir={"rfq": "rfq", "rfq.triton_kernels": "triton_kernels"},
+    package_data={"rfq": ["assets/*.pt"]},  # the demo's float ResNet-20 (fp16, 0.6 MB)
     ext_modules=[make_extension()],
     cmdclass={"build_ext": RfqBuildExtension.with_options(use_ninja=False)},
     options={"bdist_wheel": {"py_limited_api": "cp39"}},
