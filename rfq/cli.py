@@ -343,6 +343,8 @@ def make_parser() -> argparse.ArgumentParser:
                    help="pretrain the float model too instead of the shipped checkpoint")
     d.add_argument("--minutes", type=float, default=9.0,
                    help="coupled-training time to size the run for (default 9)")
+    d.add_argument("--epochs", type=int,
+                   help="pseudo-epochs of 100 coupled steps (default: sized to --minutes)")
     d.add_argument("--data-dir")
     d.add_argument("--threads", type=int)
     d.set_defaults(func=cmd_demo)

@@ -100,7 +100,9 @@ def main(args) -> int:
         cfg = TrainConfig(**base)
     else:
         cfg = TrainConfig(**base)
-        if not (out / "coupled" / "checkpoint.pt").exists():
+        if args.epochs and not (out / "coupled" / "checkpoint.pt").exists():
+            cfg = TrainConfig(**{**base, "epochs": args.epochs})
+        elif not (out / "coupled" / "checkpoint.pt").exists():
             per_step = seconds_per_step(cfg, ds)
             steps = int(args.minutes * 60 / per_step)
             epochs = max(3, min(20, steps // cfg.steps_per_epoch))

@@ -6,12 +6,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-runs/results}
 THREADS=${2:-2}
-python -m rfq demo --out "$OUT" --threads "$THREADS"
-EPOCHS=$(python -c "import json,sys; print(json.load(open(sys.argv[1]))['config']['epochs'])" \
+python -m rfq demo --out "$OUT" --threads "$THREADS" --epochs "${EPOCHS:-10}"
+EPOCHS_RUN=$(python -c "import json,sys; print(json.load(open(sys.argv[1]))['config']['epochs'])" \
          "$OUT/results.json")
 for b in 6 5 4 3 2; do
   if [ ! -f "$OUT/lsq$b/model.done" ]; then
-    python -m rfq train --profile lsq --lsq-bits "$b" --epochs "$EPOCHS" --model resnet20 \
+    python -m rfq train --profile lsq --lsq-bits "$b" --epochs "$EPOCHS_RUN" --model resnet20 \
       --init-from rfq/assets/resnet20-fmnist-float.pt --out "$OUT/lsq$b" --threads "$THREADS" \
       $( [ -f "$OUT/lsq$b/checkpoint.pt" ] && echo --resume ) --no-progress
     touch "$OUT/lsq$b/model.done"
