@@ -133,6 +133,15 @@ class GreedySearch:
         return out
 
     @staticmethod
+    def _key(config: BitConfig) -> tuple:
+        return tuple(sorted(config.items()))
+
+    @staticmethod
+    def _raises(config: BitConfig, move) -> bool:
+        name, slot, bit = move
+        return bit > config[name][slot]
+
+    @staticmethod
     def _apply(config: BitConfig, move) -> BitConfig:
         name, slot, bit = move
         new = dict(config)
@@ -202,12 +211,16 @@ class GreedySearch:
             phases[0] = ("w", target, lambda c, thr: cost(c) <= thr)
         history, iterations, error = [], 0, float("nan")
         for phase, threshold, done in phases:
-            # A "+" move back to a configuration already visited in this phase would let the
-            # search cycle; such moves are dropped, so each phase ends (every "-" lowers cost).
-            visited = {tuple(sorted(config.items()))}
-            while not done(config, threshold):
+            # A "+" move into a configuration already visited in this phase could make the
+            # search cycle; such moves are dropped. "-" moves are always allowed, and every "+"
+            # enters a new configuration, so each phase ends. The cap is a safety net only.
+            visited = {self._key(config)}
+            cap = 10 * sum(len(m.w_bits) + len(m.a_bits) for _, m in self.layers)
+            steps = 0
+            while not done(config, threshold) and steps < cap:
                 moves = [m for m in self.moves(config, phase, floor)
-                         if tuple(sorted(self._apply(config, m).items())) not in visited]
+                         if not self._raises(config, m)
+                         or self._key(self._apply(config, m)) not in visited]
                 if not moves:
                     break
                 x, y = next(self.batches)
@@ -218,11 +231,12 @@ class GreedySearch:
                           for e, c in zip(errors, costs)]
                 best = min(range(len(moves)), key=lambda i: scores[i])
                 config = self._apply(config, moves[best])
-                visited.add(tuple(sorted(config.items())))
+                visited.add(self._key(config))
                 error = errors[best]
                 history.append({"phase": phase, "move": list(moves[best]), "error": error,
                                 "cost": costs[best]})
                 iterations += 1
+                steps += 1
         reached = cost(config) < target if self.metric == "bitops" else cost(config) <= target
         return SearchResult(
             metric=self.metric, target=target, config={n: list(v) for n, v in config.items()},
