@@ -150,9 +150,13 @@ def _parse_budgets(run, texts, metric):
 
 
 def _load(args):
+    import torch
+
     from rfq import checkpoint as ckpt
     from rfq.pipeline import load_run
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     try:
         return load_run(args.checkpoint, data_dir=args.data_dir)
     except (ckpt.CheckpointError, FileNotFoundError, ValueError) as err:
@@ -302,6 +306,7 @@ def make_parser() -> argparse.ArgumentParser:
         p.add_argument("--data-dir")
         p.add_argument("--calib-images", type=int, default=7000,
                        help="training images for BN recalibration (0: none)")
+        p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
 
     s = sub.add_parser("search", help="greedy bit-width search under budgets")
     add_run_args(s)

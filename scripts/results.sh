@@ -21,6 +21,6 @@ for b in 6 5 4 3 2; do
   fi
 done
 python -m rfq search --checkpoint "$OUT/coupled" --budget level:3.5 --budget level:4 \
-  --budget level:4.5 --batch-size "${SEARCH_BATCH:-1024}" --calib-images 2048 \
+  --budget level:4.5 --batch-size "${SEARCH_BATCH:-1024}" --calib-images 2048 --threads "$THREADS" \
   --uniform 2,3,4,5,6 --baselines "$OUT"/lsq6 "$OUT"/lsq5 "$OUT"/lsq4 "$OUT"/lsq3 "$OUT"/lsq2 \
   --out "$OUT/search.json" --plot "$OUT/pareto.png"
