@@ -214,6 +214,21 @@ def test_packed_linear_batched_and_noncontiguous_x(device):
     assert y.shape == (2, 3, 16)
 
 
+@pytest.mark.parametrize("group_size", [0, 32])
+def test_packed_linear_empty_k_gives_bias(device, group_size):
+    """K = 0: the product is empty, so y is the bias broadcast over every row of x."""
+    need_kernel(device, "packed_linear")
+    packed = ops.pack_weight(torch.zeros(5, 0, dtype=torch.int8), 4)
+    scales = torch.tensor([0.1]) if group_size == 0 else torch.ones(5, 0)
+    bias = torch.arange(5, dtype=torch.float32)
+    x = torch.randn(2, 3, 0)
+    y = ops.packed_linear(x.to(device), packed.to(device), scales.to(device), 4, group_size,
+                          None, bias.to(device))
+    assert y.shape == (2, 3, 5)
+    assert torch.equal(y.cpu(), bias.expand(2, 3, 5))
+    assert torch.equal(ref.packed_linear(x, packed, scales, None, 4, group_size, bias), y.cpu())
+
+
 def test_packed_linear_gradient_reaches_x(device):
     need_kernel(device, "packed_linear", "unpack_weight")
     codes = random_codes(8, 64, 4)

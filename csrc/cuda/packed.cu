@@ -489,7 +489,12 @@ at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& packed_w,
   const int64_t m = k ? x.numel() / k : 0;
   auto out_shape = x.sizes().vec();
   out_shape.back() = n;
-  if (m == 0 || n == 0) return at::zeros(out_shape, x.options());
+  if (m == 0 || n == 0 || k == 0) {
+    // empty product: y is the bias broadcast over the rows (zeros without bias)
+    at::Tensor y0 = at::zeros(out_shape, x.options());
+    if (bias.has_value() && y0.numel() > 0) y0.add_(bias->to(y0.scalar_type()));
+    return y0;
+  }
 
   const at::Tensor x2 = x.reshape({m, k}).contiguous();
   const at::Tensor p = packed_for_kernels(packed_w);
