@@ -37,7 +37,8 @@ PROFILES = {
 }
 
 FLAG_KEYS = ("mode", "model", "dataset", "data_dir", "epochs", "batch_size", "lr", "seed",
-             "lsq_bits", "init_from", "device", "steps_per_epoch", "train_limit", "n_random")
+             "lsq_bits", "init_from", "device", "steps_per_epoch", "train_limit", "n_random",
+             "tensorboard")
 
 
 def _parse_value(text: str):
@@ -299,6 +300,8 @@ def make_parser() -> argparse.ArgumentParser:
     t.add_argument("--device")
     t.add_argument("--threads", type=int)
     t.add_argument("--no-progress", action="store_true")
+    t.add_argument("--tensorboard", action="store_true", default=None,
+                   help="also log to <out>/tensorboard (needs the tensorboard package)")
     t.set_defaults(func=cmd_train)
 
     def add_run_args(p):

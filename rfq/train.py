@@ -90,6 +90,7 @@ class TrainConfig:
     channels_last: bool = True
     init_from: Optional[str] = None  # float checkpoint to start from
     log_every: int = 20
+    tensorboard: bool = False  # also write the logged scalars to run_dir/tensorboard
     checkpoint_every: int = 200
     device: str = "cpu"
 
@@ -379,6 +380,15 @@ def evaluate(model: nn.Module, batches) -> float:
 # ---- the trainer ----------------------------------------------------------------------------------
 
 
+def _summary_writer_class():
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise ValueError("tensorboard=True needs the tensorboard package "
+                         "(pip install tensorboard); the CSV log needs nothing") from None
+    return SummaryWriter
+
+
 class Trainer:
     """Trains one run into ``run_dir`` (checkpoint.pt, log.csv, config.json); resumable."""
 
@@ -390,6 +400,9 @@ class Trainer:
         self.device = torch.device(cfg.device if not cfg.device.startswith("cuda")
                                    else f"cuda:{self.dist.local_rank}")
         self.progress = progress and self.dist.main
+        if cfg.tensorboard and self.dist.main:
+            _summary_writer_class()  # a missing package fails here, before any work
+        self._tb = None
         self.ds = dataset or load_dataset(cfg.dataset, cfg.data_dir, seed=cfg.seed)
         saved = None
         if self.ckpt_path.exists():
@@ -617,8 +630,17 @@ class Trainer:
             bar = tqdm(total=end, initial=self.step, desc=f"train {cfg.mode}", unit="step",
                        dynamic_ncols=True, mininterval=1.0)
         self._log_file = log_file
-        with flush_denormals():
-            return self._loop(end, writer, bar, log_file)
+        self._tb = self._open_tensorboard() if self.dist.main and cfg.tensorboard else None
+        try:
+            with flush_denormals():
+                return self._loop(end, writer, bar, log_file)
+        finally:
+            if self._tb:
+                self._tb.close()
+            self._tb = None
+
+    def _open_tensorboard(self):
+        return _summary_writer_class()(str(self.run_dir / "tensorboard"))
 
     def _loop(self, end, writer, bar, log_file) -> dict:
         cfg = self.cfg
@@ -669,6 +691,12 @@ class Trainer:
                              f"{means.get('acc_max', means.get('acc', float('nan'))):.4f}",
                              f"{images / max(seconds, 1e-9):.1f}", frozen, f"{self.wall:.1f}"])
             self._log_file.flush()
+        if self._tb:
+            for k, v in means.items():
+                self._tb.add_scalar(f"train/{k}", v, self.step)
+            self._tb.add_scalar("train/lr", lr, self.step)
+            self._tb.add_scalar("train/images_per_s", images / max(seconds, 1e-9), self.step)
+            self._tb.add_scalar("train/frozen_layers", frozen, self.step)
         if bar:
             bar.set_postfix({k: f"{v:.3f}" for k, v in means.items()}, refresh=False)
         return means

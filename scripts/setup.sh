@@ -22,7 +22,7 @@ if ! torch_ok; then
 fi
 echo "[setup] installing test and demo dependencies"
 "$PY" -m pip install -q numpy pytest hypothesis pytest-benchmark expecttest scikit-learn "triton>=3.6"
-"$PY" -m pip install -q tqdm matplotlib  # the method's CLI: progress bars, the Pareto plot
+"$PY" -m pip install -q tqdm matplotlib tensorboard  # the CLI: progress bars, Pareto plot, --tensorboard
 # The demo's data: Fashion-MNIST from Debian's package (never downloaded at run time).
 FMNIST=/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 if [ ! -f "$FMNIST" ] && [ -z "${RFQ_DATA_DIR:-}" ]; then

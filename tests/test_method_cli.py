@@ -92,3 +92,32 @@ def test_bad_budget_and_checkpoint(runs, tmp_path):
         main(["search", "--checkpoint", str(runs / "float"), "--budget", "1M"])
     with pytest.raises(SystemExit, match="already exists"):
         main(["train", "--out", str(runs / "coupled"), *COMMON])
+
+
+def test_train_tensorboard_logs_the_csv_scalars(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "tb"
+    assert main(["train", "--out", str(out), "--mode", "float", "--epochs", "1",
+                 "--steps-per-epoch", "6", "--set", "log_every=3", "--tensorboard",
+                 *COMMON]) == 0
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    rows = [r.split(",") for r in (out / "log.csv").read_text().splitlines()[1:]]
+    logged = events.Scalars("train/loss")
+    assert [e.step for e in logged] == [int(r[0]) for r in rows] == [3, 6]
+    for e, r in zip(logged, rows):  # the same interval means as the CSV's loss column
+        assert abs(e.value - float(r[3])) < 1e-4
+    assert [e.value for e in events.Scalars("train/lr")] == pytest.approx(
+        [float(r[2]) for r in rows], rel=1e-4)
+
+
+def test_train_tensorboard_without_the_package_is_a_clear_error(tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails
+    with pytest.raises(SystemExit, match="pip install tensorboard"):
+        main(["train", "--out", str(tmp_path / "tb"), "--mode", "float", "--epochs", "1",
+              "--tensorboard", *COMMON])
+    assert not (tmp_path / "tb" / "checkpoint.pt").exists()

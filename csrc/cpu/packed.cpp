@@ -69,8 +69,8 @@ FloatKind float_kind(at::ScalarType t) {
 }
 
 // Packed weights are long-lived and streamed whole by every small-M call. On 4 KB pages the
-// rows' TLB misses held 2-thread cold M=1 at ~31 GB/s; on 2 MB pages the same kernel streams
-// ~45-50 GB/s (bench/README.md). So pack_weight asks for transparent huge pages on its output
+// rows' TLB misses held 2-thread cold M=1 at ~31 GB/s; 2 MB pages remove them (measured
+// rates in bench/README.md). So pack_weight asks for transparent huge pages on its output
 // before the first touch (best effort, as coupled_quant_multi does in lsq.cpp: no effect where
 // THP is off; the unaligned head and tail of the buffer stay on small pages).
 void advise_huge_pages(const at::Tensor& t) {
