@@ -38,6 +38,15 @@ class Head(nn.Module):
         return self.fc(self.dropout(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)))
 
 
+def input_clamps_at_zero(layer: nn.Module) -> bool:
+    """Whether ``layer`` now quantizes its input unsigned, i.e. clamps it at 0 itself. A ReLU
+    whose output feeds only such a layer can be skipped: clamp(round(x/s), 0, Qp) is the same
+    for x and relu(x), and so are the LSQ gradients to x (0 below 0) and to the step (Qn = 0
+    below 0, round(0) - 0 = 0 at 0). It saves a read and a write of the activation each way
+    (ResNet-20 step: ~4 % of the time)."""
+    return bool(getattr(layer, "input_clamps_at_zero", False))
+
+
 def conv_bn_relu(c_in, c_out, kernel=3, stride=1, groups=1, relu=nn.ReLU):
     layers = [nn.Conv2d(c_in, c_out, kernel, stride, kernel // 2, groups=groups, bias=False),
               nn.BatchNorm2d(c_out)]
@@ -77,7 +86,9 @@ class BasicBlock(nn.Module):
                                           nn.BatchNorm2d(c_out))
 
     def forward(self, x):
-        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn1(self.conv1(x))
+        if not input_clamps_at_zero(self.conv2):  # else conv2's quantizer is this ReLU
+            out = F.relu(out)
         out = self.bn2(self.conv2(out))
         return F.relu(out + self.shortcut(x))
 

@@ -81,6 +81,40 @@ def test_step_initialisation_rules():
     assert q.a_ready == [False, False, False, True, False]
 
 
+@pytest.mark.parametrize("bits", [(6, 6), (3, 2), (2, 5)])
+def test_relu_before_an_unsigned_quantizer_is_folded_exactly(monkeypatch, bits):
+    """ResNet blocks skip the ReLU in front of conv2 while conv2 quantizes its input unsigned:
+    the same outputs, losses and gradients (weights, BN, steps) as with the ReLU, and the same
+    activation-step initialisation (from relu(x) statistics)."""
+    import rfq.models
+
+    def run(fold):
+        monkeypatch.setattr(rfq.models, "input_clamps_at_zero",
+                            (lambda layer: bool(getattr(layer, "input_clamps_at_zero", False)))
+                            if fold else (lambda layer: False))
+        torch.manual_seed(0)
+        model = quantize_(build_model("resnet20", 1, 10))
+        set_bits(model, bits)
+        x = torch.randn(4, 1, 12, 12)
+        loss = F.cross_entropy(model(x), torch.tensor([1, 2, 3, 4]))
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
+                               if p.grad is not None}, model
+
+    loss_f, grads_f, model = run(True)
+    loss_r, grads_r, _ = run(False)
+    assert all(m.input_clamps_at_zero for n, m in mixed_layers(model) if n.endswith("conv2"))
+    torch.testing.assert_close(loss_f, loss_r, rtol=0, atol=0)
+    assert grads_f.keys() == grads_r.keys()
+    for name in grads_f:
+        torch.testing.assert_close(grads_f[name], grads_r[name], rtol=1e-6, atol=1e-7,
+                                   msg=name)
+    # a float model (quantization off) keeps its ReLU
+    for _, m in quant_layers(model):
+        m.quant_enabled = False
+    assert not any(m.input_clamps_at_zero for _, m in quant_layers(model))
+
+
 def test_switchable_bn_uses_and_updates_only_the_selected_copy():
     bn = nn.BatchNorm2d(3)
     sbn = SwitchableBatchNorm2d(bn, 2, 3)

@@ -203,3 +203,58 @@ def test_coupled_step_never_syncs_on_cuda(tmp_path, digits, float_ckpt):
             tr.train_step(x, y)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "contiguous"])
+def test_feature_mse_matches_mse_loss_and_keeps_the_layout(layout):
+    from rfq.train import FeatureMSE
+
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    g = torch.Generator().manual_seed(0)
+    student = torch.randn(4, 8, 5, 3, generator=g).contiguous(memory_format=fmt)
+    student = student.double().requires_grad_()
+    teacher = torch.randn(4, 8, 5, 3, generator=g, dtype=torch.float64).contiguous(
+        memory_format=fmt)
+    loss = FeatureMSE.apply(student, teacher)
+    torch.testing.assert_close(loss, F.mse_loss(student, teacher))
+    (grad,) = torch.autograd.grad(3.0 * loss, student)
+    torch.testing.assert_close(grad, 3.0 * 2 * (student - teacher).detach() / student.numel())
+    assert grad.is_contiguous(memory_format=fmt)  # batch-norm backward's fast path needs it
+    assert torch.autograd.gradcheck(lambda s: FeatureMSE.apply(s, teacher), (student,))
+
+
+def test_idm_keeps_only_the_teacher_features_a_pass_compares(tmp_path, digits, float_ckpt):
+    """The max pass stores teacher features only for layers some random pass drew at their
+    lowest weight bit; the step's random configs are drawn in the same order as before."""
+    tr = Trainer(coupled_config(init_from=float_ckpt, idm=True), tmp_path / "r", dataset=digits,
+                 progress=False)
+    x, y = tr.stream.batch(0, 0)
+    stored = []
+    real_loss = tr.tap.loss
+
+    def spy():
+        stored.append(set(tr.tap.teacher))
+        return real_loss()
+
+    tr.tap.loss = spy
+    state = tr.sampler.getstate()
+    tr.train_step(x, y)
+    tr.sampler.setstate(state)
+    layers = mixed_layers(tr.model)
+    want = set().union(*(tr._idm_layers(tr.sample_config(), layers)
+                         for _ in range(tr.cfg.n_random)))
+    assert want and stored and all(s == want for s in stored)
+    assert tr.tap.teacher == {} and tr.tap.selected == set()
+    tr.close()
+
+
+def test_retain_freed_memory_is_idempotent():
+    from rfq.train import retain_freed_memory
+
+    first = retain_freed_memory()
+    assert retain_freed_memory() is first
+    import sys
+    if sys.platform.startswith("linux"):
+        import platform
+        if platform.libc_ver()[0] == "glibc":
+            assert first is True

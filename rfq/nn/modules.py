@@ -125,7 +125,10 @@ class QuantLayer(nn.Module):
     def _init_act_step(self, x: Tensor, j: int) -> None:
         """s_b = 2 mean|x| / sqrt(p_b), averaged over ranks (spec §1), written on device."""
         qp = max(qrange(self.a_bits[j], self.a_signed)[1], 1)
-        s = 2 * x.detach().float().abs().mean() / math.sqrt(qp)
+        v = x.detach().float()
+        # unsigned: the quantizer sees x clamped at 0 (the same as relu(x) when a ReLU before
+        # this layer is skipped, see input_clamps_at_zero)
+        s = 2 * (v.abs() if self.a_signed else v.clamp_min(0)).mean() / math.sqrt(qp)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(s)
             s /= torch.distributed.get_world_size()
@@ -143,6 +146,12 @@ class QuantLayer(nn.Module):
             self._init_act_step(x, self.a_index)
         gs = self._grad_scale(x.numel(), self.a_bit, self.a_signed)
         return _quantizer[0](x, self.a_steps, self.a_bits, self.a_sel, self.a_signed, gs)
+
+    @property
+    def input_clamps_at_zero(self) -> bool:
+        """True while forward quantizes the input unsigned (clamped at 0: a ReLU before this
+        layer is redundant, see rfq.models.input_clamps_at_zero)."""
+        return self.quant_enabled and bool(self.a_bits) and not self.a_signed
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.quant_enabled:
