@@ -55,6 +55,19 @@ inline void check_grad(const char* op, const at::Tensor& grad, const at::Tensor&
               ", got ", grad.sizes());
 }
 
+// quantize_codes' arguments: x, the bit-width and a one-value fp32 step on x's device (its value
+// is checked where it can be read without a host sync: on the CPU).
+inline void check_codes_args(const char* op, const at::Tensor& x, const at::Tensor& step,
+                             int64_t bits) {
+  check_x(op, x);
+  check_bit(op, "bits", bits);
+  TORCH_CHECK(step.device() == x.device(), op, ": step must be on x's device (", x.device(),
+              "), got ", step.device());
+  TORCH_CHECK(step.scalar_type() == at::kFloat, op, ": step must be float32, got ",
+              step.scalar_type());
+  TORCH_CHECK(step.numel() == 1, op, ": step must hold one value, got shape ", step.sizes());
+}
+
 inline void check_delta(const char* op, double delta) {
   TORCH_CHECK(delta >= 0.0 && delta <= 0.5, op, ": delta must be in [0, 0.5], got ", delta);
 }

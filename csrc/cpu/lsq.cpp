@@ -9,10 +9,6 @@
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
-
 #include <ATen/core/DimVector.h>
 
 #include <array>
@@ -21,6 +17,7 @@
 #include <string>
 #include <vector>
 
+#include "cpu/huge_pages.h"
 #include "cpu/lsq_kernels.h"
 #include "lsq_checks.h"
 
@@ -99,22 +96,9 @@ std::tuple<at::Tensor, at::Tensor> coupled_quant_backward(
 }
 
 // A fresh stacked K-plane output is large (128 MB for K=5 at 6.4M fp32); glibc maps it anew
-// each call and 4 KB first-touch faults cost ~40 ms there, several times the kernel. Asking
-// for 2 MB pages before the first touch cuts that to a few ms. Best effort, no effect where
-// transparent huge pages are off, and only this op's own output is touched.
-void advise_huge_pages(const at::Tensor& t) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHuge = uintptr_t{1} << 21;
-  const size_t bytes = t.nbytes();
-  if (bytes < (size_t{32} << 20)) return;
-  const auto begin = reinterpret_cast<uintptr_t>(t.const_data_ptr());
-  const uintptr_t first = (begin + kHuge - 1) & ~(kHuge - 1);
-  const uintptr_t last = (begin + bytes) & ~(kHuge - 1);
-  if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
-#else
-  (void)t;
-#endif
-}
+// each call and 4 KB first-touch faults cost ~40 ms there, several times the kernel. 2 MB pages
+// (asked for from 32 MB on) cut that to a few ms.
+constexpr size_t kHugePagesFrom = size_t{32} << 20;
 
 at::DimVector stacked_shape(int64_t k, const at::Tensor& x) {
   at::DimVector shape{k};
@@ -130,7 +114,7 @@ at::Tensor coupled_quant_multi(const at::Tensor& x, const at::Tensor& steps,
   const auto specs = all_specs(op, steps, bits, is_signed);
   const at::Tensor xc = x.contiguous();
   at::Tensor y = at::empty(stacked_shape(steps.numel(), x), x.options());
-  advise_huge_pages(y);
+  advise_huge_pages(y, kHugePagesFrom);
   lsq_kernels().forward_multi(x.scalar_type(), xc.const_data_ptr(), y.mutable_data_ptr(),
                               xc.numel(), specs.data(), steps.numel());
   return y;
@@ -177,13 +161,7 @@ std::tuple<at::Tensor, at::Tensor> quant_stats(const at::Tensor& x, const at::Te
 at::Tensor quantize_codes(const at::Tensor& x, const at::Tensor& step, int64_t bits,
                           bool is_signed) {
   constexpr const char* op = "rfq.quantize_codes";
-  check_x(op, x);
-  check_bit(op, "bits", bits);
-  TORCH_CHECK(step.device() == x.device(), op, ": step must be on x's device (", x.device(),
-              "), got ", step.device());
-  TORCH_CHECK(step.scalar_type() == at::kFloat, op, ": step must be float32, got ",
-              step.scalar_type());
-  TORCH_CHECK(step.numel() == 1, op, ": step must hold one value, got shape ", step.sizes());
+  check_codes_args(op, x, step, bits);
   const float s = *step.const_data_ptr<float>();
   TORCH_CHECK(std::isfinite(s) && s > 0.f, op, ": step must be a finite positive step size, got ",
               s);

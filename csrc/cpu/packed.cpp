@@ -17,12 +17,9 @@
 #include <string>
 #include <vector>
 
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
-
+#include "cpu/huge_pages.h"
 #include "cpu/packed_kernels.h"
-#include "lsq_checks.h"
+#include "packed_checks.h"
 #include "packed_layout.h"
 
 namespace rfq::cpu {
@@ -70,22 +67,7 @@ FloatKind float_kind(at::ScalarType t) {
 
 // Packed weights are long-lived and streamed whole by every small-M call. On 4 KB pages the
 // rows' TLB misses held 2-thread cold M=1 at ~31 GB/s; 2 MB pages remove them (measured
-// rates in bench/README.md). So pack_weight asks for transparent huge pages on its output
-// before the first touch (best effort, as coupled_quant_multi does in lsq.cpp: no effect where
-// THP is off; the unaligned head and tail of the buffer stay on small pages).
-void advise_huge_pages(const at::Tensor& t) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHuge = uintptr_t{1} << 21;
-  const size_t bytes = t.nbytes();
-  if (bytes < 2 * kHuge) return;
-  const auto begin = reinterpret_cast<uintptr_t>(t.const_data_ptr());
-  const uintptr_t first = (begin + kHuge - 1) & ~(kHuge - 1);
-  const uintptr_t last = (begin + bytes) & ~(kHuge - 1);
-  if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
-#else
-  (void)t;
-#endif
-}
+// rates in bench/README.md), so pack_weight asks for them on its output before the first touch.
 
 std::pair<int64_t, int64_t> signed_range(int64_t bits) {
   if (bits == 1) return {-1, 1};
@@ -112,7 +94,7 @@ at::Tensor pack_weight(const at::Tensor& codes, int64_t bits) {
   const int64_t rb = packed::row_bytes(k, bits), kp = packed::padded_k(k);
   const int64_t cb = packed::container_bits(bits), off = packed::code_offset(bits);
   at::Tensor out = at::empty({n, rb}, c.options().dtype(at::kByte));
-  advise_huge_pages(out);
+  advise_huge_pages(out, 0);
   out.zero_();  // the row padding stays 0
   uint8_t* dst = out.mutable_data_ptr<uint8_t>();
   at::parallel_for(0, n, 64, [&](int64_t r0, int64_t r1) {
@@ -138,24 +120,9 @@ at::Tensor pack_weight(const at::Tensor& codes, int64_t bits) {
   return out;
 }
 
-void check_packed(const char* op, const at::Tensor& packed, int64_t k, int64_t bits) {
-  TORCH_CHECK(packed.scalar_type() == at::kByte, op, ": packed must be uint8 (from pack_weight), ",
-              "got ", packed.scalar_type());
-  TORCH_CHECK(packed.dim() == 2, op, ": packed must be 2-D [N, row_bytes], got shape ",
-              packed.sizes());
-  TORCH_CHECK(packed.size(1) == packed::row_bytes(k, bits), op, ": packed rows hold ",
-              packed.size(1), " bytes but K=", k, " at ", bits, " bits needs ",
-              packed::row_bytes(k, bits), " (wrong bits, K or layout)");
-}
-
 at::Tensor unpack_weight(const at::Tensor& packed, int64_t bits, c10::IntArrayRef shape) {
   constexpr const char* op = "rfq.unpack_weight";
-  check_bit(op, "bits", bits);
-  TORCH_CHECK(shape.size() == 2 && shape[0] >= 0 && shape[1] >= 0, op,
-              ": shape must be [N, K], got ", shape);
-  check_packed(op, packed, shape[1], bits);
-  TORCH_CHECK(packed.size(0) == shape[0], op, ": packed has ", packed.size(0),
-              " rows but shape asks for N=", shape[0]);
+  check_unpack(op, packed, bits, shape);
   const at::Tensor p = packed.contiguous();
   const int64_t n = shape[0], k = shape[1], rb = p.size(1);
   const int64_t cb = packed::container_bits(bits), off = packed::code_offset(bits);
@@ -186,51 +153,12 @@ at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& packed, const at
                          const std::optional<at::Tensor>& zeros, int64_t bits, int64_t group_size,
                          const std::optional<at::Tensor>& bias) {
   constexpr const char* op = "rfq.packed_linear";
-  check_x(op, x);
-  check_bit(op, "bits", bits);
-  TORCH_CHECK(x.dim() >= 1, op, ": x must have a last dimension K, got a 0-dim tensor");
-  const int64_t k = x.size(-1);
-  check_packed(op, packed, k, bits);
-  const int64_t n = packed.size(0);
-  TORCH_CHECK(group_size == 0 || group_size == 32 || group_size == 64 || group_size == 128, op,
-              ": group_size must be 0 (per-tensor) or 32, 64, 128, got ", group_size);
-  for (const auto* t : {&packed, &scales}) {
-    TORCH_CHECK(t->device() == x.device(), op, ": all tensors must be on x's device");
-  }
-  TORCH_CHECK(at::isFloatingType(scales.scalar_type()), op, ": scales must be floating point, got ",
-              scales.scalar_type());
-  const int64_t groups = group_size ? (k + group_size - 1) / group_size : 1;
-  if (group_size == 0) {
-    TORCH_CHECK(scales.numel() == 1, op, ": per-tensor scales must hold one value, got shape ",
-                scales.sizes());
-    TORCH_CHECK(!zeros.has_value(), op, ": zeros need group-wise scales (group_size 32/64/128)");
-  } else {
-    TORCH_CHECK(scales.dim() == 2 && scales.size(0) == n && scales.size(1) == groups, op,
-                ": scales must be [N, ceil(K/group_size)] = [", n, ", ", groups, "], got ",
-                scales.sizes());
-    if (zeros.has_value()) {
-      TORCH_CHECK(zeros->sizes() == scales.sizes(), op, ": zeros must have scales' shape ",
-                  scales.sizes(), ", got ", zeros->sizes());
-      TORCH_CHECK(at::isFloatingType(zeros->scalar_type()), op, ": zeros must be floating point");
-      TORCH_CHECK(zeros->device() == x.device(), op, ": zeros must be on x's device");
-    }
-  }
-  if (bias.has_value()) {
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == n, op, ": bias must be [N] = [", n,
-                "], got ", bias->sizes());
-    TORCH_CHECK(bias->device() == x.device(), op, ": bias must be on x's device");
-  }
+  const LinearDims dims =
+      check_packed_linear(op, x, packed, scales, zeros, bits, group_size, bias);
+  const int64_t m = dims.m, k = dims.k, n = dims.n, groups = dims.groups;
 
-  const int64_t m = k ? x.numel() / k : 0;
-  auto out_shape = x.sizes().vec();
-  out_shape.back() = n;
   const auto f32 = x.options().dtype(at::kFloat);
-  if (m == 0 || n == 0 || k == 0) {
-    // empty product: y is the bias broadcast over the rows (zeros without bias)
-    at::Tensor y0 = at::zeros(out_shape, x.options());
-    if (bias.has_value() && y0.numel() > 0) y0.add_(bias->to(y0.scalar_type()));
-    return y0;
-  }
+  if (is_empty_product(dims)) return empty_product(dims, x, bias);
 
   const int64_t kp = packed::padded_k(k);
   const at::Tensor x2 = x.reshape({m, k}).contiguous();
@@ -276,7 +204,7 @@ at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& packed, const at
     y.addmm_(xg.view({m, groups, group_size}).sum(-1), zterm.t());
   }
   if (bias.has_value()) y.add_(bias->to(at::kFloat));
-  return y.to(x.scalar_type()).reshape(out_shape);
+  return y.to(x.scalar_type()).reshape(dims.out_shape);
 }
 
 }  // namespace

@@ -611,13 +611,7 @@ std::tuple<at::Tensor, at::Tensor> quant_stats(const at::Tensor& x, const at::Te
 at::Tensor quantize_codes(const at::Tensor& x, const at::Tensor& step, int64_t bits,
                           bool is_signed) {
   constexpr const char* op = "rfq.quantize_codes";
-  check_x(op, x);
-  check_bit(op, "bits", bits);
-  TORCH_CHECK(step.device() == x.device(), op, ": step must be on x's device (", x.device(),
-              "), got ", step.device());
-  TORCH_CHECK(step.scalar_type() == at::kFloat, op, ": step must be float32, got ",
-              step.scalar_type());
-  TORCH_CHECK(step.numel() == 1, op, ": step must hold one value, got shape ", step.sizes());
+  check_codes_args(op, x, step, bits);
   const c10::cuda::CUDAGuard guard(x.device());
   const cpu::QuantSpec spec = make_spec(bits, is_signed, 1.f);  // the step is read on device
   const QuantRange q{spec.qn, spec.qp, spec.binary};

@@ -25,7 +25,7 @@
 
 #include "cuda/common.cuh"
 #include "cuda/lsq_math.cuh"
-#include "lsq_checks.h"
+#include "packed_checks.h"
 #include "packed_layout.h"
 
 namespace rfq::cuda {
@@ -385,24 +385,9 @@ at::Tensor pack_weight(const at::Tensor& codes, int64_t bits) {
   return out;
 }
 
-void check_packed(const char* op, const at::Tensor& packed_w, int64_t k, int64_t bits) {
-  TORCH_CHECK(packed_w.scalar_type() == at::kByte, op,
-              ": packed must be uint8 (from pack_weight), got ", packed_w.scalar_type());
-  TORCH_CHECK(packed_w.dim() == 2, op, ": packed must be 2-D [N, row_bytes], got shape ",
-              packed_w.sizes());
-  TORCH_CHECK(packed_w.size(1) == packed::row_bytes(k, bits), op, ": packed rows hold ",
-              packed_w.size(1), " bytes but K=", k, " at ", bits, " bits needs ",
-              packed::row_bytes(k, bits), " (wrong bits, K or layout)");
-}
-
 at::Tensor unpack_weight(const at::Tensor& packed_w, int64_t bits, c10::IntArrayRef shape) {
   constexpr const char* op = "rfq.unpack_weight";
-  check_bit(op, "bits", bits);
-  TORCH_CHECK(shape.size() == 2 && shape[0] >= 0 && shape[1] >= 0, op,
-              ": shape must be [N, K], got ", shape);
-  check_packed(op, packed_w, shape[1], bits);
-  TORCH_CHECK(packed_w.size(0) == shape[0], op, ": packed has ", packed_w.size(0),
-              " rows but shape asks for N=", shape[0]);
+  check_unpack(op, packed_w, bits, shape);
   const c10::cuda::CUDAGuard guard(packed_w.device());
   const int64_t n = shape[0], k = shape[1];
   at::Tensor out = at::empty({n, k}, packed_w.options().dtype(at::kChar));
@@ -450,51 +435,12 @@ at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& packed_w,
                          const at::Tensor& scales, const std::optional<at::Tensor>& zeros,
                          int64_t bits, int64_t group_size, const std::optional<at::Tensor>& bias) {
   constexpr const char* op = "rfq.packed_linear";
-  check_x(op, x);
-  check_bit(op, "bits", bits);
-  TORCH_CHECK(x.dim() >= 1, op, ": x must have a last dimension K, got a 0-dim tensor");
-  const int64_t k = x.size(-1);
-  check_packed(op, packed_w, k, bits);
-  const int64_t n = packed_w.size(0);
-  TORCH_CHECK(group_size == 0 || group_size == 32 || group_size == 64 || group_size == 128, op,
-              ": group_size must be 0 (per-tensor) or 32, 64, 128, got ", group_size);
-  for (const auto* t : {&packed_w, &scales}) {
-    TORCH_CHECK(t->device() == x.device(), op, ": all tensors must be on x's device");
-  }
-  TORCH_CHECK(at::isFloatingType(scales.scalar_type()), op, ": scales must be floating point, got ",
-              scales.scalar_type());
-  const int64_t groups = group_size ? (k + group_size - 1) / group_size : 1;
-  if (group_size == 0) {
-    TORCH_CHECK(scales.numel() == 1, op, ": per-tensor scales must hold one value, got shape ",
-                scales.sizes());
-    TORCH_CHECK(!zeros.has_value(), op, ": zeros need group-wise scales (group_size 32/64/128)");
-  } else {
-    TORCH_CHECK(scales.dim() == 2 && scales.size(0) == n && scales.size(1) == groups, op,
-                ": scales must be [N, ceil(K/group_size)] = [", n, ", ", groups, "], got ",
-                scales.sizes());
-    if (zeros.has_value()) {
-      TORCH_CHECK(zeros->sizes() == scales.sizes(), op, ": zeros must have scales' shape ",
-                  scales.sizes(), ", got ", zeros->sizes());
-      TORCH_CHECK(at::isFloatingType(zeros->scalar_type()), op, ": zeros must be floating point");
-      TORCH_CHECK(zeros->device() == x.device(), op, ": zeros must be on x's device");
-    }
-  }
-  if (bias.has_value()) {
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == n, op, ": bias must be [N] = [", n,
-                "], got ", bias->sizes());
-    TORCH_CHECK(bias->device() == x.device(), op, ": bias must be on x's device");
-  }
+  const LinearDims dims =
+      check_packed_linear(op, x, packed_w, scales, zeros, bits, group_size, bias);
+  const int64_t m = dims.m, k = dims.k, n = dims.n, groups = dims.groups;
   const c10::cuda::CUDAGuard guard(x.device());
 
-  const int64_t m = k ? x.numel() / k : 0;
-  auto out_shape = x.sizes().vec();
-  out_shape.back() = n;
-  if (m == 0 || n == 0 || k == 0) {
-    // empty product: y is the bias broadcast over the rows (zeros without bias)
-    at::Tensor y0 = at::zeros(out_shape, x.options());
-    if (bias.has_value() && y0.numel() > 0) y0.add_(bias->to(y0.scalar_type()));
-    return y0;
-  }
+  if (is_empty_product(dims)) return empty_product(dims, x, bias);
 
   const at::Tensor x2 = x.reshape({m, k}).contiguous();
   const at::Tensor p = packed_for_kernels(packed_w);
@@ -531,7 +477,7 @@ at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& packed_w,
         });
       });
     });
-    return y.reshape(out_shape);
+    return y.reshape(dims.out_shape);
   }
 
   // Large M: one dequantize into x's dtype, then ATen's matmul (cuBLAS, tensor cores).
@@ -549,7 +495,7 @@ at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& packed_w,
   });
   const at::Tensor y = bias.has_value() ? at::addmm(bias->to(x.scalar_type()), x2, w.t())
                                         : at::mm(x2, w.t());
-  return y.reshape(out_shape);
+  return y.reshape(dims.out_shape);
 }
 
 }  // namespace
