@@ -120,8 +120,9 @@ def test_packed_linear_matches_reference(device, bits, group_size, with_zeros, d
 
 # Shapes past the kernels' blocking: K chunks (activations kept in L1), row blocks (packed rows
 # kept in L2), row and activation tiles with remainders, and 2-bit units of two blocks with an
-# odd block count.
-BIG_CASES = [(1, 9, 13_100), (2, 37, 4_100), (5, 203, 3_300), (9, 70, 1_000), (31, 5, 4_000),
+# odd block count. M = 1 takes one-row tiles from 1 KB packed rows on (K >= 2048 at 4 bits) and
+# multi-row tiles below.
+BIG_CASES = [(1, 9, 13_100), (1, 203, 2_100), (2, 37, 4_100), (5, 203, 3_300), (9, 70, 1_000), (31, 5, 4_000),
              (3, 7, 10), (1, 5, 64), (4, 3, 129)]
 
 

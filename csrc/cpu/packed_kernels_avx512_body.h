@@ -245,15 +245,35 @@ void run_tiles(const PackedMatmul& a, const __m512i* xbuf, const float* sx, int6
   });
 }
 
+// M = 1 on long rows: one row per tile, so each thread reads the weight as one sequential
+// stream. Cold 11008x4096 int4 then streamed ~46-50 GB/s instead of ~36-38 GB/s with 4-row
+// tiles (4 streams 2 KB apart; same process, interleaved runs), i.e. 1.22-1.30x vs ~1.0x aten's
+// int4 op. Short rows keep the multi-row tiles: their per-row overhead dominates there (1000x512
+// int4: 13.2 vs 9.9 GB/s). RFQ_PACKED_M1_ROWS=1 or 4 forces one choice (tuning, tests).
+inline bool single_row_tiles(const PackedMatmul& a) {
+  static const int forced = [] {
+    const char* e = std::getenv("RFQ_PACKED_M1_ROWS");
+    return e ? std::atoi(e) : 0;
+  }();
+  if (forced) return forced == 1;
+  return a.row_bytes >= 1024;
+}
+
 // Tile shapes: as many accumulators as the 32 zmm registers hold without spilling.
 // (kRm must be tile_m(M): the activation buffer is laid out for it.)
 template <int C, int G>
 void run(const PackedMatmul& a, const __m512i* xbuf, const float* sx, int64_t units, float* y) {
   if constexpr (G == 128) {
-    if (tile_m(a.m) == 1) return run_tiles<C, G, 4, 1>(a, xbuf, sx, units, y);
+    if (tile_m(a.m) == 1) {
+      if (single_row_tiles(a)) return run_tiles<C, G, 1, 1>(a, xbuf, sx, units, y);
+      return run_tiles<C, G, 4, 1>(a, xbuf, sx, units, y);
+    }
     return run_tiles<C, G, 2, 4>(a, xbuf, sx, units, y);
   } else {
-    if (tile_m(a.m) == 1) return run_tiles<C, G, 2, 1>(a, xbuf, sx, units, y);
+    if (tile_m(a.m) == 1) {
+      if (single_row_tiles(a)) return run_tiles<C, G, 1, 1>(a, xbuf, sx, units, y);
+      return run_tiles<C, G, 2, 1>(a, xbuf, sx, units, y);
+    }
     return run_tiles<C, G, 1, 4>(a, xbuf, sx, units, y);
   }
 }
