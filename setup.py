@@ -104,6 +104,13 @@ def cuda_sources():
     return sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cuda").glob("*.cu"))
 
 
+def headers():
+    """Every header under csrc/: a changed header rebuilds the extension (setuptools otherwise
+    compares only the .cpp/.cu timestamps and keeps a stale _C after a kernel-body edit)."""
+    return sorted(str(p.relative_to(ROOT)) for ext in ("*.h", "*.cuh")
+                  for p in (ROOT / "csrc").rglob(ext))
+
+
 def make_extension():
     with_cuda = cuda_wanted()
     sources = ["csrc/registration.cpp"] + cpu_sources()
@@ -125,6 +132,7 @@ def make_extension():
         return CppExtension(
             name="rfq._C",
             sources=sources,
+            depends=headers(),
             include_dirs=include_dirs,
             define_macros=define_macros,
             extra_compile_args={"cxx": cxx},
@@ -142,6 +150,7 @@ def make_extension():
     return CUDAExtension(
         name="rfq._C",
         sources=sources + cuda_sources(),
+        depends=headers(),
         include_dirs=include_dirs,
         define_macros=define_macros + [("RFQ_WITH_CUDA", "1")],
         extra_compile_args={"cxx": cxx, "nvcc": nvcc},
