@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import warnings
 
 import pytest
 import torch
@@ -32,12 +31,12 @@ pytestmark = [
                        reason="triton is not installed"),
 ]
 
+from gpu_timing import (BITS5, DEV, count_host_syncs, count_launches, fwd_bwd,  # noqa: E402
+                        lsq_inputs, record_samples, samples_ms, versions)
 from rfq import ops  # noqa: E402
 from rfq import reference as ref  # noqa: E402
 
-DEV = "cuda"
 SMOKE = bool(os.environ.get("RFQ_BENCH_SMOKE"))
-BITS5 = [6, 5, 4, 3, 2]
 QN4, QP4 = ref.qrange(4, True)
 GROUP = 128
 LARGE = 4_194_304 if SMOKE else 16_777_216
@@ -59,20 +58,6 @@ def has_cuda_kernels(op: str) -> bool:
         return False
 
 
-def versions():
-    import triton
-
-    return dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
-                cuda=torch.version.cuda, triton=triton.__version__,
-                timer="triton.testing.do_bench (L2 flushed)")
-
-
-def samples_ms(fn):
-    import triton.testing
-
-    return list(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="all"))
-
-
 def cudagraph_ms(fn):
     """do_bench_cudagraph's median, or None where fn cannot be captured (host syncs)."""
     import triton.testing
@@ -82,29 +67,6 @@ def cudagraph_ms(fn):
     except Exception:  # noqa: BLE001 - capture fails for code that syncs; nothing to record
         torch.cuda.synchronize()
         return None
-
-
-def count_launches(fn):
-    from torch.profiler import ProfilerActivity, profile
-
-    fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize()
-    return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
-
-
-def count_host_syncs(fn):
-    torch.cuda.synchronize()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            fn()
-        finally:
-            torch.cuda.set_sync_debug_mode(0)
-    return sum("synchroniz" in str(w.message).lower() for w in caught)
 
 
 def run(benchmark, fn, *, group, role, target, floor, min_bytes=0, graph=False, **extra):
@@ -121,14 +83,7 @@ def run(benchmark, fn, *, group, role, target, floor, min_bytes=0, graph=False, 
         benchmark.extra_info["host_syncs"] = count_host_syncs(fn)
         if graph:
             benchmark.extra_info["cudagraph_ms"] = cudagraph_ms(fn)
-    times = samples_ms(fn)
-    make_stats = getattr(benchmark, "_make_stats", None)
-    if make_stats is None:  # a pytest-benchmark without it: wall time with a sync per call
-        benchmark.pedantic(lambda: (fn(), torch.cuda.synchronize()), rounds=len(times))
-        return
-    stats = make_stats(1)
-    for t in times:
-        stats.update(t / 1e3)
+    record_samples(benchmark, fn, samples_ms(fn))
 
 
 def skip_without_cuda_kernels(impl, op):
@@ -137,22 +92,6 @@ def skip_without_cuda_kernels(impl, op):
 
 
 # ---- fused LSQ: F1, F3 (one bit) and F8 (K = 5) --------------------------------------------------
-
-
-def lsq_inputs(n, k=1, dtype=torch.float32):
-    g = torch.Generator(device=DEV).manual_seed(0)
-    x = (torch.randn(n, generator=g, device=DEV) * 0.5).to(dtype).requires_grad_()
-    steps = torch.tensor([0.5 / 2 ** (b - 2) for b in (BITS5 if k > 1 else [4])], device=DEV,
-                         requires_grad=True)
-    grad = torch.randn((k, n) if k > 1 else (n,), generator=g, device=DEV).to(dtype)
-    return x, steps, grad
-
-
-def fwd_bwd(fn, x, steps, grad):
-    y = fn(x, steps)
-    if isinstance(y, list):  # baselines: one output per bit-width, autograd sums the gradients
-        return torch.autograd.grad(y, (x, steps), list(grad))
-    return torch.autograd.grad(y, (x, steps), grad)
 
 
 def one_bit_impl(impl, sel, zero_point):
