@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import csv
+import functools
 import json
 import math
 import os
@@ -193,9 +194,7 @@ def flush_denormals():
         torch.set_flush_denormal(False)
 
 
-_MEMORY_RETAINED = []
-
-
+@functools.cache
 def retain_freed_memory() -> bool:
     """On glibc, keep freed tensor memory in the process instead of returning it to the OS.
 
@@ -205,21 +204,16 @@ def retain_freed_memory() -> bool:
     the memory kept; the float model took ~9,000. Fixed thresholds (mmap above 32 MB, trim above
     1 GB) bring that to ~0. Process-wide and idempotent; ``RFQ_KEEP_FREED_MEMORY=0`` opts out.
     Returns whether the thresholds were set."""
-    if _MEMORY_RETAINED:
-        return _MEMORY_RETAINED[0]
-    ok = False
-    if os.environ.get("RFQ_KEEP_FREED_MEMORY", "1") != "0" and sys.platform.startswith("linux"):
-        try:
-            import ctypes
+    if os.environ.get("RFQ_KEEP_FREED_MEMORY", "1") == "0" or not sys.platform.startswith("linux"):
+        return False
+    try:
+        import ctypes
 
-            libc = ctypes.CDLL("libc.so.6")
-            m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
-            ok = bool(libc.mallopt(m_mmap_threshold, 32 << 20)) and bool(
-                libc.mallopt(m_trim_threshold, 1 << 30))
-        except (OSError, AttributeError):  # not glibc (musl, ...): leave the allocator alone
-            ok = False
-    _MEMORY_RETAINED.append(ok)
-    return ok
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):  # not glibc (musl, ...): leave the allocator alone
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
+    return bool(mallopt(m_mmap_threshold, 32 << 20)) and bool(mallopt(m_trim_threshold, 1 << 30))
 
 
 def step_layers(model: nn.Module) -> list[QuantLayer]:
@@ -359,7 +353,8 @@ class FeatureMSE(torch.autograd.Function):
 
 class FeatureTap:
     """Forward hooks on every switchable BN (IDM): in 'teacher' mode they keep detached outputs
-    of all layers; in 'student' mode the outputs of the selected layers, with their graph."""
+    of the selected layers; in 'student' mode the outputs of the selected layers, with their
+    graph."""
 
     def __init__(self, model: nn.Module):
         self.mode, self.selected, self.teacher, self.student = None, set(), {}, {}
@@ -687,7 +682,8 @@ class Trainer:
             bar = tqdm(total=end, initial=self.step, desc=f"train {cfg.mode}", unit="step",
                        dynamic_ncols=True, mininterval=1.0)
         self._log_file = log_file
-        self._tb = self._open_tensorboard() if self.dist.main and cfg.tensorboard else None
+        self._tb = (_summary_writer_class()(str(self.run_dir / "tensorboard"))
+                    if self.dist.main and cfg.tensorboard else None)
         try:
             with flush_denormals():
                 return self._loop(end, writer, bar, log_file)
@@ -695,9 +691,6 @@ class Trainer:
             if self._tb:
                 self._tb.close()
             self._tb = None
-
-    def _open_tensorboard(self):
-        return _summary_writer_class()(str(self.run_dir / "tensorboard"))
 
     def _loop(self, end, writer, bar, log_file) -> dict:
         cfg = self.cfg
@@ -741,18 +734,19 @@ class Trainer:
                  for k in keys}  # the one host read per logging interval
         lr, _ = self.lr_at(self.step - 1)
         frozen = len(self.scheduler.frozen_layers()) if self.scheduler else 0
+        images_per_s = images / max(seconds, 1e-9)
         if writer:
             writer.writerow([self.step, f"{self.epoch_of(self.step):.3f}", f"{lr:.6g}",
                              f"{means.get('loss_max', means.get('loss', float('nan'))):.5f}",
                              f"{means.get('loss_random', float('nan')):.5f}",
                              f"{means.get('acc_max', means.get('acc', float('nan'))):.4f}",
-                             f"{images / max(seconds, 1e-9):.1f}", frozen, f"{self.wall:.1f}"])
+                             f"{images_per_s:.1f}", frozen, f"{self.wall:.1f}"])
             self._log_file.flush()
         if self._tb:
             for k, v in means.items():
                 self._tb.add_scalar(f"train/{k}", v, self.step)
             self._tb.add_scalar("train/lr", lr, self.step)
-            self._tb.add_scalar("train/images_per_s", images / max(seconds, 1e-9), self.step)
+            self._tb.add_scalar("train/images_per_s", images_per_s, self.step)
             self._tb.add_scalar("train/frozen_layers", frozen, self.step)
         if bar:
             bar.set_postfix({k: f"{v:.3f}" for k, v in means.items()}, refresh=False)
