@@ -17,7 +17,7 @@ import platform
 import sys
 from pathlib import Path
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 ROOT = Path(__file__).parent.resolve()
 
@@ -160,8 +160,7 @@ def make_extension():
 
 
 setup(
-    packages=["rfq", "rfq.nn", "rfq.triton_kernels"],
-    package_dir={"rfq": "rfq", "rfq.triton_kernels": "triton_kernels"},
+    packages=find_packages(include=["rfq", "rfq.*"]),
     package_data={"rfq": ["assets/*.pt"]},  # the demo's float ResNet-20 (fp16, 0.6 MB)
     ext_modules=[make_extension()],
     cmdclass={"build_ext": RfqBuildExtension.with_options(use_ninja=False)},

@@ -56,8 +56,9 @@ say "venv ready: $("$VPY" -c 'import torch; print("torch", torch.__version__, "C
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/rfq-cuda-check.XXXXXX") || fail "mktemp failed"
 trap 'rm -rf "$WORK"' EXIT
 mkdir -p "$WORK/src"
-cp -r setup.py pyproject.toml README.md csrc triton_kernels "$WORK/src/" || fail "copying sources"
-mkdir -p "$WORK/src/rfq" && cp rfq/*.py "$WORK/src/rfq/"
+# the Python package too (find_packages needs it; compiled files are left behind)
+cp -r setup.py pyproject.toml README.md csrc rfq "$WORK/src/" || fail "copying sources"
+find "$WORK/src/rfq" \( -name "*.so" -o -name __pycache__ \) -prune -exec rm -rf {} +
 say "building rfq._C with RFQ_CUDA=1 (MAX_JOBS=$MAX_JOBS, arch ${TORCH_CUDA_ARCH_LIST:-setup.py default})"
 (
   cd "$WORK/src" &&

@@ -92,7 +92,7 @@ elif CUDA_ROOT=$(find_cuda_home); then
   for d in "$SITE/nvidia/cu13/include" "$SITE/nvidia/cuda_runtime/include"; do
     [ -d "$d" ] && INCLUDES="${INCLUDES:+$INCLUDES:}$d"
   done
-  # ---- build in place (editable install: rfq.triton_kernels maps to triton_kernels/) -----------
+  # ---- build in place (editable install) -------------------------------------------------------
   note "building rfq._C with RFQ_CUDA=1, arch $TORCH_CUDA_ARCH_LIST, MAX_JOBS=$MAX_JOBS"
   export RFQ_CUDA=1 CUDA_HOME="$CUDA_ROOT" RFQ_CUDA_INCLUDE="$INCLUDES" PATH="$CUDA_ROOT/bin:$PATH"
   if timeout "$(limit "${RFQ_GPU_BUILD_TIMEOUT:-300}" 150)" "$PY" -m pip install -e . \
@@ -103,7 +103,6 @@ elif CUDA_ROOT=$(find_cuda_home); then
     if timeout "$(limit "${RFQ_GPU_BUILD_TIMEOUT:-300}" 150)" "$PY" setup.py build_ext --inplace \
       >"$OUT/build_inplace.log" 2>&1; then
       BUILD_OK=1
-      [ -e rfq/triton_kernels ] || ln -s ../triton_kernels rfq/triton_kernels
     fi
   fi
   note "build log: $(grep -c 'warning' "$OUT"/build*.log 2>/dev/null | tr '\n' ' ') warning lines"
