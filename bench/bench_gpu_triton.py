@@ -45,7 +45,7 @@ LLM = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)]  # (N, K) of K 
 
 
 def _rt():
-    from rfq import triton_ops  # noqa: F401  (registers torch.ops.rfq_triton)
+    from rfq.ops import triton_ops  # noqa: F401  (registers torch.ops.rfq_triton)
 
     return torch.ops.rfq_triton
 

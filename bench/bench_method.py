@@ -27,7 +27,8 @@ import torch.nn.functional as F
 from rfq.data import Dataset, Split
 from rfq.models import build_model
 from rfq.nn.modules import use_reference_quantizer
-from rfq.train import TrainConfig, Trainer, flush_denormals
+from rfq.methods.rfq import TrainConfig, CoupledTrainer as Trainer
+from rfq.runtime import flush_denormals
 
 SMOKE = bool(os.environ.get("RFQ_BENCH_SMOKE"))
 BATCH = 16 if SMOKE else 128
@@ -44,7 +45,7 @@ def synthetic_dataset(n=512, seed=0):
 @pytest.fixture(scope="module")
 def trainer():
     tmp = tempfile.mkdtemp(prefix="rfq-bench-")
-    from rfq.demo import SHIPPED_FLOAT
+    from rfq.cli.demo import SHIPPED_FLOAT
 
     cfg = TrainConfig(mode="coupled", model="resnet20", dataset="synthetic", epochs=1,
                       steps_per_epoch=10**6, batch_size=BATCH, checkpoint_every=10**9,
@@ -92,8 +93,8 @@ def bench_training_step(benchmark, trainer, impl):
 
 @pytest.fixture(scope="module")
 def search_setup(trainer):
-    from rfq.bitops import CostModel
-    from rfq.pipeline import budget_levels
+    from rfq.cost import CostModel
+    from rfq.cli.pipeline import budget_levels
 
     model = trainer.ema.model
     costs = CostModel(model, (1, 28, 28))
@@ -127,7 +128,7 @@ CHOSEN = {}
 
 @pytest.mark.parametrize("impl", ["rfq", "straightforward search"])
 def bench_greedy_search(benchmark, search_setup, impl):
-    from rfq.search import GreedySearch, ScoreBatches
+    from rfq.methods.rfq.search import GreedySearch, ScoreBatches
 
     model, costs, target = search_setup
     batch = 32 if SMOKE else 256

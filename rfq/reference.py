@@ -20,20 +20,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-
-def qrange(bits: int, signed: bool) -> tuple[int, int]:
-    """Integer code range [qn, qp] of one candidate; signed 1-bit is binary {-1, +1}."""
-    if not 1 <= bits <= 8:
-        raise ValueError(f"bits must be in 1..8, got {bits}")
-    if signed and bits == 1:
-        return -1, 1
-    if signed:
-        return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
-    return 0, 2**bits - 1
-
-
-def is_binary(bits: int, signed: bool) -> bool:
-    return signed and bits == 1
+from rfq.ops.layout import (BLOCK_K, code_offset, container_bits, is_binary,  # noqa: F401
+                            packed_row_bytes, padded_k, qrange)
 
 
 def codes_float(v: Tensor, bits: int, signed: bool) -> Tensor:
@@ -176,35 +164,22 @@ def composed_lsq(x: Tensor, step: Tensor, qn: int, qp: int) -> Tensor:
     return (c + (c.round() - c).detach()) * step
 
 
-# ---- packed weights (layout: csrc/packed_layout.h, spec §3) ------------------------------------
-
-
-def container_bits(bits: int) -> int:
-    return 2 if bits <= 2 else (4 if bits <= 4 else 8)
-
-
-def code_offset(bits: int) -> int:
-    return {2: 2, 4: 8, 8: 0}[container_bits(bits)]
-
-
-def packed_row_bytes(k: int, bits: int) -> int:
-    raw = -(-k // 128) * 128 * container_bits(bits) // 8
-    return -(-raw // 64) * 64
+# ---- packed weights (layout: rfq/ops/layout.py, csrc/packed_layout.h; spec §3) ------------------
 
 
 def pack_weight(codes: Tensor, bits: int) -> Tensor:
     n, k = codes.shape
-    kp = -(-k // 128) * 128
+    kp = padded_k(k)
     q = torch.zeros(n, kp, dtype=torch.int64)
     q[:, :k] = codes.long()
-    blocks = q.reshape(n, kp // 128, 128)
+    blocks = q.reshape(n, kp // BLOCK_K, BLOCK_K)
     c = container_bits(bits)
     if c == 8:
         body = blocks.to(torch.int8).view(torch.uint8)
     else:
         u = blocks + code_offset(bits)
-        per_byte = 8 // c  # elements per byte; element j + i*(128/per_byte) at bit offset i*c
-        parts = u.reshape(n, kp // 128, per_byte, 128 // per_byte)
+        per_byte = 8 // c  # elements per byte; element j + i*(BLOCK_K/per_byte) at offset i*c
+        parts = u.reshape(n, kp // BLOCK_K, per_byte, BLOCK_K // per_byte)
         body = sum(parts[:, :, i] << (i * c) for i in range(per_byte)).to(torch.uint8)
     out = torch.zeros(n, packed_row_bytes(k, bits), dtype=torch.uint8)
     flat = body.reshape(n, kp * container_bits(bits) // 8)
@@ -214,9 +189,9 @@ def pack_weight(codes: Tensor, bits: int) -> Tensor:
 
 def unpack_weight(packed: Tensor, bits: int, shape) -> Tensor:
     n, k = shape
-    kp = -(-k // 128) * 128
+    kp = padded_k(k)
     c = container_bits(bits)
-    body = packed[:, : kp * c // 8].long().reshape(n, kp // 128, 128 * c // 8)
+    body = packed[:, : kp * c // 8].long().reshape(n, kp // BLOCK_K, BLOCK_K * c // 8)
     if c == 8:
         q = body.to(torch.uint8).view(torch.int8).long()
     else:

@@ -6,7 +6,7 @@ import sys
 import torch
 
 from rfq.data import load_digits_dataset
-from rfq.train import Trainer
+from rfq.methods.rfq import CoupledTrainer as Trainer
 
 from method_utils import coupled_config
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict
 
 from rfq import checkpoint as ckpt
-from rfq.train import TrainConfig, Trainer
+from rfq.methods.rfq import TrainConfig, CoupledTrainer as Trainer
 
 DIGITS = dict(model="smallcnn", dataset="digits", batch_size=64, channels_last=False)
 

@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from rfq.__main__ import main
-from rfq import showcase
+from rfq.cli import showcase
 
 
 def test_showcase_trains_one_model_for_all_bit_widths(capsys):

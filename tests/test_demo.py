@@ -8,7 +8,7 @@ import pytest
 
 from rfq.cli import main
 from rfq.data import DEFAULT_FASHION_DIR
-from rfq.demo import SHIPPED_FLOAT
+from rfq.cli.demo import SHIPPED_FLOAT
 
 HAVE_DATA = (Path(DEFAULT_FASHION_DIR) / "train-images-idx3-ubyte.gz").is_file()
 

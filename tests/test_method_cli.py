@@ -8,9 +8,9 @@ import torch
 
 from rfq.cli import main
 from rfq.data import load_digits_dataset
-from rfq.export import load_packed, packed_size_bytes, to_packed
+from rfq.deploy.export import load_packed, packed_size_bytes, to_packed
 from rfq.nn import set_bits
-from rfq.pipeline import load_run, score_batches
+from rfq.cli.pipeline import load_run, score_batches
 
 COMMON = ["--model", "smallcnn", "--dataset", "digits", "--batch-size", "64", "--no-progress",
           "--set", "channels_last=False"]

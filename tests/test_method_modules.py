@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rfq import reference as ref
-from rfq.bitops import CostModel, parse_budget
+from rfq.cost import CostModel, parse_budget
 from rfq.models import build_model
 from rfq.nn import (QuantConfig, QuantConv2d, SwitchableBatchNorm2d, current_config,
                     mixed_layers, quant_layers, quantize_, set_bits)

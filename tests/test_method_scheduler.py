@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from rfq.nn import QuantConfig, mixed_layers, quantize_
-from rfq.scheduler import BitWidthScheduler
+from rfq.methods.rfq.scheduler import BitWidthScheduler
 
 
 class Chain(nn.Module):

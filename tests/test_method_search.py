@@ -9,9 +9,9 @@ from torch import nn
 
 from rfq.data import load_digits_dataset
 from rfq.nn import SwitchableBatchNorm2d, mixed_layers, set_bits
-from rfq.pipeline import budget_levels, load_run, score_batches
-from rfq.search import GreedySearch, recalibrate_bn
-from rfq.train import Trainer
+from rfq.cli.pipeline import budget_levels, load_run, score_batches
+from rfq.methods.rfq.search import GreedySearch, recalibrate_bn
+from rfq.methods.rfq import CoupledTrainer as Trainer
 
 from method_utils import coupled_config, train_float
 

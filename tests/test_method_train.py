@@ -11,8 +11,10 @@ from rfq import checkpoint as ckpt
 from rfq.data import load_digits_dataset
 from rfq.nn import SwitchableBatchNorm2d, mixed_layers, set_bits
 from rfq.nn.modules import QuantLayer
-from rfq.search import recalibrate_bn
-from rfq.train import EMA, TrainConfig, Trainer, qe_loss
+from rfq.methods.rfq.search import recalibrate_bn
+from rfq.training import EMA
+from rfq.methods.rfq import TrainConfig, CoupledTrainer as Trainer
+from rfq.methods.rfq.losses import qe_loss
 
 from method_utils import coupled_config, train_float
 
@@ -207,7 +209,7 @@ def test_coupled_step_never_syncs_on_cuda(tmp_path, digits, float_ckpt):
 
 @pytest.mark.parametrize("layout", ["channels_last", "contiguous"])
 def test_feature_mse_matches_mse_loss_and_keeps_the_layout(layout):
-    from rfq.train import FeatureMSE
+    from rfq.methods.rfq.losses import FeatureMSE
 
     fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
     g = torch.Generator().manual_seed(0)
@@ -249,7 +251,7 @@ def test_idm_keeps_only_the_teacher_features_a_pass_compares(tmp_path, digits, f
 
 
 def test_retain_freed_memory_is_idempotent():
-    from rfq.train import retain_freed_memory
+    from rfq.runtime import retain_freed_memory
 
     first = retain_freed_memory()
     assert retain_freed_memory() is first

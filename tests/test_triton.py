@@ -28,7 +28,7 @@ import triton.language as tl  # noqa: E402
 from lsq_cases import abs_step_terms, assert_step_grad_close, make_x, steps_for  # noqa: E402
 from rfq import ops  # noqa: E402
 from rfq import reference as ref  # noqa: E402
-from rfq import triton_ops  # noqa: E402,F401  (registers torch.ops.rfq_triton)
+from rfq.ops import triton_ops  # noqa: E402,F401  (registers torch.ops.rfq_triton)
 from rfq.triton_kernels import lsq, packed  # noqa: E402
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")

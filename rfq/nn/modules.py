@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rfq import ops
-from rfq.reference import qrange
+from rfq.ops.layout import qrange
 
 MIN_STEP = 1e-6  # steps are clamped here after every update (the kernels reject s <= 0)
 

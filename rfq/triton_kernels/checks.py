@@ -12,10 +12,10 @@ from typing import Sequence
 
 import torch
 
-MAX_CANDIDATES = 8
-BLOCK_K = 128  # packed layout: 128-element K-blocks (csrc/packed_layout.h)
-ROW_ALIGN = 64  # packed rows are padded to 64 bytes
-GROUP_SIZES = (0, 32, 64, 128)
+from rfq.ops.layout import (BLOCK_K, GROUP_SIZES, MAX_BITS, MAX_CANDIDATES,  # noqa: F401
+                            MIN_BITS, ROW_ALIGN, code_offset, container_bits, qrange)
+from rfq.ops.layout import packed_row_bytes as row_bytes  # noqa: F401
+
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -36,8 +36,8 @@ def check_x(op: str, x: torch.Tensor):
 
 
 def check_bit(op: str, name: str, b: int):
-    if not 1 <= b <= 8:
-        fail(op, f"{name} must be in 1..8, got {b}")
+    if not MIN_BITS <= b <= MAX_BITS:
+        fail(op, f"{name} must be in {MIN_BITS}..{MAX_BITS}, got {b}")
 
 
 def check_steps(op: str, x: torch.Tensor, steps: torch.Tensor, bits: Sequence[int]):
@@ -54,7 +54,7 @@ def check_steps(op: str, x: torch.Tensor, steps: torch.Tensor, bits: Sequence[in
     if steps.numel() != len(bits):
         fail(op, f"steps has K={steps.numel()} entries but bits lists {len(bits)} candidates")
     if len(bits) > MAX_CANDIDATES:
-        fail(op, f"at most 8 candidate bits, got {len(bits)}")
+        fail(op, f"at most {MAX_CANDIDATES} candidate bits, got {len(bits)}")
     for b in bits:
         check_bit(op, "bits", b)
 
@@ -96,29 +96,7 @@ def check_step(op: str, x: torch.Tensor, step: torch.Tensor):
         fail(op, f"step must hold one value, got shape {list(step.shape)}")
 
 
-def qrange(bits: int, signed: bool) -> tuple[int, int]:
-    """Integer code range of one candidate (spec §1); signed 1-bit is binary {-1, +1}."""
-    if signed and bits == 1:
-        return -1, 1
-    if signed:
-        return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
-    return 0, (1 << bits) - 1
-
-
 # ---- packed weights -----------------------------------------------------------------------------
-
-
-def container_bits(bits: int) -> int:
-    return 2 if bits <= 2 else (4 if bits <= 4 else 8)
-
-
-def code_offset(bits: int) -> int:
-    return {2: 2, 4: 8, 8: 0}[container_bits(bits)]
-
-
-def row_bytes(k: int, bits: int) -> int:
-    raw = cdiv(k, BLOCK_K) * BLOCK_K * container_bits(bits) // 8
-    return cdiv(raw, ROW_ALIGN) * ROW_ALIGN
 
 
 def check_packed(op: str, packed: torch.Tensor, k: int, bits: int):

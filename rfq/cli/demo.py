@@ -17,11 +17,11 @@ from pathlib import Path
 
 import torch
 
-SHIPPED_FLOAT = Path(__file__).parent / "assets" / "resnet20-fmnist-float.pt"
+SHIPPED_FLOAT = Path(__file__).parent.parent / "assets" / "resnet20-fmnist-float.pt"
 
 
 def _trainer(cfg, out, resume=True, dataset=None, progress=True):
-    from rfq.train import Trainer
+    from rfq.methods.rfq import CoupledTrainer as Trainer
 
     return Trainer(cfg, out, resume=resume and (Path(out) / "checkpoint.pt").exists(),
                    dataset=dataset, progress=progress)
@@ -30,7 +30,7 @@ def _trainer(cfg, out, resume=True, dataset=None, progress=True):
 def seconds_per_step(cfg, dataset, steps: int = 6) -> float:
     """Time a few coupled steps of this config in a throwaway run (sizes the demo to the
     machine: these shared machines vary up to 4x)."""
-    from rfq.train import TrainConfig
+    from rfq.methods.rfq import TrainConfig
 
     probe = TrainConfig(**{**asdict(cfg), "epochs": 1, "steps_per_epoch": steps + 2,
                            "checkpoint_every": 10**9, "log_every": 10**9})
@@ -48,11 +48,11 @@ def seconds_per_step(cfg, dataset, steps: int = 6) -> float:
 
 def main(args) -> int:
     from rfq import checkpoint as ckpt
-    from rfq.cli import PROFILES
+    from rfq.cli.main import PROFILES
     from rfq.data import load_dataset
-    from rfq.pipeline import (format_table, load_run, pareto_plot, search_budgets,
+    from rfq.cli.pipeline import (format_table, load_run, pareto_plot, search_budgets,
                               uniform_results, budget_levels, write_json)
-    from rfq.train import TrainConfig
+    from rfq.methods.rfq import TrainConfig
 
     t_start = time.perf_counter()
     if args.threads:

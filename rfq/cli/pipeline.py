@@ -13,11 +13,13 @@ import torch
 from torch import nn
 
 from rfq import checkpoint as ckpt
-from rfq.bitops import CostModel, format_bitops
+from rfq.cost import CostModel, format_bitops
 from rfq.data import BatchStream, Dataset, eval_batches, load_dataset, normalize
 from rfq.nn import current_config, set_bits
-from rfq.search import GreedySearch, ScoreBatches, calibration_count, recalibrate_bn
-from rfq.train import EMA, TrainConfig, evaluate, flush_denormals, load_model
+from rfq.methods.rfq.search import GreedySearch, ScoreBatches, calibration_count, recalibrate_bn
+from rfq.training import EMA, evaluate
+from rfq.methods.rfq import TrainConfig, load_model
+from rfq.runtime import flush_denormals
 
 
 @dataclass

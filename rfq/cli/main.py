@@ -1,7 +1,7 @@
 """``python -m rfq train | search | eval | export | demo | showcase`` (also the ``rfq`` script).
 
 Settings come from a profile (``--profile``), then a config file (``--config``, JSON or TOML,
-keys of rfq.train.TrainConfig), then ``--set key=value`` and the named flags, later ones winning.
+keys of rfq.methods.rfq.TrainConfig), then ``--set key=value`` and the named flags, later ones winning.
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ def load_config_file(path: str) -> dict:
 
 
 def build_train_config(args):
-    from rfq.train import TrainConfig
+    from rfq.methods.rfq import TrainConfig
 
     values = {}
     if args.profile:
@@ -99,7 +99,9 @@ def cmd_train(args) -> int:
     import torch
 
     from rfq import checkpoint as ckpt
-    from rfq.train import Trainer, evaluate, eval_batches
+    from rfq.methods.rfq import CoupledTrainer as Trainer
+    from rfq.training import evaluate
+    from rfq.data import eval_batches
 
     cfg = build_train_config(args)
     if args.threads:
@@ -129,8 +131,8 @@ def cmd_train(args) -> int:
 
 
 def _parse_budgets(run, texts, metric):
-    from rfq.bitops import parse_budget
-    from rfq.pipeline import budget_levels
+    from rfq.cost import parse_budget
+    from rfq.cli.pipeline import budget_levels
 
     out = []
     for t in texts:
@@ -154,7 +156,7 @@ def _load(args):
     import torch
 
     from rfq import checkpoint as ckpt
-    from rfq.pipeline import load_run
+    from rfq.cli.pipeline import load_run
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -165,7 +167,7 @@ def _load(args):
 
 
 def cmd_search(args) -> int:
-    from rfq.pipeline import format_table, pareto_plot, search_budgets, uniform_results, write_json
+    from rfq.cli.pipeline import format_table, pareto_plot, search_budgets, uniform_results, write_json
 
     run = _load(args)
     if run.costs is None:
@@ -189,7 +191,7 @@ def cmd_search(args) -> int:
 
 
 def _baseline(path, args):
-    from rfq.pipeline import calibration_batches, evaluate_config, load_run
+    from rfq.cli.pipeline import calibration_batches, evaluate_config, load_run
 
     run = load_run(path, data_dir=args.data_dir)
     if run.cfg.mode != "lsq":
@@ -216,8 +218,8 @@ def _config_arg(run, args):
 
 
 def cmd_eval(args) -> int:
-    from rfq.bitops import format_bitops
-    from rfq.pipeline import calibration_batches, evaluate_config
+    from rfq.cost import format_bitops
+    from rfq.cli.pipeline import calibration_batches, evaluate_config
 
     run = _load(args)
     config = _config_arg(run, args)
@@ -235,11 +237,11 @@ def cmd_eval(args) -> int:
 def cmd_export(args) -> int:
     import copy
 
-    from rfq.export import packed_size_bytes, save_packed, to_packed
+    from rfq.deploy.export import packed_size_bytes, save_packed, to_packed
     from rfq.nn import set_bits
-    from rfq.pipeline import calibration_batches
-    from rfq.search import recalibrate_bn
-    from rfq.train import flush_denormals
+    from rfq.cli.pipeline import calibration_batches
+    from rfq.methods.rfq.search import recalibrate_bn
+    from rfq.runtime import flush_denormals
 
     run = _load(args)
     if run.costs is None:
@@ -261,13 +263,13 @@ def cmd_export(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from rfq import demo
+    from rfq.cli import demo
 
     return demo.main(args)
 
 
 def cmd_showcase(args) -> int:
-    from rfq import showcase
+    from rfq.cli import showcase
 
     showcase.main(steps=args.steps, seed=args.seed)
     return 0

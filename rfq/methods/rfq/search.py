@@ -28,7 +28,7 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
-from rfq.bitops import CostModel
+from rfq.cost import CostModel
 from rfq.nn import (BitConfig, SwitchableBatchNorm2d, mixed_layers, quant_layers, set_bits)
 
 

@@ -1,0 +1,69 @@
+"""Autograd of ``torch.ops.rfq``. Backwards are themselves rfq ops, so compiled graphs stay fused;
+only x and the small step/sel tensors are saved: no activation-sized intermediate.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from rfq.ops.packed import dequantize_weight
+
+_ops = torch.ops.rfq
+
+def _coupled_quant_setup(ctx, inputs, output):
+    x, steps, bits, sel, signed, grad_scale = inputs
+    ctx.save_for_backward(x, steps, sel)
+    ctx.bits, ctx.signed, ctx.grad_scale = bits, signed, grad_scale
+
+
+def _coupled_quant_backward(ctx, grad_y):
+    x, steps, sel = ctx.saved_tensors
+    grad_x, grad_steps = _ops.coupled_quant_backward.default(
+        grad_y, x, steps, ctx.bits, sel, ctx.signed, ctx.grad_scale
+    )
+    return grad_x, grad_steps, None, None, None, None
+
+
+def _coupled_quant_multi_setup(ctx, inputs, output):
+    x, steps, bits, signed, grad_scale = inputs
+    ctx.save_for_backward(x, steps)
+    ctx.bits, ctx.signed, ctx.grad_scale = bits, signed, grad_scale
+
+
+def _coupled_quant_multi_backward(ctx, grad_y):
+    x, steps = ctx.saved_tensors
+    grad_x, grad_steps = _ops.coupled_quant_multi_backward.default(
+        grad_y, x, steps, ctx.bits, ctx.signed, ctx.grad_scale
+    )
+    return grad_x, grad_steps, None, None, None
+
+
+torch.library.register_autograd(
+    "rfq::coupled_quant", _coupled_quant_backward, setup_context=_coupled_quant_setup
+)
+torch.library.register_autograd(
+    "rfq::coupled_quant_multi",
+    _coupled_quant_multi_backward,
+    setup_context=_coupled_quant_multi_setup,
+)
+# quant_stats, quantize_codes, pack_weight, unpack_weight: non-differentiable (C++ fallthrough).
+
+
+def _packed_linear_setup(ctx, inputs, output):
+    x, packed, scales, zeros, bits, group_size, bias = inputs
+    ctx.save_for_backward(packed, scales, zeros)
+    ctx.bits, ctx.group_size, ctx.x_shape, ctx.x_dtype = bits, group_size, x.shape, x.dtype
+
+
+def _packed_linear_backward(ctx, grad_y):
+    # The packed weight is frozen (deployment); only x gets a gradient: dx = dy @ dequant(W).
+    packed, scales, zeros = ctx.saved_tensors
+    w = dequantize_weight(packed, scales, ctx.bits, (packed.shape[0], ctx.x_shape[-1]),
+                          ctx.group_size, zeros)
+    grad_x = (grad_y.float() @ w).to(ctx.x_dtype)
+    return grad_x, None, None, None, None, None, None
+
+
+torch.library.register_autograd(
+    "rfq::packed_linear", _packed_linear_backward, setup_context=_packed_linear_setup
+)

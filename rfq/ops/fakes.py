@@ -1,0 +1,77 @@
+"""Fake kernels of ``torch.ops.rfq``: output metadata for torch.compile and meta tensors.
+
+They must give the layouts the C++ kernels produce. They are also the Meta kernels: a call mixing
+a meta tensor with real ones dispatches here, so they check devices like the C++ wrappers do
+instead of returning uninitialized memory.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from rfq.ops.layout import packed_row_bytes
+
+
+def _check_devices(op: str, x: Tensor, **others: Tensor) -> None:
+    for name, t in others.items():
+        if t.device != x.device:
+            raise RuntimeError(f"rfq.{op}: {name} must be on x's device ({x.device}), got {t.device}")
+
+
+@torch.library.register_fake("rfq::coupled_quant")
+def _coupled_quant_fake(x, steps, bits, sel, signed=True, grad_scale=1.0):
+    _check_devices("coupled_quant", x, steps=steps, sel=sel)
+    return torch.empty_like(x)
+
+
+@torch.library.register_fake("rfq::coupled_quant_backward")
+def _coupled_quant_backward_fake(grad_y, x, steps, bits, sel, signed, grad_scale):
+    _check_devices("coupled_quant_backward", x, steps=steps, sel=sel, grad_y=grad_y)
+    return torch.empty_like(x), steps.new_empty(steps.shape)
+
+
+@torch.library.register_fake("rfq::coupled_quant_multi")
+def _coupled_quant_multi_fake(x, steps, bits, signed=True, grad_scale=1.0):
+    _check_devices("coupled_quant_multi", x, steps=steps)
+    return x.new_empty((steps.shape[0], *x.shape))
+
+
+@torch.library.register_fake("rfq::coupled_quant_multi_backward")
+def _coupled_quant_multi_backward_fake(grad_y, x, steps, bits, signed, grad_scale):
+    _check_devices("coupled_quant_multi_backward", x, steps=steps, grad_y=grad_y)
+    return x.new_empty(x.shape), steps.new_empty(steps.shape)
+
+
+@torch.library.register_fake("rfq::quant_stats")
+def _quant_stats_fake(x, steps, bits, signed=True, delta=0.125):
+    _check_devices("quant_stats", x, steps=steps)
+    return steps.new_empty(steps.shape), steps.new_empty(steps.shape)
+
+
+@torch.library.register_fake("rfq::quantize_codes")
+def _quantize_codes_fake(x, step, bits, signed=True):
+    _check_devices("quantize_codes", x, step=step)
+    return torch.empty_like(x, dtype=torch.int8 if signed else torch.uint8)
+
+
+@torch.library.register_fake("rfq::pack_weight")
+def _pack_weight_fake(codes, bits):
+    return codes.new_empty((codes.shape[0], packed_row_bytes(codes.shape[1], bits)),
+                           dtype=torch.uint8)
+
+
+@torch.library.register_fake("rfq::unpack_weight")
+def _unpack_weight_fake(packed, bits, shape):
+    return packed.new_empty(shape, dtype=torch.int8)
+
+
+@torch.library.register_fake("rfq::packed_linear")
+def _packed_linear_fake(x, packed, scales, zeros, bits, group_size, bias=None):
+    others = dict(packed=packed, scales=scales)
+    if zeros is not None:
+        others["zeros"] = zeros
+    if bias is not None:
+        others["bias"] = bias
+    _check_devices("packed_linear", x, **others)
+    return x.new_empty((*x.shape[:-1], packed.shape[0]))

@@ -1,0 +1,74 @@
+"""Typed wrappers of the LSQ op family (coupled_quant, coupled_quant_multi, quant_stats,
+quantize_codes). Conventions in rfq/ops/__init__.py; semantics ../shared/spec/kernels.md §1-2.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from rfq.ops import backend
+
+_ops = torch.ops.rfq
+
+
+def coupled_quant(
+    x: Tensor,
+    steps: Tensor,
+    bits: Sequence[int],
+    sel: Tensor,
+    signed: bool = True,
+    grad_scale: float = 1.0,
+) -> Tensor:
+    """LSQ fake quantization of ``x`` at ``bits[sel]`` with step ``steps[sel]``.
+
+    Differentiable: dx is the clipped straight-through gradient, d steps is the LSQ step gradient
+    (times ``grad_scale``) in slot ``sel`` and zero elsewhere. Output has x's dtype and layout.
+    """
+    if backend.triton_lsq and x.is_cuda:
+        return torch.ops.rfq_triton.coupled_quant.default(x, steps, list(bits), sel, signed,
+                                                          grad_scale)
+    return _ops.coupled_quant.default(x, steps, list(bits), sel, signed, grad_scale)
+
+
+def coupled_quant_multi(
+    x: Tensor,
+    steps: Tensor,
+    bits: Sequence[int],
+    signed: bool = True,
+    grad_scale: float = 1.0,
+) -> Tensor:
+    """All K fake-quantized versions of ``x``, stacked as [K, *x.shape], from one read of x."""
+    if backend.triton_lsq and x.is_cuda:
+        return torch.ops.rfq_triton.coupled_quant_multi.default(x, steps, list(bits), signed,
+                                                                grad_scale)
+    return _ops.coupled_quant_multi.default(x, steps, list(bits), signed, grad_scale)
+
+
+def quant_stats(
+    x: Tensor,
+    steps: Tensor,
+    bits: Sequence[int],
+    signed: bool = True,
+    delta: float = 0.125,
+) -> tuple[Tensor, Tensor]:
+    """Per candidate bit: (quantization MSE, share of values within ``delta`` of a boundary).
+
+    A value counts as near a boundary when it is inside the clipping range and
+    |x/s - rint(x/s)| > 1/2 - delta; for signed 1-bit (boundary 0) when |x/s| < delta. Both are
+    fp32 [K]; an empty x gives zeros. The bit-width scheduler's turbulence is
+    ``mean_b(share_b / b)``.
+    """
+    if backend.triton_lsq and x.is_cuda:
+        return torch.ops.rfq_triton.quant_stats.default(x, steps, list(bits), signed, delta)
+    return _ops.quant_stats.default(x, steps, list(bits), signed, delta)
+
+
+def quantize_codes(x: Tensor, step: Tensor, bits: int, signed: bool = True) -> Tensor:
+    """Integer codes of ``x`` at ``bits`` with one fp32 ``step``: int8 when ``signed``, uint8
+    otherwise (unsigned 8-bit codes reach 255). NaN maps to code 0."""
+    if backend.triton_lsq and x.is_cuda:
+        return torch.ops.rfq_triton.quantize_codes.default(x, step, bits, signed)
+    return _ops.quantize_codes.default(x, step, bits, signed)

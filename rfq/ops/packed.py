@@ -1,0 +1,108 @@
+"""Typed wrappers of the packed-weight ops (pack_weight, unpack_weight, packed_linear) and the
+packed conv built on them. Layout: rfq/ops/layout.py (csrc/packed_layout.h); spec §3.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from rfq.ops import backend
+from rfq.ops.layout import code_offset
+
+_ops = torch.ops.rfq
+
+
+def pack_weight(codes: Tensor, bits: int) -> Tensor:
+    """Signed int8 codes [N, K] (e.g. ``quantize_codes`` of a weight, convs flattened to
+    [C_out, C_in*kh*kw]) -> uint8 [N, packed_row_bytes(K, bits)] in the packed layout."""
+    return _ops.pack_weight.default(codes, bits)
+
+
+def unpack_weight(packed: Tensor, bits: int, shape: Sequence[int]) -> Tensor:
+    """Exact inverse of ``pack_weight``: int8 codes of shape [N, K]."""
+    return _ops.unpack_weight.default(packed, bits, list(shape))
+
+
+def dequantize_weight(
+    packed: Tensor,
+    scales: Tensor,
+    bits: int,
+    shape: Sequence[int],
+    group_size: int = 0,
+    zeros: Tensor | None = None,
+) -> Tensor:
+    """fp32 weights [N, K] of a packed tensor: q * s (per-tensor) or (u - z) * scale per group."""
+    n, k = shape
+    q = unpack_weight(packed, bits, (n, k)).float()
+    if group_size == 0:
+        return q * scales.float().reshape(())
+    scale = scales.float().repeat_interleave(group_size, dim=1)[:, :k]
+    if zeros is None:
+        return q * scale
+    u = q + code_offset(bits)
+    return (u - zeros.float().repeat_interleave(group_size, dim=1)[:, :k]) * scale
+
+
+def packed_linear(
+    x: Tensor,
+    packed: Tensor,
+    scales: Tensor,
+    bits: int,
+    group_size: int = 0,
+    zeros: Tensor | None = None,
+    bias: Tensor | None = None,
+) -> Tensor:
+    """y = x @ dequant(W)^T (+ bias) from packed weights, without materializing W for small M.
+
+    group_size 0: per-tensor LSQ step (``scales`` holds one value, no zeros); 32/64/128: scales
+    (and optional zeros, in offset-binary units) of shape [N, ceil(K/group_size)]. x: [..., K]
+    fp32/bf16/fp16; output [..., N] in x's dtype, fp32 accumulation. Differentiable in x only.
+    """
+    if backend.triton_packed and x.is_cuda:
+        return torch.ops.rfq_triton.packed_linear.default(x, packed, scales, zeros, bits,
+                                                          group_size, bias)
+    return _ops.packed_linear.default(x, packed, scales, zeros, bits, group_size, bias)
+
+
+# Below this many output positions a packed conv runs as unfold + packed_linear (the weight is
+# read packed); above it the packed kernel would dequantize anyway, so dequantize once and let
+# oneDNN's direct convolution run.
+_CONV_PACKED_MAX_M = 32
+
+
+def packed_conv2d(
+    x: Tensor,
+    packed: Tensor,
+    scales: Tensor,
+    bits: int,
+    weight_shape: Sequence[int],
+    group_size: int = 0,
+    zeros: Tensor | None = None,
+    bias: Tensor | None = None,
+    stride=1,
+    padding=0,
+    dilation=1,
+    groups: int = 1,
+) -> Tensor:
+    """conv2d with a packed weight of logical shape ``weight_shape`` = (C_out, C_in/groups, kh,
+    kw), packed as [C_out, C_in/groups*kh*kw]. Same arguments as ``F.conv2d`` otherwise."""
+    c_out, c_in_g, kh, kw = weight_shape
+    if x.dim() != 4 or x.shape[1] != c_in_g * groups:
+        raise ValueError(f"rfq.packed_conv2d: x must be [B, {c_in_g * groups}, H, W], "
+                         f"got {tuple(x.shape)}")
+    pair = torch.nn.modules.utils._pair
+    stride, padding, dilation = pair(stride), pair(padding), pair(dilation)
+    b, _, h, w = x.shape
+    h_out = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    w_out = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    if groups == 1 and b * h_out * w_out < _CONV_PACKED_MAX_M:
+        cols = F.unfold(x, (kh, kw), dilation=dilation, padding=padding, stride=stride)
+        y = packed_linear(cols.transpose(1, 2), packed, scales, bits, group_size, zeros, bias)
+        return y.transpose(1, 2).reshape(b, c_out, h_out, w_out)
+    weight = dequantize_weight(packed, scales, bits, (c_out, c_in_g * kh * kw), group_size, zeros)
+    return F.conv2d(x, weight.reshape(weight_shape).to(x.dtype), bias, stride, padding, dilation,
+                    groups)
