@@ -1,4 +1,4 @@
-"""``python -m rfq ...``: see rfq/cli.py."""
+"""``python -m rfq ...``: see rfq/cli/main.py."""
 
 import sys
 

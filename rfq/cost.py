@@ -16,7 +16,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from rfq.nn import BitConfig, QuantLayer, mixed_layers, quant_layers
+from rfq.nn import BitConfig, mixed_layers, quant_layers
+from rfq.nn.modes import float_layers
 
 FIXED_BITS = 8
 
@@ -40,20 +41,16 @@ class CostModel:
             def hook(mod, inputs, output, name=name):
                 out_hw[name] = tuple(output.shape[-2:]) if output.dim() == 4 else None
             hooks.append(layer.register_forward_hook(hook))
-        quant = {m: m.quant_enabled for _, m in quant_layers(model)}
         was_training = model.training
         try:
-            for m in quant:
-                m.quant_enabled = False  # a float probe: no activation step gets initialised
             model.eval()
-            with torch.no_grad():
+            # a float probe: no activation step gets initialised
+            with float_layers(model), torch.no_grad():
                 param = next(model.parameters())
                 model(torch.zeros((1, *input_shape), device=param.device))
         finally:
             for h in hooks:
                 h.remove()
-            for m, enabled in quant.items():
-                m.quant_enabled = enabled
             model.train(was_training)
         for name, layer in quant_layers(model):
             if name not in out_hw:
@@ -135,4 +132,4 @@ def parse_budget(text: str | float, metric: str) -> float:
     return value
 
 
-__all__ = ["CostModel", "LayerCost", "format_bitops", "parse_budget", "QuantLayer"]
+__all__ = ["CostModel", "LayerCost", "format_bitops", "parse_budget"]

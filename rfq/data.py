@@ -200,10 +200,6 @@ class BatchStream:
             x = x.contiguous(memory_format=torch.channels_last)
         return x.to(self.device, non_blocking=True), self.split.labels[idx].to(self.device)
 
-    def epoch(self, epoch: int, start: int = 0):
-        for i in range(start, self.steps_per_epoch):
-            yield self.batch(epoch, i)
-
 
 def eval_batches(split: Split, dataset: Dataset, batch_size: int = 256, device="cpu",
                  channels_last: bool = False, limit: int | None = None):

@@ -112,7 +112,7 @@ def cmd_train(args) -> int:
         raise SystemExit(f"rfq train: {err}") from None
     t0 = time.perf_counter()
     logs = trainer.run()
-    model = trainer.ema.model if trainer.ema else trainer.model
+    model = trainer.eval_model
     if trainer.dist.main:
         if cfg.mode == "float":
             ckpt.save_atomic({"kind": "float", "config": asdict(cfg),

@@ -1,9 +1,16 @@
-"""Weight-coupled quantized modules and the model converter (``rfq.quantize_``)."""
+"""Weight-coupled quantized modules and the model converter (``rfq.quantize_``).
 
-from rfq.nn.convert import (BitConfig, QuantConfig, current_config, mixed_layers, quant_layers,
-                            quantize_, resolve_config, set_bits)
+    modules.py  QuantConv2d / QuantLinear / SwitchableBatchNorm2d
+    convert.py  quantize_, QuantConfig, set_bits and the bit-config helpers
+    modes.py    temporary modes as context managers (float_layers, bn_batch_statistics,
+                bn_recalibration, cached_weights)
+    packed.py   PackedLayer: a layer frozen at one bit-width, its weight packed
+"""
+
+from rfq.nn.convert import (BitConfig, QuantConfig, UntraceableModelWarning, current_config,
+                            mixed_layers, quant_layers, quantize_, resolve_config, set_bits)
 from rfq.nn.modules import QuantConv2d, QuantLayer, QuantLinear, SwitchableBatchNorm2d
 
 __all__ = ["BitConfig", "QuantConfig", "QuantConv2d", "QuantLayer", "QuantLinear",
-           "SwitchableBatchNorm2d", "current_config", "mixed_layers", "quant_layers",
-           "quantize_", "resolve_config", "set_bits"]
+           "SwitchableBatchNorm2d", "UntraceableModelWarning", "current_config", "mixed_layers",
+           "quant_layers", "quantize_", "resolve_config", "set_bits"]

@@ -12,6 +12,7 @@ come from a ReLU/ReLU6 (through pooling, padding, slicing or sums of such) are u
 from __future__ import annotations
 
 import operator
+import warnings
 from dataclasses import dataclass
 from typing import Mapping, Sequence, Union
 
@@ -20,6 +21,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from rfq.nn.modules import QuantConv2d, QuantLayer, QuantLinear, SwitchableBatchNorm2d
+
+class UntraceableModelWarning(UserWarning):
+    """quantize_ could not trace the model and made every input quantizer signed."""
+
 
 BitPair = tuple[int, int]
 BitConfig = dict[str, BitPair]
@@ -70,11 +75,12 @@ _PRESERVING_MODULES = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Drop
 _PRESERVING_METHODS = {"view", "reshape", "flatten", "contiguous", "mean", "relu"}
 
 
-def _trace(model: nn.Module) -> _Graph | None:
+def _trace(model: nn.Module) -> tuple[_Graph | None, str]:
+    """The traced graph, or (None, why the trace failed)."""
     try:
         gm = torch.fx.symbolic_trace(model)
-    except Exception:  # untraceable model: fall back to module order
-        return None
+    except Exception as err:  # untraceable model: the caller falls back to module order
+        return None, f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
     modules = dict(gm.named_modules())
     nonneg: dict[torch.fx.Node, bool] = {}
 
@@ -120,12 +126,13 @@ def _trace(model: nn.Module) -> _Graph | None:
             if (isinstance(src, torch.fx.Node) and src.op == "call_module"
                     and isinstance(modules[src.target], nn.Conv2d) and len(src.users) == 1):
                 bn_after[src.target] = node.target
-    return _Graph(order, nonneg_input, bn_after)
+    return _Graph(order, nonneg_input, bn_after), ""
 
 
 def _fallback_graph(model: nn.Module) -> _Graph:
-    """Module order; a BN directly after a conv (with matching channels) is that conv's BN;
-    inputs assumed unsigned except where QuantConfig.signed_inputs says otherwise."""
+    """Module order; a BN directly after a conv (with matching channels) is that conv's BN.
+    Without a graph nothing proves an input non-negative, so every input counts as signed
+    (QuantConfig.signed_inputs overrides this)."""
     order, bn_after, prev = [], {}, None
     for name, mod in model.named_modules():
         if isinstance(mod, (nn.Conv2d, nn.Linear)):
@@ -135,7 +142,7 @@ def _fallback_graph(model: nn.Module) -> _Graph:
                 and prev[1].out_channels == mod.num_features:
             bn_after[prev[0]] = name
             prev = None
-    return _Graph(order, {n: True for n in order}, bn_after)
+    return _Graph(order, {n: False for n in order}, bn_after)
 
 
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -152,7 +159,17 @@ def quantize_(model: nn.Module, config: QuantConfig | None = None) -> nn.Module:
     config = config or QuantConfig()
     if any(isinstance(m, QuantLayer) for m in model.modules()):
         raise ValueError("quantize_: the model is already quantized")
-    graph = _trace(model) or _fallback_graph(model)
+    graph, why = _trace(model)
+    if graph is None:
+        graph = _fallback_graph(model)
+        if config.signed_inputs is None:
+            warnings.warn(
+                f"rfq.quantize_: torch.fx could not trace {type(model).__name__} ({why}), so "
+                f"rfq cannot see which layer inputs come from a ReLU; every input quantizer is "
+                f"made signed (correct, but an unsigned input wastes one bit of its range). "
+                f"Declare them with QuantConfig(signed_inputs=[names of the layers whose input "
+                f"can be negative]); every other input is then unsigned.",
+                UntraceableModelWarning, stacklevel=2)
     if not graph.order:
         raise ValueError("quantize_: the model has no Conv2d or Linear layer")
     modules = dict(model.named_modules())
@@ -161,6 +178,10 @@ def quantize_(model: nn.Module, config: QuantConfig | None = None) -> nn.Module:
     first = convs[0] if convs and config.keep_first else None
     last = linears[-1] if linears and config.keep_last else None
     signed_names = set(config.signed_inputs or ())
+    unknown = signed_names - set(graph.order)
+    if unknown:
+        raise ValueError(f"QuantConfig.signed_inputs names layers that are not Conv2d/Linear "
+                         f"layers of this model: {sorted(unknown)}")
     mixed = []
     for name in dict.fromkeys(graph.order):  # a module called twice is quantized once
         mod = modules[name]
@@ -188,7 +209,6 @@ def quantize_(model: nn.Module, config: QuantConfig | None = None) -> nn.Module:
                 q._bn_ref.append(sbn)
         q.lsq_grad_scale = config.lsq_grad_scale
         _replace(model, name, q)
-    model.rfq_config = config
     model.rfq_mixed = mixed  # names of the mixed layers, execution order
     model.set_bits = set_bits.__get__(model)
     set_bits(model, "max")

@@ -1,6 +1,4 @@
-"""Triton kernels of rfq, installed as ``rfq.triton_kernels`` (always import it under that name:
-a top-level ``triton_kernels`` would clash with Triton's own package, hence the mapping in
-setup.py).
+"""Triton kernels of rfq (``rfq.triton_kernels``), one module per op family.
 
     lsq            coupled_quant (+ backward), coupled_quant_multi (+ backward), quant_stats,
                    quantize_codes: kernels and launchers (spec §1-2)
@@ -9,7 +7,7 @@ setup.py).
     checks         the launchers' argument checks (no triton import)
     compile_check  compiles every kernel for an NVIDIA target without a GPU and checks the PTX
 
-The PyTorch ops over these (torch.ops.rfq_triton.*) live in rfq/triton_ops.py; rfq.ops routes
+The PyTorch ops over these (torch.ops.rfq_triton.*) live in rfq/ops/triton_ops.py; rfq.ops routes
 CUDA tensors to them when ``rfq.ops.set_gpu_backend("triton")`` selects them. Importing this
 package does not import triton; importing ``lsq`` or ``packed`` does.
 """

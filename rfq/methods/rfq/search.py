@@ -19,6 +19,7 @@ the identical configuration).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import time
@@ -29,7 +30,8 @@ import torch
 from torch import nn
 
 from rfq.cost import CostModel
-from rfq.nn import (BitConfig, SwitchableBatchNorm2d, mixed_layers, quant_layers, set_bits)
+from rfq.nn import BitConfig, mixed_layers, set_bits
+from rfq.nn.modes import bn_batch_statistics, bn_recalibration, cached_weights
 
 
 @dataclass
@@ -151,16 +153,15 @@ class GreedySearch:
         return new
 
     # -- scoring --
-    def _prepare(self):
+    @contextlib.contextmanager
+    def _scoring(self):
+        """Train mode with batch-statistics BN; the K quantized weights cached when fast."""
         self.model.train()
-        for m in self.model.modules():
-            if isinstance(m, SwitchableBatchNorm2d):
-                m.batch_stats_only = True
-            elif isinstance(m, nn.BatchNorm2d):
-                m.momentum = 0.0  # batch statistics, running averages left as they are
-        if self.fast:
-            for _, layer in quant_layers(self.model):
-                layer.fill_weight_cache()
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(bn_batch_statistics(self.model))
+            if self.fast:
+                stack.enter_context(cached_weights(self.model))
+            yield
 
     def _errors(self, config: BitConfig, moves, x, y) -> list[float]:
         """Top-1 error of every move's config on (x, y); one host read for all of them."""
@@ -196,7 +197,10 @@ class GreedySearch:
         if not target > 0:
             raise ValueError(f"search target must be positive, got {target}")
         t0 = time.perf_counter()
-        self._prepare()
+        with self._scoring():
+            return self._search(target, t0)
+
+    def _search(self, target: float, t0: float) -> SearchResult:
         cost = lambda c: self.costs.cost(c, self.metric)  # noqa: E731
         config = self.costs.uniform(self.model, self.start_bits)
         levels = sorted({b for _, m in self.layers for b in m.w_bits})
@@ -252,28 +256,15 @@ class GreedySearch:
 def recalibrate_bn(model: nn.Module, batches) -> int:
     """Reset every BN's statistics, then set them to the plain average over ``batches``
     (train-mode forwards of the current config). Returns the number of batches."""
-    bns = [m for m in model.modules() if isinstance(m, (SwitchableBatchNorm2d, nn.BatchNorm2d))]
-    saved = {}
-    for m in bns:
-        m.reset_running_stats()
-        if isinstance(m, SwitchableBatchNorm2d):
-            m.cumulative, m.batch_stats_only = True, False
-        else:
-            saved[m] = m.momentum
-            m.momentum = None  # PyTorch's cumulative moving average
     was_training = model.training
     model.train()
     n = 0
     try:
-        for x, _ in batches:
-            model(x)
-            n += 1
+        with bn_recalibration(model):
+            for x, _ in batches:
+                model(x)
+                n += 1
     finally:
-        for m in bns:
-            if isinstance(m, SwitchableBatchNorm2d):
-                m.cumulative = False
-            else:
-                m.momentum = saved[m]
         model.train(was_training)
     return n
 

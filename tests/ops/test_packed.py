@@ -239,7 +239,7 @@ def test_packed_linear_gradient_reaches_x(device):
     torch.testing.assert_close(x.grad.cpu(), (codes.float() * 0.1).sum(0).expand(3, 64))
 
 
-# The ISA levels are covered by tests/test_cpu_isa.py. These run the kernel variants a machine
+# The ISA levels are covered by tests/ops/test_cpu_isa.py. These run the kernel variants a machine
 # does not pick by default: the AVX512 kernels without VNNI (vpmaddwd), and the dequantize + MKL
 # path (whole weight, and row tiles for weights past 16 MB of fp32) that the AVX512 level only
 # takes when RFQ_PACKED_GEMM_MIN_M asks for it.
@@ -278,7 +278,7 @@ VARIANT_CHECK = textwrap.dedent(
 def test_packed_linear_kernel_variants(env):
     if "RFQ_PACKED_VNNI" in env and ops.cpu_capability() != "AVX512":
         pytest.skip("only AVX512 kernels have a VNNI variant")
-    script = VARIANT_CHECK.replace("TESTS_DIR", repr(os.path.dirname(os.path.abspath(__file__))))
+    script = VARIANT_CHECK.replace("TESTS_DIR", repr(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
     out = subprocess.run([sys.executable, "-c", script], env=dict(os.environ, **env),
                          capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.split() == ["ok"], out.stderr[-3000:]

@@ -74,7 +74,7 @@ def test_every_isa_level_matches_reference(level):
     if level not in supported_levels():
         pytest.skip(f"this CPU cannot run {level} kernels")
     env = dict(os.environ, ATEN_CPU_CAPABILITY=level)
-    script = CHECK.replace("TESTS_DIR", repr(os.path.dirname(os.path.abspath(__file__))))
+    script = CHECK.replace("TESTS_DIR", repr(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-3000:]
     capability, status = out.stdout.split()

@@ -4,7 +4,7 @@ multi-tile, non-contiguous and misaligned inputs; NaN for bad steps (CUDA never 
 zero host syncs (F5); opcheck; torch.compile without recompiles; packed weights.
 
 Skipped as a whole where CUDA is unavailable. The CPU-side test files that take the `device`
-fixture (tests/test_lsq_*.py) also run on CUDA when it is present.
+fixture (tests/ops/test_lsq_*.py) also run on CUDA when it is present.
 """
 
 import re
@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from lsq_cases import ALL_BITS, DTYPES, abs_step_terms, assert_step_grad_close, make_x, steps_for
 from rfq import ops
@@ -26,7 +25,7 @@ TILE = 2048  # csrc/cuda/common.cuh kTile: one reduction partial per tile
 # empty, one element, odd, one full tile, one tile + 1, several tiles with an odd tail
 SHAPES = [(0,), (1,), (7,), (3, 5, 9), (TILE,), (TILE + 1,), (3 * TILE + 7,), (33, 257)]
 LAYOUTS = ["contiguous", "transposed", "strided", "misaligned", "channels_last"]
-REGISTRATION = Path(__file__).resolve().parents[1] / "csrc" / "registration.cpp"
+REGISTRATION = Path(__file__).resolve().parents[2] / "csrc" / "registration.cpp"
 OPS = re.findall(r'm\.def\(\s*"(\w+)\(', REGISTRATION.read_text())
 
 

@@ -1,4 +1,4 @@
-"""Run by torchrun in tests/test_method_ddp.py: a few coupled steps on digits with DDP (gloo);
+"""Run by torchrun in tests/methods/rfq/test_ddp.py: a few coupled steps on digits with DDP (gloo);
 every rank writes its weights and its last sampled configuration for the test to compare."""
 
 import sys

@@ -1,0 +1,85 @@
+"""Temporary module modes as context managers: each sets a mode on every layer it concerns and
+restores what was there on exit (also when the block raises), so no caller flips a module's
+flags by hand and forgets one."""
+
+from __future__ import annotations
+
+import contextlib
+
+from torch import nn
+
+from rfq.nn.modules import QuantLayer, SwitchableBatchNorm2d
+
+
+def _quant_layers(model: nn.Module) -> list[QuantLayer]:
+    return [m for m in model.modules() if isinstance(m, QuantLayer)]
+
+
+@contextlib.contextmanager
+def float_layers(model: nn.Module):
+    """Every quantized layer computes in float (no quantizer runs, no activation step is
+    initialised): cost probes and float baselines."""
+    saved = {m: m.quant_enabled for m in _quant_layers(model)}
+    try:
+        for m in saved:
+            m.quant_enabled = False
+        yield model
+    finally:
+        for m, enabled in saved.items():
+            m.quant_enabled = enabled
+
+
+@contextlib.contextmanager
+def bn_batch_statistics(model: nn.Module):
+    """Train-mode BatchNorms normalize with the batch's statistics and leave their running
+    statistics as they are (search scoring)."""
+    switchable = [m for m in model.modules() if isinstance(m, SwitchableBatchNorm2d)]
+    plain = {m: m.momentum for m in model.modules() if isinstance(m, nn.BatchNorm2d)}
+    saved = {m: m.batch_stats_only for m in switchable}
+    try:
+        for m in switchable:
+            m.batch_stats_only = True
+        for m in plain:
+            m.momentum = 0.0
+        yield model
+    finally:
+        for m, value in saved.items():
+            m.batch_stats_only = value
+        for m, momentum in plain.items():
+            m.momentum = momentum
+
+
+@contextlib.contextmanager
+def bn_recalibration(model: nn.Module):
+    """Every BatchNorm's running statistics are reset and then become the plain average over the
+    train-mode forwards run inside the block (BN recalibration)."""
+    switchable = [m for m in model.modules() if isinstance(m, SwitchableBatchNorm2d)]
+    plain = {m: m.momentum for m in model.modules() if isinstance(m, nn.BatchNorm2d)}
+    saved = {m: (m.cumulative, m.batch_stats_only) for m in switchable}
+    try:
+        for m in switchable:
+            m.reset_running_stats()
+            m.cumulative, m.batch_stats_only = True, False
+        for m in plain:
+            m.reset_running_stats()
+            m.momentum = None  # PyTorch's cumulative moving average
+        yield model
+    finally:
+        for m, (cumulative, batch_stats_only) in saved.items():
+            m.cumulative, m.batch_stats_only = cumulative, batch_stats_only
+        for m, momentum in plain.items():
+            m.momentum = momentum
+
+
+@contextlib.contextmanager
+def cached_weights(model: nn.Module):
+    """Every quantized layer makes its K quantized weights once (``coupled_quant_multi``) and
+    reads them from there: inference loops over many bit configurations (the search)."""
+    layers = _quant_layers(model)
+    try:
+        for m in layers:
+            m.fill_weight_cache()
+        yield model
+    finally:
+        for m in layers:
+            m.weight_cache = None
