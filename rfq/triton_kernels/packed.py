@@ -75,8 +75,11 @@ def _codes(byte, i: tl.constexpr, CB: tl.constexpr, OFFSET: tl.constexpr):
 def _group_values(ptr, stride_n, stride_g, rows, row_mask, k0, K, GROUP: tl.constexpr):
     # One scale (or zero) per row for the group holding element k0, as fp32 [BLOCK_N]. Sub-blocks
     # past K (the layout's padding) have no group column: masked, they read 0 instead of past the
-    # tensor's end.
-    mask = row_mask & (k0 < K)
+    # tensor's end. The scalar k0 < K selects the i1 block mask rather than entering `&`: Triton's
+    # interpreter broadcasts a scalar comparison into an int32 array, so row_mask & (k0 < K) was
+    # an int32 mask there, which Triton 3.9's interpreted loads reject (3.6 took it). Compiled,
+    # both forms lower to the same and.pred.
+    mask = tl.where(k0 < K, row_mask, False)
     return tl.load(ptr + rows * stride_n + (k0 // GROUP) * stride_g, mask=mask,
                    other=0.0).to(tl.float32)
 
