@@ -10,25 +10,17 @@ TRITON_INTERPRET=0; on a machine with CUDA a normal run starts them in a child p
 when triton is not installed.
 """
 
-
 from __future__ import annotations
 
-import math
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 triton = pytest.importorskip("triton", reason="triton is not installed (pip install triton)")
-import triton.language as tl  # noqa: E402
-
-from lsq_cases import abs_step_terms, assert_step_grad_close, make_x, steps_for  # noqa: E402
 from rfq import ops  # noqa: E402
 from rfq import reference as ref  # noqa: E402
 from rfq.ops import triton_ops  # noqa: E402,F401  (registers torch.ops.rfq_triton)
-from rfq.triton_kernels import lsq, packed  # noqa: E402
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 HAS_CUDA = torch.cuda.is_available()

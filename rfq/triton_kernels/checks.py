@@ -12,9 +12,7 @@ from typing import Sequence
 
 import torch
 
-from rfq.ops.layout import (BLOCK_K, GROUP_SIZES, MAX_BITS, MAX_CANDIDATES,  # noqa: F401
-                            MIN_BITS, ROW_ALIGN, code_offset, container_bits, qrange)
-from rfq.ops.layout import packed_row_bytes as row_bytes  # noqa: F401
+from rfq.ops.layout import GROUP_SIZES, MAX_BITS, MAX_CANDIDATES, MIN_BITS, packed_row_bytes
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -105,9 +103,9 @@ def check_packed(op: str, packed: torch.Tensor, k: int, bits: int):
         fail(op, f"packed must be uint8 (from pack_weight), got {packed.dtype}")
     if packed.dim() != 2:
         fail(op, f"packed must be 2-D [N, row_bytes], got shape {list(packed.shape)}")
-    if packed.shape[1] != row_bytes(k, bits):
+    if packed.shape[1] != packed_row_bytes(k, bits):
         fail(op, f"packed rows hold {packed.shape[1]} bytes but K={k} at {bits} bits needs "
-                 f"{row_bytes(k, bits)} (wrong bits, K or layout)")
+                 f"{packed_row_bytes(k, bits)} (wrong bits, K or layout)")
 
 
 def check_scales(op: str, packed, scales, zeros, k: int, group_size: int, device):

@@ -26,6 +26,8 @@ from contextlib import contextmanager
 
 import torch
 
+from rfq.ops.layout import packed_row_bytes
+
 
 def _require_compiler_mode():
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
@@ -108,7 +110,7 @@ def _packed_launches(quick=False):
         plan = [(4, (128, True), (torch.float16,), (1, 3, 40)),
                 (8, (0, False), (torch.float32,), (40,))]
     for bits, (group_size, with_zeros), dtypes, ms in plan:
-        w = torch.zeros(n, packed.row_bytes(k, bits), dtype=torch.uint8)
+        w = torch.zeros(n, packed_row_bytes(k, bits), dtype=torch.uint8)
         groups = -(-k // group_size) if group_size else 1
         scales = (torch.ones(n, groups, dtype=torch.bfloat16) if group_size
                   else torch.tensor([0.1]))

@@ -43,8 +43,8 @@ from rfq.triton_kernels.checks import (
     check_step,
     check_steps,
     check_x,
-    qrange,
 )
+from rfq.ops.layout import qrange
 
 _interpreter_compat.apply()
 # One tile per program; it is also the reduction chunk (one fp32 partial per tile). 2048

@@ -34,16 +34,8 @@ import triton
 import triton.language as tl
 
 from rfq.triton_kernels import _interpreter_compat
-from rfq.triton_kernels.checks import (
-    BLOCK_K,
-    check_linear,
-    check_packed,
-    check_scales,
-    code_offset,
-    container_bits,
-    fail,
-    row_bytes,  # noqa: F401  (re-exported: the layout size, for callers and compile_check)
-)
+from rfq.ops.layout import BLOCK_K, code_offset, container_bits
+from rfq.triton_kernels.checks import check_linear, check_packed, check_scales, fail
 
 _interpreter_compat.apply()
 

@@ -10,6 +10,7 @@ from torch import nn
 from rfq import reference as ref
 from rfq.cost import CostModel, parse_budget
 from rfq.models import build_model
+from rfq.nn.modes import float_layers
 from rfq.nn import (QuantConfig, QuantConv2d, SwitchableBatchNorm2d, current_config,
                     mixed_layers, quant_layers, quantize_, set_bits)
 
@@ -110,9 +111,8 @@ def test_relu_before_an_unsigned_quantizer_is_folded_exactly(monkeypatch, bits):
         torch.testing.assert_close(grads_f[name], grads_r[name], rtol=1e-6, atol=1e-7,
                                    msg=name)
     # a float model (quantization off) keeps its ReLU
-    for _, m in quant_layers(model):
-        m.quant_enabled = False
-    assert not any(m.input_clamps_at_zero for _, m in quant_layers(model))
+    with float_layers(model):
+        assert not any(m.input_clamps_at_zero for _, m in quant_layers(model))
 
 
 def test_switchable_bn_uses_and_updates_only_the_selected_copy():

@@ -11,9 +11,10 @@ import torch
 
 from triton_cases import (  # noqa: F401  (skips this module without triton)
     ROOT,
-    ops,
     triton_ops,
 )
+from rfq import ops  # noqa: E402
+from rfq.ops import backend  # noqa: E402
 
 
 # ---- the backend switch --------------------------------------------------------------------------
@@ -55,10 +56,10 @@ def test_switch_env_var_forms(restore_backend):
                         ("lsq=triton", ["triton", "cuda"]),
                         ("cuda, packed=triton", ["cuda", "triton"])]:
         ops.set_gpu_backend("cuda")
-        ops._backend_from_env(value)
+        backend._backend_from_env(value)
         assert [ops.get_gpu_backend(f) for f in ("lsq", "packed")] == want, value
     with pytest.raises(RuntimeError, match="RFQ_GPU_BACKEND='lsq=tvm'.*backend must be one of"):
-        ops._backend_from_env("lsq=tvm")
+        backend._backend_from_env("lsq=tvm")
 
 
 @pytest.mark.parametrize("env, want", [(None, "cuda cuda False"),
@@ -68,7 +69,7 @@ def test_switch_env_var_at_import(env, want):
     rfq_triton ops only when the Triton backend is chosen."""
     code = ("import sys, rfq; from rfq import ops; "
             "print(ops.get_gpu_backend('lsq'), ops.get_gpu_backend('packed'), "
-            "'rfq.triton_ops' in sys.modules, 'triton' in sys.modules)")
+            "'rfq.ops.triton_ops' in sys.modules, 'triton' in sys.modules)")
     environ = {k: v for k, v in os.environ.items() if k != "RFQ_GPU_BACKEND"}
     if env:
         environ["RFQ_GPU_BACKEND"] = env

@@ -7,8 +7,8 @@ import torch
 
 from triton_cases import (  # noqa: F401  (skips this module without triton)
     packed_case,
-    ref,
 )
+from rfq import reference as ref  # noqa: E402
 
 
 # ---- the custom ops on CPU: opcheck, autograd, torch.compile -------------------------------------

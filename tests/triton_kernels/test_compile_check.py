@@ -6,9 +6,6 @@ import os
 import subprocess
 import sys
 
-import pytest
-import torch
-
 from triton_cases import (  # noqa: F401  (skips this module without triton)
     ROOT,
 )

@@ -9,11 +9,10 @@ import torch
 
 from triton_cases import (  # noqa: F401  (skips this module without triton)
     INTERPRET,
-    lsq,
-    packed,
     packed_case,
     triton_ops,
 )
+from rfq.triton_kernels import lsq, packed  # noqa: E402
 
 
 # ---- errors name the op and the argument ---------------------------------------------------------

@@ -13,21 +13,18 @@ from triton_cases import (  # noqa: F401  (skips this module without triton)
     HAS_CUDA,
     INTERPRET,
     ROOT,
-    abs_step_terms,
     assert_linear_close,
-    assert_step_grad_close,
     gpu,
     grads_like,
-    lsq,
-    make_x,
-    ops,
     packed_case,
-    ref,
-    steps_for,
-    tl,
     triton,
     weight_magnitude,
 )
+from rfq import ops  # noqa: E402
+from rfq import reference as ref  # noqa: E402
+import triton.language as tl  # noqa: E402
+from lsq_cases import abs_step_terms, assert_step_grad_close, make_x, steps_for  # noqa: E402
+from rfq.triton_kernels import lsq  # noqa: E402
 
 
 # ---- GPU (compiled Triton, CUDA tensors) ---------------------------------------------------------

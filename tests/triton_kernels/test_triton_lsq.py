@@ -12,16 +12,13 @@ from triton_cases import (  # noqa: F401  (skips this module without triton)
     NAN,
     SHAPES,
     SMALL_BLOCK,
-    abs_step_terms,
-    assert_step_grad_close,
     cases_for,
     grads_like,
     interpreter,
-    lsq,
-    make_x,
-    ref,
-    steps_for,
 )
+from rfq import reference as ref  # noqa: E402
+from lsq_cases import abs_step_terms, assert_step_grad_close, make_x, steps_for  # noqa: E402
+from rfq.triton_kernels import lsq  # noqa: E402
 
 
 # ---- LSQ launchers vs the reference (interpreter) ---------------------------------------------

@@ -9,12 +9,12 @@ from triton_cases import (  # noqa: F401  (skips this module without triton)
     DTYPES,
     assert_linear_close,
     interpreter,
-    ops,
-    packed,
     packed_case,
-    ref,
     weight_magnitude,
 )
+from rfq import ops  # noqa: E402
+from rfq import reference as ref  # noqa: E402
+from rfq.triton_kernels import packed  # noqa: E402
 
 
 # ---- packed weights (interpreter) ----------------------------------------------------------------
