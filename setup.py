@@ -152,7 +152,7 @@ def make_extension():
         sources=sources + cuda_sources(),
         depends=headers(),
         include_dirs=include_dirs,
-        define_macros=define_macros + [("RFQ_WITH_CUDA", "1")],
+        define_macros=define_macros,
         extra_compile_args={"cxx": cxx, "nvcc": nvcc},
         extra_link_args=link,
         py_limited_api=True,
