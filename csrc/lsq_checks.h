@@ -7,10 +7,9 @@
 #include <c10/util/Exception.h>
 
 #include "cpu/lsq_kernels.h"
+#include "quant_range.h"
 
 namespace rfq {
-
-constexpr int64_t kMaxCandidates = 8;
 
 inline void check_x(const char* op, const at::Tensor& x) {
   const auto dt = x.scalar_type();
@@ -19,7 +18,7 @@ inline void check_x(const char* op, const at::Tensor& x) {
 }
 
 inline void check_bit(const char* op, const char* name, int64_t b) {
-  TORCH_CHECK(b >= 1 && b <= 8, op, ": ", name, " must be in 1..8, got ", b);
+  TORCH_CHECK(bits_ok(b), op, ": ", name, " must be in ", kMinBits, "..", kMaxBits, ", got ", b);
 }
 
 // steps: fp32 [K] on x's device, one per candidate in `bits`.
@@ -35,7 +34,7 @@ inline void check_steps(const char* op, const at::Tensor& x, const at::Tensor& s
   TORCH_CHECK(steps.numel() == static_cast<int64_t>(bits.size()), op, ": steps has K=",
               steps.numel(), " entries but bits lists ", bits.size(), " candidates");
   TORCH_CHECK(static_cast<int64_t>(bits.size()) <= kMaxCandidates, op,
-              ": at most 8 candidate bits, got ", bits.size());
+              ": at most ", kMaxCandidates, " candidate bits, got ", bits.size());
   for (int64_t b : bits) check_bit(op, "bits", b);
 }
 
@@ -76,14 +75,10 @@ inline void check_grad_scale(const char* op, double grad_scale) {
   TORCH_CHECK(std::isfinite(grad_scale), op, ": grad_scale must be finite, got ", grad_scale);
 }
 
-// Integer range of one candidate (spec §1 table); signed 1-bit is binary {-1, +1}.
+// One candidate resolved for the CPU kernels: its range (quant_range.h) and its step.
 inline cpu::QuantSpec make_spec(int64_t bits, bool is_signed, float step) {
-  if (is_signed && bits == 1) return {step, -1.f, 1.f, true};
-  if (is_signed) {
-    const float half = static_cast<float>(int64_t{1} << (bits - 1));
-    return {step, -half, half - 1.f, false};
-  }
-  return {step, 0.f, static_cast<float>((int64_t{1} << bits) - 1), false};
+  const QuantRange<float> r = quant_range<float>(bits, is_signed);
+  return {step, r.qn, r.qp, r.binary};
 }
 
 // Elementwise kernels walk flat storage. Dense inputs keep their layout (channels_last stays

@@ -14,26 +14,45 @@
 
 #include <cstdint>
 
+#include "quant_range.h"  // RFQ_HOST_DEVICE, kMaxBits
+
+// constexpr and __host__ __device__ under nvcc: the CUDA kernels use these in device code. A
+// container's own width maps to itself (container_bits(4) == 4), so every function taking `bits`
+// also takes container bits. Python twin: rfq/ops/layout.py.
 namespace rfq::packed {
 
 constexpr int64_t kBlockK = 128;
 constexpr int64_t kRowAlign = 64;
 
-inline int64_t container_bits(int64_t bits) { return bits <= 2 ? 2 : (bits <= 4 ? 4 : 8); }
+RFQ_HOST_DEVICE constexpr int64_t container_bits(int64_t bits) {
+  return bits <= 2 ? 2 : (bits <= 4 ? 4 : 8);
+}
 
 // u - q for the container: what a stored code minus the offset gives back.
-inline int64_t code_offset(int64_t bits) {
+RFQ_HOST_DEVICE constexpr int64_t code_offset(int64_t bits) {
   const int64_t c = container_bits(bits);
   return c == 2 ? 2 : (c == 4 ? 8 : 0);
 }
 
-inline int64_t block_bytes(int64_t bits) { return kBlockK * container_bits(bits) / 8; }
-
-inline int64_t padded_k(int64_t k) { return (k + kBlockK - 1) / kBlockK * kBlockK; }
-
-inline int64_t row_bytes(int64_t k, int64_t bits) {
-  const int64_t raw = padded_k(k) / kBlockK * block_bytes(bits);
-  return (raw + kRowAlign - 1) / kRowAlign * kRowAlign;
+// Bytes of one K-block; a 2/4-bit block's byte j holds elements j + f * block_bytes, field f at
+// bit offset f * container_bits.
+RFQ_HOST_DEVICE constexpr int64_t block_bytes(int64_t bits) {
+  return kBlockK * container_bits(bits) / 8;
 }
+
+RFQ_HOST_DEVICE constexpr int64_t padded_k(int64_t k) {
+  return (k + kBlockK - 1) / kBlockK * kBlockK;
+}
+
+// Bytes of a row's K-blocks, before the row padding.
+RFQ_HOST_DEVICE constexpr int64_t data_bytes(int64_t k, int64_t bits) {
+  return padded_k(k) / kBlockK * block_bytes(bits);
+}
+
+RFQ_HOST_DEVICE constexpr int64_t row_bytes(int64_t k, int64_t bits) {
+  return (data_bytes(k, bits) + kRowAlign - 1) / kRowAlign * kRowAlign;
+}
+
+static_assert(container_bits(kMaxBits) == 8, "the widest candidate must fit the int8 container");
 
 }  // namespace rfq::packed

@@ -6,10 +6,12 @@
 
 #include <cstdint>
 
+#include "quant_range.h"
+
 namespace rfq::cpu {
 
-// One candidate bit-width, resolved: integer range [qn, qp] and its step. `binary` is signed
-// 1-bit, whose codes are {-1, +1} (sign), not rint.
+// One candidate bit-width, resolved (make_spec in lsq_checks.h): its integer range [qn, qp]
+// (quant_range.h) and its step. `binary` is signed 1-bit, whose codes are {-1, +1} (sign).
 struct QuantSpec {
   float step;
   float qn;

@@ -30,7 +30,6 @@ using Vec = at::vec::Vectorized<float>;
 constexpr int64_t kVF = Vec::size();
 constexpr int64_t kBlock = 2 * kVF;  // one Vectorized<bf16/fp16>, i.e. two fp32 vectors
 constexpr int64_t kGrainChunks = 8;  // tasks of >= 32K elements: small tensors stay on one thread
-constexpr int64_t kMaxK = 8;
 static_assert(kReduceChunk % kBlock == 0, "chunks must hold whole blocks");
 static_assert(at::vec::Vectorized<c10::BFloat16>::size() == kBlock, "bf16 vector != 2 fp32 vectors");
 
@@ -76,7 +75,7 @@ struct VecSpec {
   explicit VecSpec(const QuantSpec& q) : s(q.step), qn(q.qn), qp(q.qp), binary(q.binary) {}
 };
 
-using VecSpecs = std::array<VecSpec, kMaxK>;
+using VecSpecs = std::array<VecSpec, kMaxCandidates>;
 
 inline VecSpecs vec_specs(const QuantSpec* q, int64_t k) {
   VecSpecs out;
@@ -223,7 +222,7 @@ void backward_multi_typed(const T* dy, const T* x, T* dx, int64_t n, const Quant
   const int64_t chunks = num_chunks(n);
   double* partial = scratch<double>(k * chunks);  // [K][chunks]
   parallel_chunks(n, [&](int64_t c, int64_t begin, int64_t end) {
-    std::array<Vec, kMaxK> acc;
+    std::array<Vec, kMaxCandidates> acc;
     acc.fill(Vec(0.f));
     int64_t i = begin;
     for (; i + kBlock <= end; i += kBlock) {
@@ -242,7 +241,7 @@ void backward_multi_typed(const T* dy, const T* x, T* dx, int64_t n, const Quant
       }
       Io<T>::store(dx + i, da, db);
     }
-    std::array<float, kMaxK> tail{};
+    std::array<float, kMaxCandidates> tail{};
     for (; i < end; ++i) {
       const float xv = float(x[i]);
       float d = 0.f;
@@ -276,7 +275,7 @@ void stats_typed(const T* x, int64_t n, const QuantSpec* q, int64_t k, float nea
   int64_t* count = scratch<int64_t>(k * chunks);
   const Vec thr(near_threshold), dlt(delta), one(1.f);
   parallel_chunks(n, [&](int64_t c, int64_t begin, int64_t end) {
-    std::array<Vec, kMaxK> acc_sq, acc_n;
+    std::array<Vec, kMaxCandidates> acc_sq, acc_n;
     acc_sq.fill(Vec(0.f));
     acc_n.fill(Vec(0.f));
     auto one_vec = [&](const Vec& xv, Vec y, const Vec& v, const Vec& kk, int64_t j) {
@@ -298,8 +297,8 @@ void stats_typed(const T* x, int64_t n, const QuantSpec* q, int64_t k, float nea
         one_vec(xb, yb, vb, kb, j);
       }
     }
-    std::array<float, kMaxK> tail_sq{};
-    std::array<int64_t, kMaxK> tail_n{};
+    std::array<float, kMaxCandidates> tail_sq{};
+    std::array<int64_t, kMaxCandidates> tail_n{};
     for (; i < end; ++i) {
       const float xv = float(x[i]);
       for (int64_t j = 0; j < k; ++j) {
@@ -372,7 +371,7 @@ void backward(c10::ScalarType dt, const void* dy, const void* x, void* dx, int64
 
 void forward_multi(c10::ScalarType dt, const void* x, void* y, int64_t n, const QuantSpec* q,
                    int64_t k) {
-  TORCH_CHECK(k >= 1 && k <= kMaxK, "rfq: K must be in 1..", kMaxK);
+  TORCH_CHECK(k >= 1 && k <= kMaxCandidates, "rfq: K must be in 1..", kMaxCandidates);
   dispatch_dtype(dt, [&](auto tag) {
     using T = decltype(tag);
     forward_multi_typed<T>(static_cast<const T*>(x), static_cast<T*>(y), n, q, k);
@@ -381,7 +380,7 @@ void forward_multi(c10::ScalarType dt, const void* x, void* y, int64_t n, const 
 
 void backward_multi(c10::ScalarType dt, const void* dy, const void* x, void* dx, int64_t n,
                     const QuantSpec* q, int64_t k, double grad_scale, float* grad_steps) {
-  TORCH_CHECK(k >= 1 && k <= kMaxK, "rfq: K must be in 1..", kMaxK);
+  TORCH_CHECK(k >= 1 && k <= kMaxCandidates, "rfq: K must be in 1..", kMaxCandidates);
   dispatch_dtype(dt, [&](auto tag) {
     using T = decltype(tag);
     backward_multi_typed<T>(static_cast<const T*>(dy), static_cast<const T*>(x),
@@ -391,7 +390,7 @@ void backward_multi(c10::ScalarType dt, const void* dy, const void* x, void* dx,
 
 void stats(c10::ScalarType dt, const void* x, int64_t n, const QuantSpec* q, int64_t k,
            float near_threshold, float delta, float* mse, float* share) {
-  TORCH_CHECK(k >= 1 && k <= kMaxK, "rfq: K must be in 1..", kMaxK);
+  TORCH_CHECK(k >= 1 && k <= kMaxCandidates, "rfq: K must be in 1..", kMaxCandidates);
   dispatch_dtype(dt, [&](auto tag) {
     using T = decltype(tag);
     stats_typed<T>(static_cast<const T*>(x), n, q, k, near_threshold, delta, mse, share);

@@ -21,6 +21,7 @@
 #include "cpu/packed_kernels.h"
 #include "packed_checks.h"
 #include "packed_layout.h"
+#include "quant_range.h"
 
 namespace rfq::cpu {
 
@@ -69,11 +70,6 @@ FloatKind float_kind(at::ScalarType t) {
 // rows' TLB misses held 2-thread cold M=1 at ~31 GB/s; 2 MB pages remove them (measured
 // rates in bench/README.md), so pack_weight asks for them on its output before the first touch.
 
-std::pair<int64_t, int64_t> signed_range(int64_t bits) {
-  if (bits == 1) return {-1, 1};
-  return {-(int64_t{1} << (bits - 1)), (int64_t{1} << (bits - 1)) - 1};
-}
-
 at::Tensor pack_weight(const at::Tensor& codes, int64_t bits) {
   constexpr const char* op = "rfq.pack_weight";
   check_bit(op, "bits", bits);
@@ -83,12 +79,12 @@ at::Tensor pack_weight(const at::Tensor& codes, int64_t bits) {
               "[C_out, C_in*kh*kw]), got shape ", codes.sizes());
   const at::Tensor c = codes.contiguous();
   const int64_t n = c.size(0), k = c.size(1);
-  const auto [lo, hi] = signed_range(bits);
+  const auto [lo, hi, binary] = quant_range<int64_t>(bits, /*is_signed=*/true);
   const int8_t* src = c.const_data_ptr<int8_t>();
   for (int64_t i = 0; i < n * k; ++i) {  // cheap next to packing, and catches wrong bit-widths
-    TORCH_CHECK(src[i] >= lo && src[i] <= hi && !(bits == 1 && src[i] == 0), op, ": codes[",
+    TORCH_CHECK(src[i] >= lo && src[i] <= hi && !(binary && src[i] == 0), op, ": codes[",
                 i / k, ", ", i % k, "] = ", int(src[i]), " is not a signed ", bits,
-                "-bit code (range [", lo, ", ", hi, "]", bits == 1 ? ", binary: -1 or +1" : "",
+                "-bit code (range [", lo, ", ", hi, "]", binary ? ", binary: -1 or +1" : "",
                 ")");
   }
   const int64_t rb = packed::row_bytes(k, bits), kp = packed::padded_k(k);
@@ -106,10 +102,13 @@ at::Tensor pack_weight(const at::Tensor& codes, int64_t bits) {
         const uint8_t* ub = u.data() + b * packed::kBlockK;
         uint8_t* pb = row + b * packed::block_bytes(bits);
         if (cb == 4) {
-          for (int j = 0; j < 64; ++j) pb[j] = ub[j] | (ub[j + 64] << 4);
+          constexpr int kBytes = packed::block_bytes(4);  // byte j: elements j, j + kBytes
+          for (int j = 0; j < kBytes; ++j) pb[j] = ub[j] | (ub[j + kBytes] << 4);
         } else if (cb == 2) {
-          for (int j = 0; j < 32; ++j) {
-            pb[j] = ub[j] | (ub[j + 32] << 2) | (ub[j + 64] << 4) | (ub[j + 96] << 6);
+          constexpr int kBytes = packed::block_bytes(2);  // byte j: j + f * kBytes, f = 0..3
+          for (int j = 0; j < kBytes; ++j) {
+            pb[j] = ub[j] | (ub[j + kBytes] << 2) | (ub[j + 2 * kBytes] << 4) |
+                    (ub[j + 3 * kBytes] << 6);
           }
         } else {
           std::memcpy(pb, ub, packed::kBlockK);
@@ -136,9 +135,11 @@ at::Tensor unpack_weight(const at::Tensor& packed, int64_t bits, c10::IntArrayRe
         const int64_t e = j % packed::kBlockK;
         int64_t u;
         if (cb == 4) {
-          u = e < 64 ? (pb[e] & 15) : (pb[e - 64] >> 4);
+          constexpr int64_t kBytes = packed::block_bytes(4);
+          u = e < kBytes ? (pb[e] & 15) : (pb[e - kBytes] >> 4);
         } else if (cb == 2) {
-          u = (pb[e % 32] >> (2 * (e / 32))) & 3;
+          constexpr int64_t kBytes = packed::block_bytes(2);
+          u = (pb[e % kBytes] >> (2 * (e / kBytes))) & 3;
         } else {
           u = static_cast<int8_t>(pb[e]);
         }

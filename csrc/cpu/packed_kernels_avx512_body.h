@@ -64,7 +64,7 @@ void tile(const PackedMatmul& a, const __m512i* xbuf, int64_t u0, int64_t u1, bo
           int64_t bpad, bool accumulate, float* y) {
   using K = Cfg<C, G>;
   constexpr int kRaw = C == 8 ? 2 : 1;
-  constexpr int64_t kUnitBytes = C == 8 ? 128 : 64;
+  constexpr int64_t kUnitBytes = K::kUnitBytes;
   constexpr int64_t kMaxSlots = K::chunk_units(kRm) * K::kSlots;
   const __m512i low_bits = _mm512_set1_epi16(C == 2 ? 3 : 15);
   const __m512i half_idx = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
@@ -80,7 +80,7 @@ void tile(const PackedMatmul& a, const __m512i* xbuf, int64_t u0, int64_t u1, bo
   // c[(r * kRm + i) * kMaxSlots + slot]: row scale * activation step, the one factor of each
   // int32 acc half
   alignas(64) float c[kRn * kRm * kMaxSlots];
-  if constexpr (G == 128) {  // slots are blocks, in order
+  if constexpr (G == kB) {  // slots are blocks, in order
     const int64_t nb = (u1 - u0) * K::kUnitBlocks;
 #pragma GCC unroll 16
     for (int r = 0; r < kRn; ++r) {
@@ -209,14 +209,14 @@ template <int C, int G, int kRn, int kRm>
 void run_tiles(const PackedMatmul& a, const __m512i* xbuf, const float* sx, int64_t units,
                float* y) {
   using K = Cfg<C, G>;
-  constexpr int64_t kUnitBytes = C == 8 ? 128 : 64;
-  constexpr int64_t kGroupsPerUnit = K::kUnitBlocks * (128 / G);
+  constexpr int64_t kUnitBytes = K::kUnitBytes;
+  constexpr int64_t kGroupsPerUnit = K::kUnitBlocks * (kB / G);
   const int64_t bpad = units * K::kUnitBlocks;
   const int64_t chunk = std::min(units, K::chunk_units(kRm));
   const int64_t block_tiles = std::max<int64_t>(1, (256 << 10) / (kRn * chunk * kUnitBytes));
   const int64_t tiles = (a.n + kRn - 1) / kRn;
-  // the last block holds at most 64 real elements: its second half is padding
-  const bool half_tail = a.k - (a.kp - kB) <= 64;
+  // the last block holds at most kB / 2 real elements: its second half is padding
+  const bool half_tail = a.k - (a.kp - kB) <= kB / 2;
   at::parallel_for(0, tiles, std::max(1, 16 / kRn), [&](int64_t t0, int64_t t1) {
     const int64_t gn_max = chunk * kGroupsPerUnit;
     const int64_t rows_max = std::min(t1 - t0, block_tiles) * kRn;
@@ -263,7 +263,7 @@ inline bool single_row_tiles(const PackedMatmul& a) {
 // (kRm must be tile_m(M): the activation buffer is laid out for it.)
 template <int C, int G>
 void run(const PackedMatmul& a, const __m512i* xbuf, const float* sx, int64_t units, float* y) {
-  if constexpr (G == 128) {
+  if constexpr (G == kB) {
     if (tile_m(a.m) == 1) {
       if (single_row_tiles(a)) return run_tiles<C, G, 1, 1>(a, xbuf, sx, units, y);
       return run_tiles<C, G, 4, 1>(a, xbuf, sx, units, y);

@@ -56,18 +56,20 @@ inline float scale_at(const PackedMatmul& a, int64_t n, int64_t g) {
 // Decodes one block into q = u - offset as floats (layout: csrc/packed_layout.h).
 template <int kBits>
 inline void decode_block(const uint8_t* __restrict__ p, float* __restrict__ q) {
+  constexpr int kBytes = packed::block_bytes(kBits);
+  constexpr int kOff = packed::code_offset(kBits);
   if constexpr (kBits == 4) {
-    for (int j = 0; j < 64; ++j) {
-      q[j] = static_cast<float>(static_cast<int>(p[j] & 15) - 8);
-      q[j + 64] = static_cast<float>(static_cast<int>(p[j] >> 4) - 8);
+    for (int j = 0; j < kBytes; ++j) {
+      q[j] = static_cast<float>(static_cast<int>(p[j] & 15) - kOff);
+      q[j + kBytes] = static_cast<float>(static_cast<int>(p[j] >> 4) - kOff);
     }
   } else if constexpr (kBits == 2) {
-    for (int j = 0; j < 32; ++j) {
+    for (int j = 0; j < kBytes; ++j) {
       const int b = p[j];
-      q[j] = static_cast<float>((b & 3) - 2);
-      q[j + 32] = static_cast<float>(((b >> 2) & 3) - 2);
-      q[j + 64] = static_cast<float>(((b >> 4) & 3) - 2);
-      q[j + 96] = static_cast<float>((b >> 6) - 2);
+      q[j] = static_cast<float>((b & 3) - kOff);
+      q[j + kBytes] = static_cast<float>(((b >> 2) & 3) - kOff);
+      q[j + 2 * kBytes] = static_cast<float>(((b >> 4) & 3) - kOff);
+      q[j + 3 * kBytes] = static_cast<float>((b >> 6) - kOff);
     }
   } else {
     const int8_t* s = reinterpret_cast<const int8_t*>(p);
@@ -184,28 +186,33 @@ void dequantize_typed(const PackedMatmul& a, int64_t n0, int64_t n1, float* w) {
 // Unsigned fields (2/4 bits) are multiplied as stored, u = q + offset; each acc starts from
 // -offset * sum(X) of its lanes (precomputed per activation row), so int32 sums are exact q*x.
 
-template <int C, int G>  // container bits, group size (per-tensor: 128)
+// The unit scheme, the shuffles and the eight 16-lane vectors per block below are written for
+// 128-element blocks.
+static_assert(kB == 128, "the AVX512 packed kernels assume 128-element K-blocks");
+
+template <int C, int G>  // container bits, group size (per-tensor: kB)
 struct Cfg {
   static constexpr int kUnitBlocks = C == 2 ? 2 : 1;
+  static constexpr int64_t kUnitBytes = kUnitBlocks * packed::block_bytes(C);  // 64 or 128
   static constexpr int kVecs = C == 2 ? 8 : 4;
   static constexpr bool kSplit = C == 2 || G == 32;  // the two int32 halves scale differently
   static constexpr int kHalves = kSplit ? 2 : 1;
-  static constexpr int kAccs = G == 128 ? 1 : (C == 2 ? 128 / G : 2);
+  static constexpr int kAccs = G == kB ? 1 : (C == 2 ? kB / G : 2);
   static constexpr int kSlots = kAccs * kHalves;  // scales per unit
   static constexpr bool kUnsigned = C != 8;
-  static constexpr int kOffset = C == 2 ? 2 : 8;
+  static constexpr int kOffset = packed::code_offset(C);  // used when kUnsigned
   static constexpr int kUnitVecs = kVecs + (kUnsigned ? kAccs : 0);  // X_t, then the acc inits
   // units per K chunk: a tile's activation rows of one chunk fill at most 32 KB of L1
   static constexpr int64_t chunk_units(int rm) {
     return (32 << 10) / (rm * kUnitVecs * 64) > 0 ? (32 << 10) / (rm * kUnitVecs * 64) : 1;
   }
   static constexpr int acc_of(int t) {
-    return G == 128 ? 0 : (C == 2 ? (G == 64 ? (t & 3) >> 1 : t & 3) : (t & 1));
+    return G == kB ? 0 : (C == 2 ? (G == 64 ? (t & 3) >> 1 : t & 3) : (t & 1));
   }
   // slot s = acc * kHalves + half: its block within the unit and its group within that block
   static constexpr int block_of(int s) { return C == 2 ? s % kHalves : 0; }
   static constexpr int group_in_block(int s) {
-    return G == 128 ? 0 : (C == 2 ? s / kHalves : s);  // 4/8-bit g32: s = 2 acc + half
+    return G == kB ? 0 : (C == 2 ? s / kHalves : s);  // 4/8-bit g32: s = 2 acc + half
   }
 };
 
@@ -351,7 +358,7 @@ void combined_scales(const float* swf, int64_t gn, int rn, int kRn, const float*
       for (int64_t u = 0; u < units; ++u) {
         for (int s = 0; s < K::kSlots; ++s) {
           const int64_t block = u * K::kUnitBlocks + K::block_of(s);
-          cr[u * K::kSlots + s] = sw[block * (128 / G) + K::group_in_block(s)] * sa[block];
+          cr[u * K::kSlots + s] = sw[block * (kB / G) + K::group_in_block(s)] * sa[block];
         }
       }
     }
@@ -439,7 +446,7 @@ void matmul_bits(const PackedMatmul& a, float* y) {
   switch (a.group_size) {
     case 32: return matmul_cfg<C, 32>(a, y);
     case 64: return matmul_cfg<C, 64>(a, y);
-    default: return matmul_cfg<C, 128>(a, y);
+    default: return matmul_cfg<C, kB>(a, y);
   }
 }
 
@@ -451,9 +458,9 @@ template <int kBits>
 inline void decode_block_regs(const uint8_t* p, __m512 w[8]) {
   if constexpr (kBits == 4) {
     const __m512i b = _mm512_loadu_si512(p);
-    const __m512i mask = _mm512_set1_epi8(0x0F), eight = _mm512_set1_epi8(8);
-    const __m512i lo = _mm512_sub_epi8(_mm512_and_si512(b, mask), eight);
-    const __m512i hi = _mm512_sub_epi8(_mm512_and_si512(_mm512_srli_epi16(b, 4), mask), eight);
+    const __m512i mask = _mm512_set1_epi8(0x0F), off = _mm512_set1_epi8(packed::code_offset(4));
+    const __m512i lo = _mm512_sub_epi8(_mm512_and_si512(b, mask), off);
+    const __m512i hi = _mm512_sub_epi8(_mm512_and_si512(_mm512_srli_epi16(b, 4), mask), off);
     w[0] = widen(_mm512_castsi512_si128(lo));
     w[1] = widen(_mm512_extracti32x4_epi32(lo, 1));
     w[2] = widen(_mm512_extracti32x4_epi32(lo, 2));
@@ -464,11 +471,11 @@ inline void decode_block_regs(const uint8_t* p, __m512 w[8]) {
     w[7] = widen(_mm512_extracti32x4_epi32(hi, 3));
   } else if constexpr (kBits == 2) {
     const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-    const __m256i mask = _mm256_set1_epi8(3), two = _mm256_set1_epi8(2);
-    const __m256i v0 = _mm256_sub_epi8(_mm256_and_si256(b, mask), two);
-    const __m256i v1 = _mm256_sub_epi8(_mm256_and_si256(_mm256_srli_epi16(b, 2), mask), two);
-    const __m256i v2 = _mm256_sub_epi8(_mm256_and_si256(_mm256_srli_epi16(b, 4), mask), two);
-    const __m256i v3 = _mm256_sub_epi8(_mm256_and_si256(_mm256_srli_epi16(b, 6), mask), two);
+    const __m256i mask = _mm256_set1_epi8(3), off = _mm256_set1_epi8(packed::code_offset(2));
+    const __m256i v0 = _mm256_sub_epi8(_mm256_and_si256(b, mask), off);
+    const __m256i v1 = _mm256_sub_epi8(_mm256_and_si256(_mm256_srli_epi16(b, 2), mask), off);
+    const __m256i v2 = _mm256_sub_epi8(_mm256_and_si256(_mm256_srli_epi16(b, 4), mask), off);
+    const __m256i v3 = _mm256_sub_epi8(_mm256_and_si256(_mm256_srli_epi16(b, 6), mask), off);
     w[0] = widen(_mm256_castsi256_si128(v0));
     w[1] = widen(_mm256_extracti128_si256(v0, 1));
     w[2] = widen(_mm256_castsi256_si128(v1));

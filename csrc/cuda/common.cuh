@@ -94,7 +94,7 @@ __device__ __forceinline__ V warp_sum(V v) {
 }
 
 // Sums vals[0..k) over the block in a fixed order; thread j (< k) returns the total of vals[j].
-// smem: at least kMaxK * (blockDim.x / 32) elements. Ends with a barrier, so smem can be reused.
+// smem: at least KMax * (blockDim.x / 32) elements. Ends with a barrier, so smem can be reused.
 template <typename V, int KMax>
 __device__ __forceinline__ V block_sum_each(const V (&vals)[KMax], int k, V* smem) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;

@@ -30,11 +30,12 @@ namespace {
 
 constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
 
+// The step is not part of it: the kernels read it on the device.
 QuantRanges make_ranges(c10::IntArrayRef bits, bool is_signed) {
   QuantRanges r{};
   r.k = static_cast<int>(bits.size());
   for (size_t j = 0; j < bits.size(); ++j) {
-    const cpu::QuantSpec q = make_spec(bits[j], is_signed, 1.f);  // the step is read on device
+    const QuantRange<float> q = quant_range<float>(bits[j], is_signed);
     r.qn[j] = q.qn;
     r.qp[j] = q.qp;
     r.binary[j] = q.binary;
@@ -52,10 +53,10 @@ __device__ __forceinline__ int read_sel(const int64_t* sel, int k) {
 
 // ranges.at(j) for a run-time j without indexing the parameter struct dynamically (that would
 // copy it to local memory in every thread).
-__device__ __forceinline__ QuantRange select_range(const QuantRanges& ranges, int j) {
-  QuantRange q = ranges.at(0);
+__device__ __forceinline__ QuantRange<float> select_range(const QuantRanges& ranges, int j) {
+  QuantRange<float> q = ranges.at(0);
 #pragma unroll
-  for (int c = 1; c < kMaxK; ++c) {
+  for (int c = 1; c < kMaxCandidates; ++c) {
     if (c == j) q = ranges.at(c);
   }
   return q;
@@ -82,7 +83,7 @@ __global__ void __launch_bounds__(kThreads)
   constexpr int W = VecWidth<T>::value;
   const int j = read_sel(sel, ranges.k);
   const float s = j >= 0 ? read_step(steps, step_stride, j) : kNaN;
-  const QuantRange q = select_range(ranges, j);
+  const QuantRange<float> q = select_range(ranges, j);
   const int64_t tiles = (n + kTile - 1) / kTile;
   for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
 #pragma unroll
@@ -122,11 +123,11 @@ __global__ void __launch_bounds__(kThreads)
                     float* __restrict__ partial, float* __restrict__ grad_steps,
                     double grad_scale) {
   constexpr int W = VecWidth<T>::value;
-  __shared__ float smem[kMaxK * kWarps];
+  __shared__ float smem[kMaxCandidates * kWarps];
   const int j = read_sel(sel, ranges.k);
   const float s = j >= 0 ? read_step(steps, step_stride, j) : kNaN;
   const bool ok = !isnan(s);
-  const QuantRange q = select_range(ranges, j);
+  const QuantRange<float> q = select_range(ranges, j);
   const int64_t tiles = (n + kTile - 1) / kTile;
   const bool finalize_here = partial == nullptr;  // host passes none when tiles <= 1
   float only_tile = 0.f;
@@ -175,7 +176,7 @@ __global__ void __launch_bounds__(kFinalizeThreads)
                              const float* __restrict__ steps, int64_t step_stride,
                              const int64_t* __restrict__ sel, int k,
                              float* __restrict__ grad_steps, double grad_scale) {
-  __shared__ double smem[kMaxK * (kFinalizeThreads / 32)];
+  __shared__ double smem[kMaxCandidates * (kFinalizeThreads / 32)];
   const double total = sum_partials(partial, tiles, smem);
   if (threadIdx.x == 0) {
     const int j = read_sel(sel, k);
@@ -191,9 +192,11 @@ __global__ void __launch_bounds__(kThreads)
                          const float* __restrict__ steps, int64_t step_stride,
                          QuantRanges ranges) {
   constexpr int W = VecWidth<T>::value;
-  float s[kMaxK];
+  float s[kMaxCandidates];
 #pragma unroll
-  for (int j = 0; j < kMaxK; ++j) s[j] = j < ranges.k ? read_step(steps, step_stride, j) : 1.f;
+  for (int j = 0; j < kMaxCandidates; ++j) {
+    s[j] = j < ranges.k ? read_step(steps, step_stride, j) : 1.f;
+  }
   const int64_t tiles = (n + kTile - 1) / kTile;
   for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
 #pragma unroll
@@ -203,9 +206,9 @@ __global__ void __launch_bounds__(kThreads)
       float xv[W];
       load_group<T, W, kVec>(x, i, n, xv);
 #pragma unroll
-      for (int j = 0; j < kMaxK; ++j) {
+      for (int j = 0; j < kMaxCandidates; ++j) {
         if (j >= ranges.k) continue;
-        const QuantRange q = ranges.at(j);
+        const QuantRange<float> q = ranges.at(j);
         float out[W];
 #pragma unroll
         for (int e = 0; e < W; ++e) out[e] = mul_rn(quant_code(div_rn(xv[e], s[j]), q), s[j]);
@@ -223,11 +226,11 @@ __global__ void __launch_bounds__(kThreads)
                           QuantRanges ranges, float* __restrict__ partial,
                           float* __restrict__ grad_steps, double grad_scale) {
   constexpr int W = VecWidth<T>::value;
-  __shared__ float smem[kMaxK * kWarps];
-  float s[kMaxK];
+  __shared__ float smem[kMaxCandidates * kWarps];
+  float s[kMaxCandidates];
   bool all_ok = true;
 #pragma unroll
-  for (int j = 0; j < kMaxK; ++j) {
+  for (int j = 0; j < kMaxCandidates; ++j) {
     s[j] = j < ranges.k ? read_step(steps, step_stride, j) : 1.f;
     all_ok = all_ok && !isnan(s[j]);
   }
@@ -235,9 +238,9 @@ __global__ void __launch_bounds__(kThreads)
   const bool finalize_here = partial == nullptr;
   float only_tile = 0.f;  // thread j holds candidate j's total
   for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
-    float acc[kMaxK];
+    float acc[kMaxCandidates];
 #pragma unroll
-    for (int j = 0; j < kMaxK; ++j) acc[j] = 0.f;
+    for (int j = 0; j < kMaxCandidates; ++j) acc[j] = 0.f;
 #pragma unroll
     for (int g = 0; g < kPerThread / W; ++g) {
       const int64_t i = group_start<W>(tile, g);
@@ -247,9 +250,9 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
       for (int e = 0; e < W; ++e) d[e] = 0.f;
 #pragma unroll
-      for (int j = 0; j < kMaxK; ++j) {
+      for (int j = 0; j < kMaxCandidates; ++j) {
         if (j >= ranges.k) continue;
-        const QuantRange q = ranges.at(j);
+        const QuantRange<float> q = ranges.at(j);
         float gv[W];
         load_group<T, W, kVec>(dy + j * n, i, n, gv);
 #pragma unroll
@@ -266,7 +269,7 @@ __global__ void __launch_bounds__(kThreads)
       }
       store_group<T, W, kVec>(dx, i, n, d);
     }
-    const float total = block_sum_each<float, kMaxK>(acc, ranges.k, smem);
+    const float total = block_sum_each<float, kMaxCandidates>(acc, ranges.k, smem);
     if (static_cast<int>(threadIdx.x) < ranges.k) {
       if (finalize_here) {
         only_tile = total;
@@ -287,7 +290,7 @@ __global__ void __launch_bounds__(kFinalizeThreads)
     finalize_all_kernel(const float* __restrict__ partial, int64_t tiles,
                         const float* __restrict__ steps, int64_t step_stride, int k,
                         float* __restrict__ grad_steps, double grad_scale) {
-  __shared__ double smem[kMaxK * (kFinalizeThreads / 32)];
+  __shared__ double smem[kMaxCandidates * (kFinalizeThreads / 32)];
   for (int j = 0; j < k; ++j) {
     const double total = sum_partials(partial + j * tiles, tiles, smem);
     if (threadIdx.x == 0) {
@@ -305,20 +308,22 @@ __global__ void __launch_bounds__(kThreads)
                  float* __restrict__ sq_partial, unsigned* __restrict__ count_partial,
                  float* __restrict__ mse, float* __restrict__ share) {
   constexpr int W = VecWidth<T>::value;
-  __shared__ float smem_sq[kMaxK * kWarps];
-  __shared__ unsigned smem_n[kMaxK * kWarps];
-  float s[kMaxK];
+  __shared__ float smem_sq[kMaxCandidates * kWarps];
+  __shared__ unsigned smem_n[kMaxCandidates * kWarps];
+  float s[kMaxCandidates];
 #pragma unroll
-  for (int j = 0; j < kMaxK; ++j) s[j] = j < ranges.k ? read_step(steps, step_stride, j) : 1.f;
+  for (int j = 0; j < kMaxCandidates; ++j) {
+    s[j] = j < ranges.k ? read_step(steps, step_stride, j) : 1.f;
+  }
   const int64_t tiles = (n + kTile - 1) / kTile;
   const bool finalize_here = sq_partial == nullptr;
   float only_sq = 0.f;
   unsigned only_n = 0;
   for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
-    float acc_sq[kMaxK];
-    unsigned acc_n[kMaxK];
+    float acc_sq[kMaxCandidates];
+    unsigned acc_n[kMaxCandidates];
 #pragma unroll
-    for (int j = 0; j < kMaxK; ++j) {
+    for (int j = 0; j < kMaxCandidates; ++j) {
       acc_sq[j] = 0.f;
       acc_n[j] = 0;
     }
@@ -329,9 +334,9 @@ __global__ void __launch_bounds__(kThreads)
       float xv[W];
       load_group<T, W, kVec>(x, i, n, xv);
 #pragma unroll
-      for (int j = 0; j < kMaxK; ++j) {
+      for (int j = 0; j < kMaxCandidates; ++j) {
         if (j >= ranges.k) continue;
-        const QuantRange q = ranges.at(j);
+        const QuantRange<float> q = ranges.at(j);
 #pragma unroll
         for (int e = 0; e < W; ++e) {
           if (i + e >= n) continue;
@@ -344,8 +349,8 @@ __global__ void __launch_bounds__(kThreads)
         }
       }
     }
-    const float tile_sq = block_sum_each<float, kMaxK>(acc_sq, ranges.k, smem_sq);
-    const unsigned tile_n = block_sum_each<unsigned, kMaxK>(acc_n, ranges.k, smem_n);
+    const float tile_sq = block_sum_each<float, kMaxCandidates>(acc_sq, ranges.k, smem_sq);
+    const unsigned tile_n = block_sum_each<unsigned, kMaxCandidates>(acc_n, ranges.k, smem_n);
     if (static_cast<int>(threadIdx.x) < ranges.k) {
       if (finalize_here) {
         only_sq = tile_sq;
@@ -369,8 +374,8 @@ __global__ void __launch_bounds__(kFinalizeThreads)
                           const unsigned* __restrict__ count_partial, int64_t tiles, int64_t n,
                           const float* __restrict__ steps, int64_t step_stride, int k,
                           float* __restrict__ mse, float* __restrict__ share) {
-  __shared__ double smem[kMaxK * (kFinalizeThreads / 32)];
-  __shared__ unsigned long long smem_n[kMaxK * (kFinalizeThreads / 32)];
+  __shared__ double smem[kMaxCandidates * (kFinalizeThreads / 32)];
+  __shared__ unsigned long long smem_n[kMaxCandidates * (kFinalizeThreads / 32)];
   for (int j = 0; j < k; ++j) {
     const double total_sq = sum_partials(sq_partial + j * tiles, tiles, smem);
     unsigned long long cnt[1] = {0};
@@ -388,7 +393,7 @@ __global__ void __launch_bounds__(kFinalizeThreads)
 template <typename T, typename Code, bool kVec>
 __global__ void __launch_bounds__(kThreads)
     codes_kernel(const T* __restrict__ x, Code* __restrict__ out, int64_t n,
-                 const float* __restrict__ step, QuantRange q) {
+                 const float* __restrict__ step, QuantRange<float> q) {
   constexpr int W = VecWidth<T>::value;
   const float s0 = *step;
   const float s = step_ok(s0) ? s0 : kNaN;
@@ -613,8 +618,7 @@ at::Tensor quantize_codes(const at::Tensor& x, const at::Tensor& step, int64_t b
   constexpr const char* op = "rfq.quantize_codes";
   check_codes_args(op, x, step, bits);
   const c10::cuda::CUDAGuard guard(x.device());
-  const cpu::QuantSpec spec = make_spec(bits, is_signed, 1.f);  // the step is read on device
-  const QuantRange q{spec.qn, spec.qp, spec.binary};
+  const QuantRange<float> q = quant_range<float>(bits, is_signed);  // the step is read on device
   const at::Tensor xd = dense_layout(x);
   at::Tensor codes = at::empty_like(xd, xd.options().dtype(is_signed ? at::kChar : at::kByte));
   const int64_t n = xd.numel();

@@ -8,6 +8,8 @@
 #include <cmath>
 #include <cstdint>
 
+#include "quant_range.h"
+
 #if defined(__CUDACC__)
 #define RFQ_HD __host__ __device__ __forceinline__
 #else
@@ -16,22 +18,14 @@
 
 namespace rfq::cuda {
 
-constexpr int kMaxK = 8;
-
-// Integer range of one candidate; `binary` is signed 1-bit (codes {-1, +1} by sign, not rint).
-struct QuantRange {
-  float qn;
-  float qp;
-  bool binary;
-};
-
-// All K candidates' ranges, passed to kernels by value (kernel parameters, no device copy).
+// All K candidates' ranges (quant_range.h, as fp32), passed to kernels by value (kernel
+// parameters, no device copy).
 struct QuantRanges {
-  float qn[kMaxK];
-  float qp[kMaxK];
-  bool binary[kMaxK];
+  float qn[kMaxCandidates];
+  float qp[kMaxCandidates];
+  bool binary[kMaxCandidates];
   int k;
-  RFQ_HD QuantRange at(int j) const { return {qn[j], qp[j], binary[j]}; }
+  RFQ_HD QuantRange<float> at(int j) const { return {qn[j], qp[j], binary[j]}; }
 };
 
 RFQ_HD float div_rn(float a, float b) {
@@ -72,14 +66,14 @@ RFQ_HD bool step_ok(float s) { return s > 0.f && s <= FLT_MAX; }
 
 // Code k of v = x/s: clip, then round half to even (rintf); signed 1-bit takes the sign, +1 at 0
 // and at -0.0. NaN stays NaN (torch.clamp semantics), so bad data stays visible.
-RFQ_HD float quant_code(float v, QuantRange q) {
+RFQ_HD float quant_code(float v, QuantRange<float> q) {
   if (v != v) return v;
   if (q.binary) return v >= 0.f ? 1.f : -1.f;
   return rintf(fminf(fmaxf(v, q.qn), q.qp));
 }
 
 // Range test on the unrounded v, inclusive bounds (false for NaN).
-RFQ_HD bool in_range(float v, QuantRange q) { return v >= q.qn && v <= q.qp; }
+RFQ_HD bool in_range(float v, QuantRange<float> q) { return v >= q.qn && v <= q.qp; }
 
 // Step-gradient term h: k - v inside the range, k (= qn or qp) outside.
 RFQ_HD float step_term(float v, float k, bool inside) { return inside ? sub_rn(k, v) : k; }

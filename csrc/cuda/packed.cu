@@ -27,6 +27,7 @@
 #include "cuda/lsq_math.cuh"
 #include "packed_checks.h"
 #include "packed_layout.h"
+#include "quant_range.h"
 
 namespace rfq::cuda {
 namespace {
@@ -39,12 +40,12 @@ cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream(); }
 template <int CB>
 __device__ __forceinline__ int64_t packed_byte(int64_t e) {
   const int64_t block = e / packed::kBlockK, j = e % packed::kBlockK;
-  constexpr int64_t block_bytes = packed::kBlockK * CB / 8;
+  constexpr int64_t block_bytes = packed::block_bytes(CB);
   return block * block_bytes + j % block_bytes;
 }
 template <int CB>
 __device__ __forceinline__ int packed_shift(int64_t e) {
-  constexpr int64_t block_bytes = packed::kBlockK * CB / 8;
+  constexpr int64_t block_bytes = packed::block_bytes(CB);
   return CB == 8 ? 0 : static_cast<int>((e % packed::kBlockK) / block_bytes) * CB;
 }
 
@@ -67,7 +68,7 @@ __global__ void pack_kernel(const int8_t* __restrict__ codes, int64_t n, int64_t
                             bool binary, uint8_t* __restrict__ out,
                             unsigned long long* __restrict__ first_bad) {
   constexpr int kFields = 8 / CB;
-  constexpr int64_t block_bytes = packed::kBlockK * CB / 8;
+  constexpr int64_t block_bytes = packed::block_bytes(CB);
   const int64_t total = n * row_bytes;
   for (int64_t idx = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; idx < total;
        idx += int64_t{gridDim.x} * blockDim.x) {
@@ -138,7 +139,7 @@ struct ScaleArgs {
   const float* scales;
   const float* zeros;  // nullptr: the container offset
   int64_t groups;      // 0: per-tensor
-  int group_size;      // elements per group (128 for per-tensor: any value works there)
+  int group_size;      // elements per group (kBlockK for per-tensor: any value works there)
   float offset;
   __device__ __forceinline__ void at(int64_t r, int64_t e, float& s, float& z) const {
     const int64_t gi = groups ? r * groups + e / group_size : 0;
@@ -185,7 +186,8 @@ __global__ void dequant_kernel(const uint8_t* __restrict__ packed_w, int64_t n, 
 // ---- packed_linear, M <= 16: decode in registers --------------------------------------------------
 // A row's packed data is cut into 16-byte chunks. Chunk c covers bytes [16c, 16c + 16) of block
 // c / CB and holds 8/CB runs of 16 consecutive elements (one group each, since 16 | 32): run f
-// starts at element (c / CB) * 128 + f * (128 * CB / 8) + (c % CB) * 16. A block of 128 threads
+// starts at element (c / CB) * kBlockK + f * block_bytes(CB) + (c % CB) * 16 (a block is CB
+// chunks: block_bytes(CB) = 16 CB, asserted in gemv_kernel). A block of kGemvThreads threads
 // is split into groups of `tpr` threads (a power of two), each group owning kRows output rows;
 // a group's threads stride over the chunks, so each packed byte is loaded exactly once (with an
 // evict-first hint: weights are streamed, activations stay cached). fp32 accumulation, reduced
@@ -219,7 +221,8 @@ __global__ void __launch_bounds__(kGemvThreads)
                 int64_t row_bytes, int64_t n, int64_t chunks, ScaleArgs sc,
                 const float* __restrict__ bias, int tpr, bool vec_x, T* __restrict__ y) {
   constexpr int kFields = 8 / CB;
-  constexpr int64_t run_stride = packed::kBlockK * CB / 8;  // = block bytes
+  constexpr int64_t run_stride = packed::block_bytes(CB);
+  static_assert(run_stride == 16 * CB, "a block must be CB 16-byte chunks");
   __shared__ float red[kGemvThreads / 32][kRows * MT];
   const int tid = threadIdx.x;
   const int group = tid / tpr, lane_in_group = tid % tpr;
@@ -336,11 +339,6 @@ void dispatch_container(int64_t container_bits, const F& fn) {
   }
 }
 
-std::pair<int64_t, int64_t> signed_range(int64_t bits) {
-  if (bits == 1) return {-1, 1};
-  return {-(int64_t{1} << (bits - 1)), (int64_t{1} << (bits - 1)) - 1};
-}
-
 // The packed kernels load 8 or 16 bytes at a time from row starts (multiples of 64 bytes).
 at::Tensor packed_for_kernels(const at::Tensor& packed_w) {
   at::Tensor p = packed_w.contiguous();
@@ -358,19 +356,19 @@ at::Tensor pack_weight(const at::Tensor& codes, int64_t bits) {
   const c10::cuda::CUDAGuard guard(codes.device());
   const at::Tensor c = codes.contiguous();
   const int64_t n = c.size(0), k = c.size(1);
-  const auto [lo, hi] = signed_range(bits);
+  const QuantRange<int64_t> range = quant_range<int64_t>(bits, /*is_signed=*/true);
   const int64_t rb = packed::row_bytes(k, bits), cb = packed::container_bits(bits);
   at::Tensor out = at::empty({n, rb}, c.options().dtype(at::kByte));
   if (n * rb == 0) return out;
   constexpr auto kNone = std::numeric_limits<int64_t>::max();
   at::Tensor first_bad = at::full({1}, kNone, c.options().dtype(at::kLong));
-  const int64_t data_bytes = packed::padded_k(k) * cb / 8;
+  const int64_t data_bytes = packed::data_bytes(k, bits);
   dispatch_container(cb, [&](auto cb_tag) {
     constexpr int CB = decltype(cb_tag)::value;
     pack_kernel<CB><<<grid_1d(n * rb, 256), 256, 0, stream()>>>(
         c.const_data_ptr<int8_t>(), n, k, rb, data_bytes,
-        static_cast<int>(packed::code_offset(bits)), static_cast<int>(lo), static_cast<int>(hi),
-        bits == 1, out.mutable_data_ptr<uint8_t>(),
+        static_cast<int>(packed::code_offset(bits)), static_cast<int>(range.qn),
+        static_cast<int>(range.qp), range.binary, out.mutable_data_ptr<uint8_t>(),
         reinterpret_cast<unsigned long long*>(first_bad.mutable_data_ptr<int64_t>()));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -379,8 +377,8 @@ at::Tensor pack_weight(const at::Tensor& codes, int64_t bits) {
   if (i != kNone) {
     const int value = c.view({-1})[i].item<int>();
     TORCH_CHECK(false, op, ": codes[", i / k, ", ", i % k, "] = ", value, " is not a signed ",
-                bits, "-bit code (range [", lo, ", ", hi, "]",
-                bits == 1 ? ", binary: -1 or +1" : "", ")");
+                bits, "-bit code (range [", range.qn, ", ", range.qp, "]",
+                range.binary ? ", binary: -1 or +1" : "", ")");
   }
   return out;
 }
@@ -448,7 +446,8 @@ at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& packed_w,
   at::Tensor z;
   if (zeros.has_value()) z = zeros->to(at::kFloat).contiguous();
   const ScaleArgs sc{s.const_data_ptr<float>(), z.defined() ? z.const_data_ptr<float>() : nullptr,
-                     group_size ? groups : 0, static_cast<int>(group_size ? group_size : 128),
+                     group_size ? groups : 0,
+                     static_cast<int>(group_size ? group_size : packed::kBlockK),
                      static_cast<float>(packed::code_offset(bits))};
   const int64_t cb = packed::container_bits(bits);
 
@@ -456,7 +455,7 @@ at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& packed_w,
     at::Tensor y = at::empty({m, n}, x.options());
     at::Tensor bias_f;
     if (bias.has_value()) bias_f = bias->to(at::kFloat).contiguous();
-    const int64_t chunks = packed::padded_k(k) * cb / 8 / 16;
+    const int64_t chunks = packed::data_bytes(k, bits) / 16;
     const int tpr = threads_per_row(chunks);
     const int64_t rows_per_block = int64_t{kGemvThreads / tpr} * kRows;
     const auto blocks = static_cast<unsigned>((n + rows_per_block - 1) / rows_per_block);
