@@ -83,7 +83,7 @@ inline cpu::QuantSpec make_spec(int64_t bits, bool is_signed, float step) {
 
 // Elementwise kernels walk flat storage. Dense inputs keep their layout (channels_last stays
 // channels_last); others are copied into the layout empty_like gives them, which is also what
-// the fake kernels in rfq/ops.py promise.
+// the fake kernels in rfq/ops/fakes.py promise.
 inline at::Tensor dense_layout(const at::Tensor& x) {
   if (x.is_non_overlapping_and_dense()) return x;
   return at::empty_like(x).copy_(x);

@@ -1,5 +1,5 @@
 // The only TORCH_LIBRARY(rfq, m): every op's schema, once. Kernels register per dispatch key in
-// csrc/cpu/*.cpp and csrc/cuda/*.cu; fake (meta) kernels and autograd live in rfq/ops.py.
+// csrc/cpu/*.cpp and csrc/cuda/*.cu; fake (meta) kernels and autograd live in rfq/ops/ (fakes.py, autograd.py).
 // Semantics of every op: ../shared/spec/kernels.md §1-2 and rfq/reference.py (the oracle).
 
 #include <Python.h>  // limited API (Py_LIMITED_API is set by setup.py): only for the module stub

@@ -67,8 +67,8 @@ FloatKind float_kind(at::ScalarType t) {
 }
 
 // Packed weights are long-lived and streamed whole by every small-M call. On 4 KB pages the
-// rows' TLB misses held 2-thread cold M=1 at ~31 GB/s; 2 MB pages remove them (measured
-// rates in bench/README.md), so pack_weight asks for them on its output before the first touch.
+// rows' TLB misses cap that stream; 2 MB pages remove them (rates in bench/README.md), so
+// pack_weight asks for them on its output before the first touch.
 
 at::Tensor pack_weight(const at::Tensor& codes, int64_t bits) {
   constexpr const char* op = "rfq.pack_weight";

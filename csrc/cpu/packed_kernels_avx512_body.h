@@ -107,8 +107,8 @@ void tile(const PackedMatmul& a, const __m512i* xbuf, int64_t u0, int64_t u1, bo
     for (int i = 0; i < kRm; ++i) accf[r][i] = _mm512_setzero_ps();
   }
   // Rows are only a few KB long: the hardware prefetchers lose each one before they have
-  // learned it (1-thread cold M=1 streamed at ~15 GB/s instead of ~25). Fetch the same unit
-  // kPrefetchRows rows ahead instead (the last rows fetch themselves again).
+  // learned it. Fetch the same unit kPrefetchRows rows ahead instead (the last rows fetch
+  // themselves again).
   constexpr int64_t kPrefetchRows = 8;
   const uint8_t* ahead[kRn];
   for (int r = 0; r < kRn; ++r) {
@@ -246,10 +246,9 @@ void run_tiles(const PackedMatmul& a, const __m512i* xbuf, const float* sx, int6
 }
 
 // M = 1 on long rows: one row per tile, so each thread reads the weight as one sequential
-// stream. Cold 11008x4096 int4 then streamed ~46-50 GB/s instead of ~36-38 GB/s with 4-row
-// tiles (4 streams 2 KB apart; same process, interleaved runs), i.e. 1.22-1.30x vs ~1.0x aten's
-// int4 op. Short rows keep the multi-row tiles: their per-row overhead dominates there (1000x512
-// int4: 13.2 vs 9.9 GB/s). RFQ_PACKED_M1_ROWS=1 or 4 forces one choice (tuning, tests).
+// stream (4-row tiles make 4 streams a few KB apart, which the prefetchers serve worse; rates in
+// bench/README.md). Short rows keep the multi-row tiles: their per-row overhead dominates there.
+// RFQ_PACKED_M1_ROWS=1 or 4 forces one choice (tuning, tests).
 inline bool single_row_tiles(const PackedMatmul& a) {
   static const int forced = [] {
     const char* e = std::getenv("RFQ_PACKED_M1_ROWS");

@@ -544,8 +544,8 @@ void dequantize_rows(const PackedMatmul& a, int64_t n0, int64_t n1, float* w) {
 
 }  // namespace
 
-// AVX512's int16 kernel beat dequantize + MKL at every M measured (up to 1024, bench/README.md);
-// the fp32 decode kernels hand over at M = 32.
+// AVX512's int16 kernel is faster than dequantize + MKL at every M (bench/README.md); the fp32
+// decode kernels hand over at M = 32.
 #if defined(CPU_CAPABILITY_AVX512)
 constexpr int64_t kGemmMinM = std::numeric_limits<int64_t>::max();
 #else
