@@ -96,8 +96,8 @@ std::tuple<at::Tensor, at::Tensor> coupled_quant_backward(
 }
 
 // A fresh stacked K-plane output is large (128 MB for K=5 at 6.4M fp32); glibc maps it anew
-// each call and 4 KB first-touch faults cost ~40 ms there, several times the kernel. 2 MB pages
-// (asked for from 32 MB on) cut that to a few ms.
+// each call and its 4 KB first-touch faults cost several times the kernel. 2 MB pages (asked
+// for from 32 MB on) make them rare.
 constexpr size_t kHugePagesFrom = size_t{32} << 20;
 
 at::DimVector stacked_shape(int64_t k, const at::Tensor& x) {
