@@ -173,6 +173,13 @@ def cmd_search(args) -> int:
     if run.costs is None:
         raise SystemExit("rfq search: the checkpoint holds a float model: nothing to search")
     budgets = _parse_budgets(run, args.budget, args.metric)
+    if args.min_bits is not None:
+        from rfq.nn import mixed_layers
+
+        smallest = min(min(m.w_bits) for _, m in mixed_layers(run.model))
+        if not smallest <= args.min_bits <= 8:
+            raise SystemExit(f"rfq search: --min-bits must be between the smallest candidate "
+                             f"({smallest}) and 8, got {args.min_bits}")
     print(f"searching {len(budgets)} budget(s) on {run.path} ({args.metric}, search batch "
           f"{args.batch_size}, {'straightforward' if args.naive else 'cached'} evaluation)")
     searched = search_budgets(run, budgets, args.metric, args.batch_size, args.calib_images,
@@ -204,17 +211,63 @@ def _baseline(path, args):
 
 
 def _config_arg(run, args):
+    """The bit config that --bits / --result (+ --index) name, checked against the model:
+    None for a float model; the highest candidates when neither is given."""
+    from rfq.nn import mixed_layers, resolve_config
+
+    cmd = f"rfq {args.command}"
     if args.bits is not None and args.result:
-        raise SystemExit("rfq: give --bits or --result, not both")
-    if args.result:
-        data = json.loads(Path(args.result).read_text())
-        searched = data.get("searched", [data])
-        if not 0 <= args.index < len(searched):
-            raise SystemExit(f"rfq: --index {args.index} outside 0..{len(searched) - 1}")
-        return {n: tuple(v) for n, v in searched[args.index]["config"].items()}
+        raise SystemExit(f"{cmd}: give --bits or --result, not both")
     if run.costs is None:
+        if args.bits is not None or args.result:
+            raise SystemExit(f"{cmd}: {run.path} holds a float model: it has no bit-widths")
         return None
-    return run.costs.uniform(run.model, args.bits if args.bits is not None else 8)
+    if args.result:
+        config = _result_config(args.result, args.index, cmd)
+        layers = dict(mixed_layers(run.model))
+        problems = [f"missing layer {n}" for n in layers if n not in config]
+        problems += [f"unknown layer {n}" for n in config if n not in layers]
+        for n, (w, a) in config.items():
+            if n in layers and (w not in layers[n].w_bits or
+                                (layers[n].a_bits and a not in layers[n].a_bits)):
+                problems.append(f"{n}: ({w}, {a}) is not a candidate pair")
+        if problems:
+            raise SystemExit(f"{cmd}: --result {args.result} does not fit {run.path}: "
+                             + "; ".join(problems[:5])
+                             + (f" (+{len(problems) - 5} more)" if len(problems) > 5 else ""))
+        return resolve_config(run.model, config)
+    candidates = sorted({b for _, m in mixed_layers(run.model) for b in m.w_bits})
+    if args.bits is None:
+        return run.costs.uniform(run.model, candidates[-1])
+    if args.bits not in candidates:
+        raise SystemExit(f"{cmd}: --bits {args.bits} is not a candidate bit-width of this model "
+                         f"(candidates: {', '.join(map(str, candidates))})")
+    return run.costs.uniform(run.model, args.bits)
+
+
+def _result_config(path: str, index: int, cmd: str) -> dict:
+    """Config ``index`` of a search.json (or of a single search result)."""
+    p = Path(path)
+    if not p.is_file():
+        raise SystemExit(f"{cmd}: --result {path} does not exist")
+    try:
+        data = json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise SystemExit(f"{cmd}: --result {path} is not JSON: {err}") from None
+    searched = data.get("searched", [data]) if isinstance(data, dict) else None
+    if not isinstance(searched, list) or not searched:
+        raise SystemExit(f"{cmd}: --result {path} holds no searched configs "
+                         f"(expected rfq search's JSON)")
+    if not 0 <= index < len(searched):
+        raise SystemExit(f"{cmd}: --index {index} outside 0..{len(searched) - 1} "
+                         f"({len(searched)} searched configs in {path})")
+    entry = searched[index]
+    config = entry.get("config") if isinstance(entry, dict) else None
+    if not isinstance(config, dict) or not all(
+            isinstance(v, (list, tuple)) and len(v) == 2 for v in config.values()):
+        raise SystemExit(f"{cmd}: --result {path} entry {index} has no config of "
+                         f"{{layer: [w, a]}} pairs")
+    return {n: tuple(v) for n, v in config.items()}
 
 
 def cmd_eval(args) -> int:
@@ -245,7 +298,7 @@ def cmd_export(args) -> int:
 
     run = _load(args)
     if run.costs is None:
-        raise SystemExit("rfq export: the checkpoint holds a float model")
+        raise SystemExit(f"rfq export: {run.path} holds a float model: nothing to pack")
     config = _config_arg(run, args)
     model = copy.deepcopy(run.model)
     set_bits(model, config)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -102,27 +103,55 @@ def score_batches(run: LoadedRun, batch_size: int, seed: int = 0) -> ScoreBatche
 def search_budgets(run: LoadedRun, budgets: list[float], metric: str = "bitops",
                    batch_size: int = 1024, calib_images: int = 7000, fast: bool = True,
                    min_bits: int | None = None, legacy_floor: bool = False, progress=print,
-                   seed: int = 0, eval_limit: int | None = None) -> list[dict]:
-    """Greedy search per budget (each from uniform 5), then recalibrated test accuracy."""
+                   seed: int = 0, eval_limit: int | None = None,
+                   bars: bool | None = None) -> list[dict]:
+    """Greedy search per budget (each from uniform 5), then recalibrated test accuracy.
+
+    ``bars``: a progress bar per search (moves, cost against the budget, error of the last
+    move); None shows them where stderr is a terminal."""
     if run.costs is None:
         raise ValueError("a float model has no bit-widths to search")
     calib = calibration_batches(run, calib_images)
     results = []
-    for target in budgets:
-        with flush_denormals():
+    for k, target in enumerate(budgets):
+        label = format_bitops(target) if metric == "bitops" else f"{target / 8 / 1024:.1f}KiB"
+        with flush_denormals(), _search_bar(f"search {k + 1}/{len(budgets)} <{label}", metric,
+                                            bars) as on_move:
             searcher = GreedySearch(run.model, run.costs, score_batches(run, batch_size, seed),
-                                    metric, min_bits, legacy_floor, fast)
+                                    metric, min_bits, legacy_floor, fast, on_move=on_move)
             result = searcher.run(target)
         result.accuracy = evaluate_config(run, {n: tuple(v) for n, v in result.config.items()},
                                           calib, limit=eval_limit)
         results.append(result.to_dict())
         if progress:
-            unit = format_bitops(target) if metric == "bitops" else f"{target / 8 / 1024:.1f}KiB"
-            progress(f"  budget {unit}: {format_bitops(result.bitops)} BitOps, "
+            progress(f"  budget {label}: {format_bitops(result.bitops)} BitOps, "
                      f"{result.size_mib * 1024:.1f} KiB, acc {result.accuracy * 100:.2f} %, "
                      f"{result.iterations} moves, {result.evaluations} evaluations, "
                      f"{result.seconds:.1f} s")
     return results
+
+
+@contextlib.contextmanager
+def _search_bar(desc: str, metric: str, enabled: bool | None):
+    """A tqdm bar fed by GreedySearch's on_move: moves so far, current cost / budget, error."""
+    from tqdm import tqdm
+
+    disable = None if enabled is None else not enabled  # None: tqdm's own test for a terminal
+    bar = tqdm(desc=desc, unit="move", disable=disable, dynamic_ncols=True, mininterval=0.5)
+
+    def on_move(info):
+        cost, target = info["cost"], info["target"]
+        shown = (f"{format_bitops(cost)}/{format_bitops(target)}" if metric == "bitops"
+                 else f"{cost / 8192:.1f}/{target / 8192:.1f}KiB")
+        bar.set_postfix_str(f"phase {info['phase']}, cost {shown}, "
+                            f"error {info['error'] * 100:.1f} %, "
+                            f"{info['evaluations']} evals", refresh=False)
+        bar.update(1)
+
+    try:
+        yield on_move
+    finally:
+        bar.close()
 
 
 def uniform_results(run: LoadedRun, bits: list[int], calib_images: int = 7000,

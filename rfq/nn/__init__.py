@@ -3,7 +3,7 @@
     modules.py  QuantConv2d / QuantLinear / SwitchableBatchNorm2d
     convert.py  quantize_, QuantConfig, set_bits and the bit-config helpers
     modes.py    temporary modes as context managers (float_layers, bn_batch_statistics,
-                bn_recalibration, cached_weights)
+                bn_recalibration, train_mode_without_dropout, cached_weights)
     packed.py   PackedLayer: a layer frozen at one bit-width, its weight packed
 """
 

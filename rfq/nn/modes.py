@@ -72,6 +72,23 @@ def bn_recalibration(model: nn.Module):
 
 
 @contextlib.contextmanager
+def train_mode_without_dropout(model: nn.Module):
+    """Train mode (BatchNorms use batch statistics) with every dropout off, so a forward is a
+    deterministic function of the batch: search scoring and BN recalibration. The training
+    flags of all modules are restored on exit."""
+    saved = {m: m.training for m in model.modules()}
+    try:
+        model.train()
+        for m in model.modules():
+            if isinstance(m, nn.modules.dropout._DropoutNd):
+                m.eval()
+        yield model
+    finally:
+        for m, training in saved.items():
+            m.training = training
+
+
+@contextlib.contextmanager
 def cached_weights(model: nn.Module):
     """Every quantized layer makes its K quantized weights once (``coupled_quant_multi``) and
     reads them from there: inference loops over many bit configurations (the search)."""

@@ -41,7 +41,12 @@ def build_float_model(cfg: TrainSettings, dataset: Dataset) -> nn.Module:
             raise ckpt.CheckpointError(f"init_from {cfg.init_from} holds a "
                                        f"{state['config']['model']}, this run trains a "
                                        f"{cfg.model}")
-        model.load_state_dict(state["model"])
+        try:
+            model.load_state_dict(state["model"])
+        except RuntimeError as err:  # same architecture name, other channels or classes
+            raise ckpt.CheckpointError(f"init_from {cfg.init_from} does not fit this run's "
+                                       f"{cfg.model} ({dataset.in_channels} input channels, "
+                                       f"{dataset.classes} classes): {str(err)[:300]}") from None
     return model
 
 
@@ -80,6 +85,9 @@ class Trainer:
         self._tb = None
         self.ds = dataset or load_dataset(cfg.dataset, cfg.data_dir, seed=cfg.seed)
         saved = None
+        if resume and not self.ckpt_path.exists():
+            raise ckpt.CheckpointError(f"resume: {self.ckpt_path} does not exist, so there is no "
+                                       f"run to continue (without --resume a new run starts)")
         if self.ckpt_path.exists():
             if not resume:
                 raise ckpt.CheckpointError(

@@ -121,3 +121,82 @@ def test_train_tensorboard_without_the_package_is_a_clear_error(tmp_path, monkey
         main(["train", "--out", str(tmp_path / "tb"), "--mode", "float", "--epochs", "1",
               "--tensorboard", *COMMON])
     assert not (tmp_path / "tb" / "checkpoint.pt").exists()
+
+
+def _search_json(runs) -> str:
+    out = runs / "bad-input-search.json"
+    if not out.exists():
+        assert main(["search", "--checkpoint", str(runs / "coupled"), "--budget", "level:4",
+                     "--batch-size", "64", "--calib-images", "0", "--out", str(out)]) == 0
+    return str(out)
+
+
+@pytest.mark.parametrize("command", ["eval", "export"])
+def test_bad_result_bits_and_index_are_clear_errors(runs, tmp_path, command):
+    """eval/export: a missing or malformed --result, an out-of-range --index, a --bits that is
+    not a candidate, a config of another model: a message naming the argument, nothing written."""
+    result = _search_json(runs)
+    out = tmp_path / "never.rfq"
+    extra = ["--out", str(out)] if command == "export" else []
+    base = [command, "--checkpoint", str(runs / "coupled"), "--calib-images", "0", *extra]
+    garbage = tmp_path / "garbage.json"
+    garbage.write_text("{not json")
+    empty = tmp_path / "empty.json"
+    empty.write_text(json.dumps({"searched": []}))
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"searched": [{"config": {"blocks.9.conv": [4, 4]}}]}))
+    bad_bits = tmp_path / "badbits.json"
+    data = json.loads(open(result).read())
+    data["searched"][0]["config"] = {n: [7, 4] for n in data["searched"][0]["config"]}
+    bad_bits.write_text(json.dumps(data))
+    cases = [
+        (["--result", str(tmp_path / "missing.json")], "--result .* does not exist"),
+        (["--result", str(garbage)], "--result .* is not JSON"),
+        (["--result", str(empty)], "holds no searched configs"),
+        (["--result", result, "--index", "5"], r"--index 5 outside 0\.\.0"),
+        (["--result", str(other)], "unknown layer blocks.9.conv"),
+        (["--result", str(bad_bits)], r"\(7, 4\) is not a candidate pair"),
+        (["--bits", "8"], r"--bits 8 is not a candidate bit-width of this model \(candidates: "
+                          r"2, 3, 4, 5, 6\)"),
+        (["--bits", "4", "--result", result], "give --bits or --result, not both"),
+    ]
+    for args, message in cases:
+        with pytest.raises(SystemExit, match=message):
+            main(base + args)
+    assert not out.exists()
+
+
+def test_bad_checkpoints_are_clear_errors(runs, tmp_path):
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a checkpoint")
+    with pytest.raises(SystemExit, match="corrupt or not an rfq checkpoint"):
+        main(["export", "--checkpoint", str(junk), "--out", str(tmp_path / "x.rfq")])
+    with pytest.raises(SystemExit, match="float model: nothing to pack"):
+        main(["export", "--checkpoint", str(runs / "float"), "--out", str(tmp_path / "x.rfq")])
+    with pytest.raises(SystemExit, match="float model: it has no bit-widths"):
+        main(["eval", "--checkpoint", str(runs / "float"), "--bits", "4"])
+    assert not (tmp_path / "x.rfq").exists()
+
+
+@pytest.mark.parametrize("value", ["1", "9"])
+def test_search_min_bits_out_of_range(runs, value):
+    with pytest.raises(SystemExit, match=f"--min-bits must be between the smallest candidate "
+                                         f"\\(2\\) and 8, got {value}"):
+        main(["search", "--checkpoint", str(runs / "coupled"), "--budget", "level:4",
+              "--min-bits", value])
+
+
+def test_resume_without_a_checkpoint_is_an_error(tmp_path):
+    with pytest.raises(SystemExit, match="resume: .*checkpoint.pt does not exist"):
+        main(["train", "--out", str(tmp_path / "fresh"), "--resume", "--mode", "float",
+              "--epochs", "1", *COMMON])
+    assert not (tmp_path / "fresh" / "checkpoint.pt").exists()
+
+
+def test_init_from_another_architecture_is_an_error(runs, tmp_path):
+    # a smallcnn float checkpoint for a resnet20 run
+    with pytest.raises(SystemExit, match="holds a smallcnn, this run trains a resnet20"):
+        main(["train", "--out", str(tmp_path / "a"), "--mode", "coupled", "--model", "resnet20",
+              "--dataset", "digits", "--epochs", "1", "--no-progress",
+              "--init-from", str(runs / "float" / "model.pt")])
+    assert not (tmp_path / "a" / "checkpoint.pt").exists()

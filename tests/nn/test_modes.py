@@ -75,3 +75,19 @@ def test_bn_recalibration_averages_the_batches():
             model(x)
     expect = torch.stack([x.mean((0, 2, 3)) for x in batches]).mean(0)
     torch.testing.assert_close(bn.running_mean, expect)
+
+
+def test_train_mode_without_dropout_is_deterministic_and_restores_flags():
+    from rfq.nn.modes import train_mode_without_dropout
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.Flatten(), nn.Dropout(0.5),
+                          nn.Linear(2 * 4 * 4, 3)).eval()
+    model[1].train()  # mixed flags must come back as they were
+    before = [m.training for m in model.modules()]
+    x = torch.randn(4, 1, 6, 6)
+    with train_mode_without_dropout(model), torch.no_grad():
+        assert model[1].training and not model[3].training
+        a, b = model(x), model(x)
+    assert torch.equal(a, b)  # dropout off; BN on batch statistics either way
+    assert [m.training for m in model.modules()] == before

@@ -151,8 +151,8 @@ def test_switch_never_routes_cpu_tensors(restore_backend):
     """CPU tensors take the C++ ops under either backend: the C++ CPU kernel raises for a zero
     step, where the rfq_triton CPU kernel would return NaN."""
     x, steps = torch.randn(5), torch.tensor([0.0])
-    for backend in ("cuda", "triton"):
-        ops.set_gpu_backend(backend)
+    for choice in ("cuda", "triton"):
+        ops.set_gpu_backend(choice)
         with pytest.raises(RuntimeError, match=r"rfq.coupled_quant: steps\[0\] must be"):
             ops.coupled_quant(x, steps, [4], torch.tensor(0))
         assert _traced_ops(_all_wrappers, torch.randn(6, 64), torch.tensor([0.1, 0.2]),

@@ -31,7 +31,8 @@ from torch import nn
 
 from rfq.cost import CostModel
 from rfq.nn import BitConfig, mixed_layers, set_bits
-from rfq.nn.modes import bn_batch_statistics, bn_recalibration, cached_weights
+from rfq.nn.modes import (bn_batch_statistics, bn_recalibration, cached_weights,
+                          train_mode_without_dropout)
 
 
 @dataclass
@@ -95,7 +96,8 @@ def _stage_index(model: nn.Module) -> tuple[list[nn.Module] | None, dict[str, in
 class GreedySearch:
     def __init__(self, model: nn.Module, costs: CostModel, batches: Iterator,
                  metric: str = "bitops", min_bits: int | None = None, legacy_floor: bool = False,
-                 fast: bool = True, start_bits: int = 5):
+                 fast: bool = True, start_bits: int = 5,
+                 on_move: Callable[[dict], None] | None = None):
         if metric not in ("bitops", "size"):
             raise ValueError(f"search metric must be 'bitops' or 'size', got {metric!r}")
         self.model = copy.deepcopy(model)  # BN modes and caches never touch the caller's model
@@ -110,6 +112,7 @@ class GreedySearch:
         self.fast, self.start_bits = fast, start_bits
         self.stages, self.stage_of = _stage_index(self.model) if fast else (None, {})
         self.evaluations = 0
+        self.on_move = on_move  # called after every applied move (progress bars)
 
     # -- moves --
     def floor(self, target: float) -> int:
@@ -155,9 +158,10 @@ class GreedySearch:
     # -- scoring --
     @contextlib.contextmanager
     def _scoring(self):
-        """Train mode with batch-statistics BN; the K quantized weights cached when fast."""
-        self.model.train()
+        """Train mode with batch-statistics BN and dropout off; the K quantized weights cached
+        when fast."""
         with contextlib.ExitStack() as stack:
+            stack.enter_context(train_mode_without_dropout(self.model))
             stack.enter_context(bn_batch_statistics(self.model))
             if self.fast:
                 stack.enter_context(cached_weights(self.model))
@@ -241,6 +245,10 @@ class GreedySearch:
                                 "cost": costs[best]})
                 iterations += 1
                 steps += 1
+                if self.on_move:
+                    self.on_move({"phase": phase, "moves": iterations, "cost": costs[best],
+                                  "target": target, "error": error,
+                                  "evaluations": self.evaluations})
         reached = cost(config) < target if self.metric == "bitops" else cost(config) <= target
         return SearchResult(
             metric=self.metric, target=target, config={n: list(v) for n, v in config.items()},
@@ -255,17 +263,12 @@ class GreedySearch:
 @torch.no_grad()
 def recalibrate_bn(model: nn.Module, batches) -> int:
     """Reset every BN's statistics, then set them to the plain average over ``batches``
-    (train-mode forwards of the current config). Returns the number of batches."""
-    was_training = model.training
-    model.train()
+    (train-mode forwards of the current config, dropout off). Returns the number of batches."""
     n = 0
-    try:
-        with bn_recalibration(model):
-            for x, _ in batches:
-                model(x)
-                n += 1
-    finally:
-        model.train(was_training)
+    with train_mode_without_dropout(model), bn_recalibration(model):
+        for x, _ in batches:
+            model(x)
+            n += 1
     return n
 
 

@@ -118,3 +118,26 @@ def test_recalibration_changes_uniform_accuracy_only_through_bn(run):
     weights = [m.weight.detach().clone() for _, m in mixed_layers(model)]
     recalibrate_bn(model, [(x, y)])
     assert all(torch.equal(w, m.weight) for w, (_, m) in zip(weights, mixed_layers(model)))
+
+
+def test_on_move_reports_every_applied_move(run):
+    target = budget_levels(run, [3])[0]
+    seen = []
+    result = GreedySearch(run.model, run.costs, score_batches(run, 128),
+                          on_move=seen.append).run(target)
+    assert [s["moves"] for s in seen] == list(range(1, result.iterations + 1))
+    assert [s["cost"] for s in seen] == [h["cost"] for h in result.history]
+    assert [s["error"] for s in seen] == [h["error"] for h in result.history]
+    assert all(s["target"] == target for s in seen)
+    assert seen[-1]["evaluations"] == result.evaluations
+
+
+def test_search_budgets_shows_a_bar_per_search(run, capsys):
+    from rfq.cli.pipeline import search_budgets
+
+    targets = budget_levels(run, [3, 4])
+    search_budgets(run, targets, batch_size=128, calib_images=0, progress=None, bars=True,
+                   eval_limit=64)
+    err = capsys.readouterr().err
+    assert "search 1/2 <" in err and "search 2/2 <" in err
+    assert "cost " in err and "error " in err and "move" in err

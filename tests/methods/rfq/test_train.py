@@ -260,3 +260,46 @@ def test_retain_freed_memory_is_idempotent():
         import platform
         if platform.libc_ver()[0] == "glibc":
             assert first is True
+
+
+def test_frozen_bits_are_never_drawn_after_a_scheduler_event(tmp_path, digits, float_ckpt):
+    """After the scheduler freezes the lowest bit of its most turbulent layers, the sampler draws
+    only from the shrunk sets (and still from the full sets of the other layers)."""
+    tr = Trainer(coupled_config(float_ckpt, epochs=4, freeze_start=0, p_early=1,
+                                ratio_max=0.5, ratio_min=0.5), tmp_path / "r",
+                 dataset=digits, progress=False)
+    message = tr.on_epoch_start(0)
+    frozen = tr.scheduler.frozen_layers()
+    assert frozen and message and str(len(frozen)) in message
+    layers = dict(mixed_layers(tr.model))
+    drawn = {n: set() for n in layers}
+    for _ in range(400):
+        for n, (w, a) in tr.sample_config().items():
+            drawn[n].add(w)
+    for n, layer in layers.items():
+        if n in frozen:
+            assert min(layer.w_bits) not in drawn[n]
+            assert drawn[n] == set(tr.scheduler.w_sets[n])
+        else:
+            assert drawn[n] == set(layer.w_bits)
+
+
+def test_optimizer_parameter_groups(tmp_path, digits, float_ckpt):
+    """SGD with weight decay: 4-D conv weights (stem too); SGD without: BN copies, FC, biases;
+    Adam: every step size, nothing else."""
+    tr = Trainer(coupled_config(float_ckpt, weight_decay=1e-4), tmp_path / "r", dataset=digits,
+                 progress=False)
+    names = {id(p): n for n, p in tr.model.named_parameters()}
+    decay, no_decay = (tr.sgd.param_groups[0], tr.sgd.param_groups[1])
+    assert decay["weight_decay"] == 1e-4 and no_decay["weight_decay"] == 0.0
+    assert decay["nesterov"] and decay["momentum"] == 0.9
+    assert {names[id(p)] for p in decay["params"]} == {
+        n for n, p in tr.model.named_parameters() if p.dim() == 4}
+    adam = {names[id(p)] for p in tr.adam.param_groups[0]["params"]}
+    assert adam == {n for n, p in tr.model.named_parameters()
+                    if n.endswith(("w_steps", "a_steps")) and p.requires_grad}
+    rest = {names[id(p)] for p in no_decay["params"]}
+    assert rest and all(n.endswith(("bias", ".weight")) for n in rest)
+    assert not rest & adam and not rest & {names[id(p)] for p in decay["params"]}
+    every = {n for n, p in tr.model.named_parameters() if p.requires_grad}
+    assert every == rest | adam | {names[id(p)] for p in decay["params"]}
