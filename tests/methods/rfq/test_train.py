@@ -268,7 +268,7 @@ def test_frozen_bits_are_never_drawn_after_a_scheduler_event(tmp_path, digits, f
     tr = Trainer(coupled_config(float_ckpt, epochs=4, freeze_start=0, p_early=1,
                                 ratio_max=0.5, ratio_min=0.5), tmp_path / "r",
                  dataset=digits, progress=False)
-    message = tr.on_epoch_start(0)
+    message = tr.on_epoch_start(1)  # an event epoch: after freeze_start, period 1
     frozen = tr.scheduler.frozen_layers()
     assert frozen and message and str(len(frozen)) in message
     layers = dict(mixed_layers(tr.model))
