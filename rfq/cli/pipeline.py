@@ -16,9 +16,9 @@ from torch import nn
 from rfq import checkpoint as ckpt
 from rfq.cost import CostModel, format_bitops
 from rfq.data import BatchStream, Dataset, eval_batches, load_dataset, normalize
-from rfq.nn import current_config, set_bits
+from rfq.nn import set_bits
 from rfq.methods.rfq.search import GreedySearch, ScoreBatches, calibration_count, recalibrate_bn
-from rfq.training import EMA, evaluate
+from rfq.training import evaluate
 from rfq.methods.rfq import TrainConfig, load_model
 from rfq.runtime import flush_denormals
 
@@ -238,4 +238,4 @@ def budget_levels(run: LoadedRun, levels: list[float]) -> list[float]:
 
 
 __all__ = ["LoadedRun", "load_run", "evaluate_config", "search_budgets", "uniform_results",
-           "format_table", "pareto_plot", "EMA", "current_config"]
+           "format_table", "pareto_plot", "budget_levels", "calibration_batches", "score_batches"]
