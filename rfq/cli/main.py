@@ -89,6 +89,10 @@ def build_train_config(args):
             values[key] = v
     if args.bits:
         values["bits"] = [int(b) for b in args.bits.split(",")]
+    if getattr(args, "lsq_config", None):
+        config = _result_config(args.lsq_config, args.lsq_index, "rfq train --lsq-config")
+        values["lsq_config"] = {n: list(v) for n, v in config.items()}
+        values["mode"] = "lsq"
     try:
         return TrainConfig.from_dict(values)
     except (ValueError, TypeError) as err:
@@ -203,9 +207,12 @@ def _baseline(path, args):
     run = load_run(path, data_dir=args.data_dir)
     if run.cfg.mode != "lsq":
         raise SystemExit(f"rfq: --baselines {path} is not an LSQ run (mode {run.cfg.mode})")
-    cfg = run.costs.uniform(run.model, run.cfg.lsq_bits)
+    if run.cfg.lsq_config is not None:  # one mixed config trained alone
+        cfg, bits = {n: tuple(v) for n, v in run.cfg.lsq_config.items()}, "mixed"
+    else:
+        cfg, bits = run.costs.uniform(run.model, run.cfg.lsq_bits), run.cfg.lsq_bits
     calib = calibration_batches(run, args.calib_images)
-    return [{"bits": run.cfg.lsq_bits, "bitops": run.costs.bitops(cfg),
+    return [{"bits": bits, "bitops": run.costs.bitops(cfg),
              "size_mib": run.costs.size_mib(cfg), "accuracy": evaluate_config(run, cfg, calib),
              "train_seconds": run.wall, "checkpoint": str(run.path)}]
 
@@ -349,6 +356,9 @@ def make_parser() -> argparse.ArgumentParser:
     t.add_argument("--lr", type=float)
     t.add_argument("--bits", help="candidate bits, e.g. 6,5,4,3,2")
     t.add_argument("--lsq-bits", type=int)
+    t.add_argument("--lsq-config", metavar="RESULT",
+                   help="train one searched mixed config alone with LSQ (a search JSON)")
+    t.add_argument("--lsq-index", type=int, default=0, help="which config of --lsq-config")
     t.add_argument("--n-random", type=int)
     t.add_argument("--init-from", help="float checkpoint (model.pt of a float run)")
     t.add_argument("--seed", type=int)
@@ -411,6 +421,10 @@ def make_parser() -> argparse.ArgumentParser:
     d.add_argument("--data-dir")
     d.add_argument("--threads", type=int)
     d.set_defaults(func=cmd_demo)
+
+    from rfq.cli import study
+
+    study.add_parser(sub)
 
     w = sub.add_parser("showcase", help="a few-second tour of the fused ops on digits")
     w.add_argument("--steps", type=int, default=400)

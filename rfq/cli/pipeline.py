@@ -179,7 +179,8 @@ def format_table(uniform: list[dict], searched: list[dict], baselines: list[dict
                      f"{format_bitops(s['bitops'])} | {s['size_mib'] * 1024:.1f} | "
                      f"{s['accuracy'] * 100:.2f} |")
     for b in baselines:
-        lines.append(f"| LSQ trained alone | {b['bits']}/{b['bits']} | "
+        bits = "mixed" if b["bits"] == "mixed" else f"{b['bits']}/{b['bits']}"
+        lines.append(f"| LSQ trained alone | {bits} | "
                      f"{format_bitops(b['bitops'])} | {b['size_mib'] * 1024:.1f} | "
                      f"{b['accuracy'] * 100:.2f} |")
     return "\n".join(lines)

@@ -20,6 +20,9 @@ class CandidateSettings:
     act_bits: Optional[list] = None  # None: shared W/A candidate sets
     depthwise_bits: list = field(default_factory=lambda: [6, 5, 4, 3])
     lsq_bits: int = 4  # mode "lsq": the one bit-width (W and A)
+    # mode "lsq": a mixed config {layer: [w, a]} trained alone instead of one bit-width (the
+    # searched config's "retrained" baseline); the model keeps the candidate sets of ``bits``
+    lsq_config: Optional[dict] = None
     lsq_grad_scale: bool = False
 
     def check(self):
@@ -28,9 +31,17 @@ class CandidateSettings:
         if not MIN_BITS <= self.lsq_bits <= MAX_BITS:
             raise ValueError(f"lsq_bits must be in {MIN_BITS}..{MAX_BITS}, got {self.lsq_bits}")
         self.quant_config()  # validates the bit sets
+        if self.lsq_config is not None:
+            if self.mode != "lsq":
+                raise ValueError(f"lsq_config is for mode 'lsq', this run is {self.mode!r}")
+            if not isinstance(self.lsq_config, dict) or not self.lsq_config:
+                raise ValueError("lsq_config must be a non-empty {layer: [w, a]} mapping")
+            for name, pair in self.lsq_config.items():
+                if not (isinstance(pair, (list, tuple)) and len(pair) == 2):
+                    raise ValueError(f"lsq_config[{name!r}] must be [w, a], got {pair!r}")
 
     def quant_config(self) -> QuantConfig:
-        if self.mode == "lsq":
+        if self.mode == "lsq" and self.lsq_config is None:
             b = (self.lsq_bits,)
             return QuantConfig(bits=b, act_bits=b, depthwise_bits=b,
                                lsq_grad_scale=self.lsq_grad_scale)
@@ -73,4 +84,4 @@ class TrainConfig(CandidateSettings, CoupledLossSettings, SchedulerSettings, Tra
     """Every setting of a main-method run (also the float and LSQ-alone baselines)."""
 
     SHAPE_KEYS = ("mode", "model", "dataset", "bits", "act_bits", "depthwise_bits", "lsq_bits",
-                  "seed", "batch_size", "train_limit")
+                  "lsq_config", "seed", "batch_size", "train_limit")

@@ -22,11 +22,13 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import random
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterator
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from rfq.cost import CostModel
@@ -49,6 +51,8 @@ class SearchResult:
     accuracy: float | None = None  # after BN recalibration, on the evaluation split
     reached: bool = True  # False: no feasible move could bring the cost under the target
     history: list = field(default_factory=list)
+    strategy: str = "greedy"
+    seed: int | None = None  # of the held-out batches the search scored on
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -93,11 +97,14 @@ def _stage_index(model: nn.Module) -> tuple[list[nn.Module] | None, dict[str, in
     return stages, where
 
 
-class GreedySearch:
+class ConfigSearch:
+    """What every search strategy shares: a private copy of the model, the feasible one-step
+    moves, the floor, and the scoring of configurations on held-out batches (train mode with
+    batch-statistics BN, dropout off, stage-cached when ``fast``)."""
+
     def __init__(self, model: nn.Module, costs: CostModel, batches: Iterator,
                  metric: str = "bitops", min_bits: int | None = None, legacy_floor: bool = False,
-                 fast: bool = True, start_bits: int = 5,
-                 on_move: Callable[[dict], None] | None = None):
+                 fast: bool = True, on_move: Callable[[dict], None] | None = None):
         if metric not in ("bitops", "size"):
             raise ValueError(f"search metric must be 'bitops' or 'size', got {metric!r}")
         self.model = copy.deepcopy(model)  # BN modes and caches never touch the caller's model
@@ -109,10 +116,17 @@ class GreedySearch:
             raise ValueError(f"min_bits must be between the smallest candidate ({smallest}) "
                              f"and 8, got {min_bits}")
         self.min_bits, self.legacy_floor = min_bits, legacy_floor
-        self.fast, self.start_bits = fast, start_bits
+        self.fast = fast
         self.stages, self.stage_of = _stage_index(self.model) if fast else (None, {})
         self.evaluations = 0
         self.on_move = on_move  # called after every applied move (progress bars)
+
+    def cost(self, config: BitConfig) -> float:
+        return self.costs.cost(config, self.metric)
+
+    def within(self, cost: float, target: float) -> bool:
+        """A BitOps budget is a strict upper bound (spec §5), a size budget an inclusive one."""
+        return cost < target if self.metric == "bitops" else cost <= target
 
     # -- moves --
     def floor(self, target: float) -> int:
@@ -168,8 +182,13 @@ class GreedySearch:
             yield
 
     def _errors(self, config: BitConfig, moves, x, y) -> list[float]:
-        """Top-1 error of every move's config on (x, y); one host read for all of them."""
-        wrong = []
+        """Top-1 error of every move's config on (x, y)."""
+        return self._measure(config, moves, x, y)[0]
+
+    def _measure(self, config: BitConfig, moves, x, y) -> tuple[list[float], list[float]]:
+        """(top-1 error, mean cross-entropy) of every move's config on (x, y); a move of None
+        is ``config`` itself. One host read for all of them."""
+        out = []
         with torch.no_grad():
             if self.stages:
                 set_bits(self.model, config)
@@ -177,11 +196,18 @@ class GreedySearch:
                 for stage in self.stages:
                     inputs.append(h)
                     h = stage(h)
+                base = h
             for move in moves:
-                name, slot, bit = move
-                layer = self._by_name[name]
-                old = (layer.w_bit, layer.a_bit)
-                if self.stages:
+                if move is None:
+                    if self.stages:
+                        h = base
+                    else:
+                        set_bits(self.model, config)
+                        h = self.model(x)
+                elif self.stages:
+                    name, slot, bit = move
+                    layer = self._by_name[name]
+                    old = (layer.w_bit, layer.a_bit)
                     layer.set_bits(*((bit, None) if slot == 0 else (None, bit)))
                     s = self.stage_of[name]
                     h = inputs[s]
@@ -191,12 +217,24 @@ class GreedySearch:
                 else:
                     set_bits(self.model, self._apply(config, move))
                     h = self.model(x)
-                wrong.append((h.argmax(1) != y).sum())
+                out.append(torch.stack([(h.argmax(1) != y).sum().float(),
+                                        F.cross_entropy(h.float(), y, reduction="sum")]))
                 self.evaluations += 1
-        counts = torch.stack(wrong).tolist()
-        return [c / len(y) for c in counts]
+        sums = torch.stack(out).tolist()
+        return [w / len(y) for w, _ in sums], [ce / len(y) for _, ce in sums]
 
-    # -- the search --
+
+
+class GreedySearch(ConfigSearch):
+    """RFQ's bidirectional greedy search (module docstring), from uniform ``start_bits``."""
+
+    def __init__(self, model: nn.Module, costs: CostModel, batches: Iterator,
+                 metric: str = "bitops", min_bits: int | None = None, legacy_floor: bool = False,
+                 fast: bool = True, start_bits: int = 5,
+                 on_move: Callable[[dict], None] | None = None):
+        super().__init__(model, costs, batches, metric, min_bits, legacy_floor, fast, on_move)
+        self.start_bits = start_bits
+
     def run(self, target: float) -> SearchResult:
         if not target > 0:
             raise ValueError(f"search target must be positive, got {target}")
@@ -249,12 +287,64 @@ class GreedySearch:
                     self.on_move({"phase": phase, "moves": iterations, "cost": costs[best],
                                   "target": target, "error": error,
                                   "evaluations": self.evaluations})
-        reached = cost(config) < target if self.metric == "bitops" else cost(config) <= target
+        reached = self.within(cost(config), target)
         return SearchResult(
             metric=self.metric, target=target, config={n: list(v) for n, v in config.items()},
             bitops=self.costs.bitops(config), size_mib=self.costs.size_mib(config),
             search_error=error, iterations=iterations, evaluations=self.evaluations,
             seconds=time.perf_counter() - t0, reached=reached, history=history)
+
+
+def random_config(model: nn.Module, costs: CostModel, target: float, metric: str = "bitops",
+                  seed: int = 0, floor: int | None = None, size_act_bits: int = 5) -> BitConfig:
+    """A random mixed config that fits the budget tightly (the baseline a search must beat):
+    each layer's bits drawn uniformly, then random one-step cuts until it fits, then random
+    one-step raises while it still fits. A size budget holds input bits at ``size_act_bits``
+    (free: they cost no storage), as the searches do."""
+    rng = random.Random(seed)
+    layers = mixed_layers(model)
+    floor = floor if floor is not None else min(min(m.w_bits) for _, m in layers)
+    within = (lambda c: c < target) if metric == "bitops" else (lambda c: c <= target)
+    sets = {}
+    for name, m in layers:
+        a_set = sorted(m.a_bits) if m.a_bits else [None]
+        if metric == "size" and m.a_bits:
+            a_set = [min(m.a_bits, key=lambda b: (abs(b - size_act_bits), -b))]
+        sets[name] = (sorted(b for b in m.w_bits if b >= floor) or [min(m.w_bits)],
+                      [b for b in a_set if b is None or b >= floor] or a_set[:1])
+    config = {n: [rng.choice(w), rng.choice(a)] for n, (w, a) in sets.items()}
+
+    def steps(direction):
+        out = []
+        for n, pair in config.items():
+            for slot in (0, 1):
+                cands = sets[n][slot]
+                i = cands.index(pair[slot]) + direction
+                if 0 <= i < len(cands):
+                    out.append((n, slot, cands[i]))
+        return out
+
+    def cost():
+        return costs.cost({n: tuple(v) for n, v in config.items()}, metric)
+
+    while not within(cost()):
+        down = steps(-1)
+        if not down:
+            break  # even the lowest config does not fit
+        n, slot, b = rng.choice(down)
+        config[n][slot] = b
+    while True:
+        up = steps(+1)
+        rng.shuffle(up)
+        for n, slot, b in up:
+            old = config[n][slot]
+            config[n][slot] = b
+            if within(cost()):
+                break
+            config[n][slot] = old
+        else:
+            break
+    return {n: tuple(v) for n, v in config.items()}
 
 
 # ---- BN recalibration and evaluation -------------------------------------------------------------

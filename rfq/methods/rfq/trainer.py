@@ -33,11 +33,27 @@ from rfq.training.metrics import accuracy
 
 
 def build_run_model(cfg: TrainConfig, dataset: Dataset) -> nn.Module:
-    """The model of a run: built, loaded from ``init_from`` (float weights), quantized."""
+    """The model of a run: built, loaded from ``init_from`` (float weights), quantized (and set
+    to ``lsq_config`` when it trains one mixed config alone)."""
     model = build_float_model(cfg, dataset)
     if cfg.mode != "float":
         quantize_(model, cfg.quant_config())
+        if cfg.lsq_config is not None:
+            set_fixed_config(model, cfg.lsq_config)
     return model
+
+
+def set_fixed_config(model: nn.Module, config: dict) -> None:
+    """Set an LSQ-alone run's one mixed config; it must name every mixed layer."""
+    names = {n for n, _ in mixed_layers(model)}
+    missing, unknown = sorted(names - set(config)), sorted(set(config) - names)
+    if missing or unknown:
+        raise ValueError(f"lsq_config does not fit this model: missing layers {missing[:4]}, "
+                         f"unknown layers {unknown[:4]}")
+    try:
+        set_bits(model, {n: tuple(v) for n, v in config.items()})
+    except ValueError as err:
+        raise ValueError(f"lsq_config: {err}") from None
 
 
 def load_model(cfg: TrainConfig, dataset: Dataset, device="cpu") -> nn.Module:
@@ -96,6 +112,8 @@ class CoupledTrainer(Trainer):
     def fresh_start(self) -> None:
         if self.cfg.mode != "float":
             initialize_activation_steps(self.model, self.stream.batch(0, 0)[0])
+            if self.cfg.lsq_config is not None:  # the init leaves every layer at its highest
+                set_fixed_config(self.model, self.cfg.lsq_config)
             self.ema = EMA(self.model, self.cfg.ema_decay, self.cfg.ema_warmup)
 
     def on_epoch_start(self, epoch: int) -> str | None:
