@@ -177,6 +177,9 @@ def cmd_search(args) -> int:
     if run.costs is None:
         raise SystemExit("rfq search: the checkpoint holds a float model: nothing to search")
     budgets = _parse_budgets(run, args.budget, args.metric)
+    if args.legacy_floor and args.strategy != "greedy":
+        raise SystemExit("rfq search: --legacy-floor is a rule of the greedy search; the "
+                         "frontier search takes --min-bits")
     if args.min_bits is not None:
         from rfq.nn import mixed_layers
 
@@ -184,11 +187,12 @@ def cmd_search(args) -> int:
         if not smallest <= args.min_bits <= 8:
             raise SystemExit(f"rfq search: --min-bits must be between the smallest candidate "
                              f"({smallest}) and 8, got {args.min_bits}")
-    print(f"searching {len(budgets)} budget(s) on {run.path} ({args.metric}, search batch "
+    print(f"searching {len(budgets)} budget(s) on {run.path} ({args.strategy}, {args.metric}, "
+          f"search batch "
           f"{args.batch_size}, {'straightforward' if args.naive else 'cached'} evaluation)")
     searched = search_budgets(run, budgets, args.metric, args.batch_size, args.calib_images,
                               fast=not args.naive, min_bits=args.min_bits,
-                              legacy_floor=args.legacy_floor)
+                              legacy_floor=args.legacy_floor, strategy=args.strategy)
     uniform = uniform_results(run, args.uniform, args.calib_images) if args.uniform else []
     baselines = [b for path in args.baselines or () for b in _baseline(path, args)]
     print(format_table(uniform, searched, baselines))
@@ -381,6 +385,8 @@ def make_parser() -> argparse.ArgumentParser:
     s.add_argument("--budget", action="append", required=True,
                    help="e.g. 498.6M (BitOps), level:3.5, 120KiB (size); repeatable")
     s.add_argument("--metric", choices=["bitops", "size"], default="bitops")
+    s.add_argument("--strategy", choices=["greedy", "frontier"], default="greedy",
+                   help="greedy: RFQ's search per budget; frontier: measure once, solve all")
     s.add_argument("--batch-size", type=int, default=1024, help="held-out images per score")
     s.add_argument("--min-bits", type=int)
     s.add_argument("--legacy-floor", action="store_true", help="RFQuant's floor of 3 bits")

@@ -17,6 +17,7 @@ from rfq import checkpoint as ckpt
 from rfq.cost import CostModel, format_bitops
 from rfq.data import BatchStream, Dataset, eval_batches, load_dataset, normalize
 from rfq.nn import set_bits
+from rfq.methods.rfq.frontier import FrontierSearch
 from rfq.methods.rfq.search import GreedySearch, ScoreBatches, calibration_count, recalibrate_bn
 from rfq.training import evaluate
 from rfq.methods.rfq import TrainConfig, load_model
@@ -104,31 +105,46 @@ def search_budgets(run: LoadedRun, budgets: list[float], metric: str = "bitops",
                    batch_size: int = 1024, calib_images: int = 7000, fast: bool = True,
                    min_bits: int | None = None, legacy_floor: bool = False, progress=print,
                    seed: int = 0, eval_limit: int | None = None,
-                   bars: bool | None = None) -> list[dict]:
-    """Greedy search per budget (each from uniform 5), then recalibrated test accuracy.
+                   bars: bool | None = None, strategy: str = "greedy") -> list[dict]:
+    """Search every budget, then test each config with recalibrated BN.
 
+    ``strategy``: "greedy" (RFQ's search, one run per budget from uniform 5) or "frontier"
+    (one measurement of the model, every budget solved from it, then refined).
     ``bars``: a progress bar per search (moves, cost against the budget, error of the last
     move); None shows them where stderr is a terminal."""
     if run.costs is None:
         raise ValueError("a float model has no bit-widths to search")
+    if strategy not in ("greedy", "frontier"):
+        raise ValueError(f"strategy must be 'greedy' or 'frontier', got {strategy!r}")
     calib = calibration_batches(run, calib_images)
-    results = []
-    for k, target in enumerate(budgets):
-        label = format_bitops(target) if metric == "bitops" else f"{target / 8 / 1024:.1f}KiB"
-        with flush_denormals(), _search_bar(f"search {k + 1}/{len(budgets)} <{label}", metric,
+
+    def label(target):
+        return format_bitops(target) if metric == "bitops" else f"{target / 8 / 1024:.1f}KiB"
+
+    found = []
+    if strategy == "frontier":
+        with flush_denormals(), _search_bar(f"frontier, {len(budgets)} budgets", metric,
                                             bars) as on_move:
-            searcher = GreedySearch(run.model, run.costs, score_batches(run, batch_size, seed),
-                                    metric, min_bits, legacy_floor, fast, on_move=on_move)
-            result = searcher.run(target)
+            searcher = FrontierSearch(run.model, run.costs, score_batches(run, batch_size, seed),
+                                      metric, min_bits, fast, on_move=on_move)
+            found = searcher.run_all(budgets)
+    for k, target in enumerate(budgets):
+        if strategy == "greedy":
+            with flush_denormals(), _search_bar(f"search {k + 1}/{len(budgets)} <{label(target)}",
+                                                metric, bars) as on_move:
+                searcher = GreedySearch(run.model, run.costs, score_batches(run, batch_size, seed),
+                                        metric, min_bits, legacy_floor, fast, on_move=on_move)
+                found.append(searcher.run(target))
+        result = found[k]
+        result.seed = seed
         result.accuracy = evaluate_config(run, {n: tuple(v) for n, v in result.config.items()},
                                           calib, limit=eval_limit)
-        results.append(result.to_dict())
         if progress:
-            progress(f"  budget {label}: {format_bitops(result.bitops)} BitOps, "
+            progress(f"  {strategy} budget {label(target)}: {format_bitops(result.bitops)} BitOps, "
                      f"{result.size_mib * 1024:.1f} KiB, acc {result.accuracy * 100:.2f} %, "
                      f"{result.iterations} moves, {result.evaluations} evaluations, "
                      f"{result.seconds:.1f} s")
-    return results
+    return [r.to_dict() for r in found]
 
 
 @contextlib.contextmanager

@@ -29,6 +29,7 @@ from rfq.nn import QuantLayer, SwitchableBatchNorm2d, quant_layers
 from rfq.runtime import flush_denormals, retain_freed_memory, setup_distributed
 from rfq.training.config import TrainSettings
 from rfq.training.ema import EMA
+from rfq.training.entry_adam import EntrywiseAdam
 from rfq.training.metrics import accuracy
 
 
@@ -176,7 +177,7 @@ class Trainer:
         self.optimizers = [self.sgd]
         self.adam = None
         if steps:
-            self.adam = torch.optim.Adam(steps, lr=cfg.step_lr)
+            self.adam = EntrywiseAdam(steps, lr=cfg.step_lr)
             self.optimizers.append(self.adam)
 
     def epoch_of(self, step: int) -> float:

@@ -9,8 +9,8 @@ import torch
 from rfq.cli import main
 from rfq.data import load_digits_dataset
 from rfq.deploy.export import load_packed, packed_size_bytes, to_packed
-from rfq.nn import set_bits
-from rfq.cli.pipeline import load_run, score_batches
+from rfq.nn import current_config, mixed_layers, set_bits
+from rfq.cli.pipeline import calibration_batches, evaluate_config, load_run, score_batches
 
 COMMON = ["--model", "smallcnn", "--dataset", "digits", "--batch-size", "64", "--no-progress",
           "--set", "channels_last=False"]
@@ -200,3 +200,103 @@ def test_init_from_another_architecture_is_an_error(runs, tmp_path):
               "--dataset", "digits", "--epochs", "1", "--no-progress",
               "--init-from", str(runs / "float" / "model.pt")])
     assert not (tmp_path / "a" / "checkpoint.pt").exists()
+
+
+def test_lsq_alone_baselines_in_the_search_table(runs, capsys):
+    """--profile lsq trains one bit-width alone (a model with that one candidate); --baselines
+    evaluates it at that bit-width and puts it in the table and the JSON."""
+    lsq = runs / "lsq3"
+    assert main(["train", "--out", str(lsq), "--profile", "lsq", "--lsq-bits", "3",
+                 "--epochs", "1", "--steps-per-epoch", "10", "--init-from",
+                 str(runs / "float" / "model.pt"), *COMMON]) == 0
+    run = load_run(lsq, dataset=load_digits_dataset())
+    assert run.cfg.mode == "lsq" and run.cfg.lsq_bits == 3
+    assert all(list(m.w_bits) == list(m.a_bits) == [3] for _, m in mixed_layers(run.model))
+    out = runs / "with-baseline.json"
+    capsys.readouterr()
+    assert main(["search", "--checkpoint", str(runs / "coupled"), "--budget", "level:3.5",
+                 "--batch-size", "128", "--calib-images", "256", "--baselines", str(lsq),
+                 "--out", str(out)]) == 0
+    assert "| LSQ trained alone | 3/3 |" in capsys.readouterr().out
+    (base,) = json.loads(out.read_text())["baselines"]
+    want = evaluate_config(run, run.costs.uniform(run.model, 3),
+                           calibration_batches(run, 256))
+    assert base["bits"] == 3 and base["accuracy"] == want
+    with pytest.raises(SystemExit, match="not an LSQ run"):
+        main(["search", "--checkpoint", str(runs / "coupled"), "--budget", "level:3.5",
+              "--batch-size", "128", "--calib-images", "0", "--baselines",
+              str(runs / "coupled"), "--out", str(runs / "x.json")])
+
+
+def test_lsq_alone_of_a_searched_mixed_config(runs, capsys):
+    """--lsq-config trains a searched config alone: the model (and its EMA) run exactly that
+    config from the first step to the checkpoint; bad configs are named errors."""
+    result = runs / "frontier.json"
+    assert main(["search", "--checkpoint", str(runs / "coupled"), "--budget", "level:3",
+                 "--strategy", "frontier", "--batch-size", "128", "--calib-images", "256",
+                 "--out", str(result)]) == 0
+    config = json.loads(result.read_text())["searched"][0]["config"]
+    assert json.loads(result.read_text())["searched"][0]["strategy"] == "frontier"
+    out = runs / "lsq-mixed"
+    assert main(["train", "--out", str(out), "--profile", "lsq", "--lsq-config", str(result),
+                 "--epochs", "1", "--steps-per-epoch", "6", "--init-from",
+                 str(runs / "float" / "model.pt"), *COMMON]) == 0
+    run = load_run(out, dataset=load_digits_dataset())
+    assert run.cfg.lsq_config == config
+    assert current_config(run.model) == {n: tuple(v) for n, v in config.items()}
+    capsys.readouterr()
+    assert main(["search", "--checkpoint", str(runs / "coupled"), "--budget", "level:3.5",
+                 "--batch-size", "128", "--calib-images", "256", "--baselines", str(out),
+                 "--out", str(runs / "mixed-baseline.json")]) == 0
+    assert "| LSQ trained alone | mixed |" in capsys.readouterr().out
+    bad = runs / "bad-config.json"
+    bad.write_text(json.dumps({"searched": [{"config": {"no.such.layer": [2, 2]}}]}))
+    with pytest.raises(SystemExit, match="lsq_config does not fit"):
+        main(["train", "--out", str(runs / "lsq-bad"), "--profile", "lsq", "--lsq-config",
+              str(bad), "--epochs", "1", *COMMON])
+    name = next(iter(config))
+    bad.write_text(json.dumps({"searched": [{"config": {**config, name: [7, 2]}}]}))
+    with pytest.raises(SystemExit, match="lsq_config: layer"):
+        main(["train", "--out", str(runs / "lsq-bad"), "--profile", "lsq", "--lsq-config",
+              str(bad), "--epochs", "1", *COMMON])
+    assert not (runs / "lsq-bad" / "checkpoint.pt").exists()
+
+
+def test_frontier_and_greedy_from_the_cli_and_legacy_floor_rule(runs, capsys):
+    out = runs / "front.json"
+    assert main(["search", "--checkpoint", str(runs / "coupled"), "--strategy", "frontier",
+                 "--budget", "level:2.5", "--budget", "level:3", "--budget", "level:4",
+                 "--batch-size", "128", "--calib-images", "256", "--out", str(out)]) == 0
+    searched = json.loads(out.read_text())["searched"]
+    assert [s["reached"] for s in searched] == [True] * 3
+    assert searched[0]["bitops"] <= searched[1]["bitops"] <= searched[2]["bitops"]
+    with pytest.raises(SystemExit, match="legacy-floor"):
+        main(["search", "--checkpoint", str(runs / "coupled"), "--strategy", "frontier",
+              "--legacy-floor", "--budget", "level:3", "--out", str(runs / "y.json")])
+
+
+def test_study_is_resumable_and_tabulates_every_piece(runs, capsys):
+    out = runs / "study"
+    argv = ["study", "--checkpoint", str(runs / "coupled"), "--out", str(out),
+            "--levels", "2.5,3.5", "--seeds", "0,1", "--random", "2", "--batch-size", "128",
+            "--calib-images", "256", "--metrics", "bitops,size"]
+    assert main(argv) == 0
+    files = sorted(p.name for p in out.glob("*.json"))
+    assert "uniform.json" in files and "bitops-random-L2.5.json" in files
+    for metric in ("bitops", "size"):
+        for strategy in ("frontier", "greedy"):
+            for lv in ("2.5", "3.5"):
+                for seed in (0, 1):
+                    r = json.loads((out / f"{metric}-{strategy}-L{lv}-s{seed}.json").read_text())
+                    assert r["seed"] == seed and r["strategy"] == strategy and r["reached"]
+                    assert 0 <= r["accuracy"] <= 1
+    table = (out / "table.md").read_text()
+    assert "level 2.5" in table and "± " in table and "(2)" in table
+    stamp = {p.name: p.stat().st_mtime_ns for p in out.glob("*.json")}
+    capsys.readouterr()
+    assert main(argv) == 0  # everything done: nothing is searched again
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.json")} == stamp
+    with pytest.raises(SystemExit, match="--levels"):
+        main([*argv[:-2], "--metrics", "bitops", "--levels", "1.5"])
+    with pytest.raises(SystemExit, match="--strategies"):
+        main([*argv, "--strategies", "annealing"])

@@ -303,3 +303,59 @@ def test_optimizer_parameter_groups(tmp_path, digits, float_ckpt):
     assert not rest & adam and not rest & {names[id(p)] for p in decay["params"]}
     every = {n for n, p in tr.model.named_parameters() if p.requires_grad}
     assert every == rest | adam | {names[id(p)] for p in decay["params"]}
+
+
+def _recorded_step(tr, x, y):
+    """One coupled step with every forward's logits and every switchable BN's output recorded
+    (detached), and the step's random configs (drawn again from the same sampler state)."""
+    logits, features = [], []
+    current = {}
+
+    def on_model(module, inputs, output):  # hooks return None: the output stays as it is
+        logits.append(output.detach())
+        features.append(dict(current))
+        current.clear()
+
+    def on_bn(name):
+        def hook(module, inputs, output):
+            current[name] = output.detach()
+        return hook
+
+    hooks = [tr.model.register_forward_hook(on_model)]
+    hooks += [layer._bn_ref[0].register_forward_hook(on_bn(name))
+              for name, layer in mixed_layers(tr.model)]
+    state = tr.sampler.getstate()
+    logs = tr.train_step(x, y)
+    tr.sampler.setstate(state)
+    configs = [tr.sample_config() for _ in range(tr.cfg.n_random)]
+    for h in hooks:
+        h.remove()
+    return logs, logits, features, configs
+
+
+@pytest.mark.parametrize("idm", [False, True])
+def test_random_pass_loss_is_ce_plus_kl_from_the_max_pass_plus_idm(tmp_path, digits,
+                                                                   float_ckpt, idm):
+    """loss_random = 1/2 CE + 1/2 KL(p_max || p_random) (the teacher is the max pass: the KL
+    of the other direction is a different number) + 0.01 x the sum over IDM layers (those
+    drawn at their lowest weight bit) of mean((BN out - max pass's BN out)^2)."""
+    tr = Trainer(coupled_config(float_ckpt, n_random=1, idm=idm, scheduler=False),
+                 tmp_path / "r", dataset=digits, progress=False)
+    x, y = tr.stream.batch(0, 0)
+    logs, logits, features, (config,) = _recorded_step(tr, x, y)
+    z0, z1 = logits
+    ce = F.cross_entropy(z1, y, label_smoothing=tr.cfg.label_smoothing)
+    p0, logp0, logp1 = F.softmax(z0, 1), F.log_softmax(z0, 1), F.log_softmax(z1, 1)
+    kl = (p0 * (logp0 - logp1)).sum(1).mean()
+    reverse = (logp1.exp() * (logp1 - logp0)).sum(1).mean()
+    want = 0.5 * ce + 0.5 * kl
+    if idm:
+        layers = mixed_layers(tr.model)
+        chosen = tr._idm_layers(config, layers)
+        assert chosen  # digits' SmallCNN draws a lowest bit often enough at this seed
+        want = want + 0.01 * sum(((features[1][n] - features[0][n]) ** 2).mean()
+                                 for n in chosen)
+    got = logs["loss_random"].item()
+    assert got == pytest.approx(want.item(), rel=1e-5, abs=1e-6)
+    assert abs(reverse.item() - kl.item()) > 1e-4 * abs(kl.item()) + 1e-6
+    tr.close()
