@@ -147,3 +147,43 @@ def bench_greedy_search(benchmark, search_setup, impl):
     benchmark.extra_info["evaluations"] = result.evaluations
     if len(CHOSEN) == 2:
         assert CHOSEN["rfq"] == CHOSEN["straightforward search"]
+
+
+# the smoke run (CI) keeps every budget near the greedy search's start (uniform 5): few moves
+FRONT_LEVELS = ([4.3, 4.4, 4.5, 4.6, 4.7, 4.8, 4.9, 4.95] if SMOKE
+                else [2.25, 2.5, 2.75, 3, 3.5, 4, 4.5, 5])
+
+
+@pytest.mark.parametrize("impl", ["rfq", "greedy search, one budget"])
+def bench_frontier_search(benchmark, search_setup, impl):
+    """E2f: the frontier search's whole front (8 budgets, measured, solved and refined each)
+    vs one greedy search to the front's second budget (level 2.5), the same held-out scores."""
+    from rfq.cli.pipeline import budget_levels
+    from rfq.methods.rfq.frontier import FrontierSearch
+    from rfq.methods.rfq.search import GreedySearch, ScoreBatches
+
+    model, costs, _ = search_setup
+
+    class Run:  # what budget_levels needs
+        pass
+
+    run = Run()
+    run.model, run.costs = model, costs
+    targets = budget_levels(run, FRONT_LEVELS)
+    batch = 32 if SMOKE else 256
+    tag(benchmark, impl, "E2f", "front of >=8 budgets faster than 1 greedy budget",
+        f"ResNet-20: frontier search, {len(targets)} budgets vs greedy search to level "
+        f"{FRONT_LEVELS[1]:g}, "
+        f"{batch}-image scores")
+    images, labels = score_images()
+
+    def search():
+        scores = ScoreBatches(images, labels, batch, seed=0)
+        with flush_denormals():
+            if impl == "rfq":
+                return FrontierSearch(model, costs, scores).run_all(targets)
+            return [GreedySearch(model, costs, scores).run(targets[1])]
+
+    results = benchmark.pedantic(search, rounds=1, warmup_rounds=0)
+    benchmark.extra_info["evaluations"] = sum(r.evaluations for r in results)
+    assert all(r.reached for r in results)

@@ -190,7 +190,8 @@ def format_table(uniform: list[dict], searched: list[dict], baselines: list[dict
     for s in searched:
         w = [v[0] for v in s["config"].values()]
         a = [v[1] for v in s["config"].values() if v[1] is not None]
-        lines.append(f"| coupled, searched < {format_bitops(s['target'])} | mixed "
+        lines.append(f"| coupled, {s.get('strategy', 'greedy')} < {format_bitops(s['target'])} "
+                     f"| mixed "
                      f"(mean {sum(w) / len(w):.2f}/{sum(a) / max(len(a), 1):.2f}) | "
                      f"{format_bitops(s['bitops'])} | {s['size_mib'] * 1024:.1f} | "
                      f"{s['accuracy'] * 100:.2f} |")
@@ -216,9 +217,13 @@ def pareto_plot(path: str | Path, uniform: list[dict], searched: list[dict],
         for u in uniform:
             ax.annotate(f"{u['bits']}", (u["bitops"] / 1e6, u["accuracy"] * 100),
                         textcoords="offset points", xytext=(4, -10), fontsize=8)
-    if searched:
-        ax.plot([s["bitops"] / 1e6 for s in searched], [s["accuracy"] * 100 for s in searched],
-                "*", markersize=12, label="same model, searched mixed precision")
+    styles = {"frontier": ("*-", 12, "same model, frontier search (one measurement)"),
+              "greedy": ("D", 7, "same model, greedy search (RFQ)")}
+    for strategy, (marker, size, label) in styles.items():
+        points = sorted((s["bitops"] / 1e6, s["accuracy"] * 100) for s in searched
+                        if s.get("strategy", "greedy") == strategy)
+        if points:
+            ax.plot(*zip(*points), marker, markersize=size, label=label)
     if baselines:
         ax.plot([b["bitops"] / 1e6 for b in baselines], [b["accuracy"] * 100 for b in baselines],
                 "s", label="LSQ trained alone per bit-width")

@@ -42,7 +42,7 @@ def test_search_eval_export(runs, capsys):
                  "--budget", "6M", "--batch-size", "128", "--calib-images", "256",
                  "--uniform", "3,4", "--out", str(out), "--plot", str(runs / "p.png")]) == 0
     text = capsys.readouterr().out
-    assert "| coupled, searched <" in text and "| coupled, uniform | 3/3" in text
+    assert "| coupled, greedy <" in text and "| coupled, uniform | 3/3" in text
     data = json.loads(out.read_text())
     assert len(data["searched"]) == 2 and all(s["reached"] for s in data["searched"])
     assert (runs / "p.png").stat().st_size > 1000

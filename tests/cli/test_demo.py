@@ -19,10 +19,10 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
     assert SHIPPED_FLOAT.is_file()
     assert main(["demo", "--quick", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "| coupled, searched <" in out
+    assert "| coupled, frontier <" in out and "| coupled, greedy <" in out
     results = json.loads((tmp_path / "results.json").read_text())
     assert [u["bits"] for u in results["uniform"]] == [2, 3, 4, 5, 6]
-    assert len(results["searched"]) == 3
+    assert [s["strategy"] for s in results["searched"]] == ["frontier"] * 4 + ["greedy"]
     for s in results["searched"]:
         assert s["reached"] and s["bitops"] < s["target"]
     # the one model is far above chance at every uniform bit-width from 3 bits on
