@@ -4,8 +4,8 @@ For one coupled run: the uniform levels, then per budget metric and budget level
 and greedy searches over several search seeds (each seed scores on other held-out batches),
 random configs at the same budget, and optionally LSQ-alone runs of searched configs; every
 config BN-recalibrated and tested on the test set. Each finished piece is one JSON file in
-``--out``, so an interrupted study continues where it stopped; the table is rebuilt from the
-files every time.
+``--out``, so an interrupted study continues where it stopped; the table is rebuilt from all
+files of the folder every time (``--strategies`` says what to run, the table shows all).
 """
 
 from __future__ import annotations
@@ -165,7 +165,8 @@ def run_study(args) -> int:
                        "coupled_accuracy": accuracy(config), "train_seconds": lrun.wall})
         log(f"LSQ alone {lsq_dir}: {_done(f)['accuracy'] * 100:.2f} %")
 
-    table = study_table(out, run, args.metrics, args.levels, args.strategies)
+    found = [s for s in ("frontier", "greedy") if any(out.glob(f"*-{s}-L*.json"))]
+    table = study_table(out, run, args.metrics, args.levels, found or args.strategies)
     (out / "table.md").write_text(table + "\n")
     print(table)
     return 0
