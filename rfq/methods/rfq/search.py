@@ -151,6 +151,20 @@ class ConfigSearch:
                 out.append((name, slot, cands[i + 1]))
         return out
 
+    def _lowest(self, config: BitConfig, slot: int, floor: int) -> BitConfig:
+        """``config`` with every layer's bit of ``slot`` as low as "-" moves can take it."""
+        out = dict(config)
+        for name, layer in self.layers:
+            cands = sorted(layer.w_bits if slot == 0 else layer.a_bits)
+            if not cands:
+                continue
+            low = next((b for b in cands if b >= max(floor, cands[0])), None)
+            if low is not None and low < config[name][slot]:
+                pair = list(config[name])
+                pair[slot] = low
+                out[name] = tuple(pair)
+        return out
+
     @staticmethod
     def _key(config: BitConfig) -> tuple:
         return tuple(sorted(config.items()))
@@ -257,13 +271,18 @@ class GreedySearch(ConfigSearch):
             phases[0] = ("w", target, lambda c, thr: cost(c) <= thr)
         history, iterations, error = [], 0, float("nan")
         for phase, threshold, done in phases:
+            # Where the threshold lies below every config this phase can reach (b* at the floor:
+            # 0.95 cost(W=2, A=5) with weights already all at 2, e.g. levels 2.25 and 2.5 of
+            # {6..2}), the spec's loop never meets it and wanders through "+" moves until the
+            # cap. The phase ends instead once its bits are all at the floor (ours; §6-style fix).
+            floor_cost = cost(self._lowest(config, 0 if phase == "w" else 1, floor))
             # A "+" move into a configuration already visited in this phase could make the
             # search cycle; such moves are dropped. "-" moves are always allowed, and every "+"
             # enters a new configuration, so each phase ends. The cap is a safety net only.
             visited = {self._key(config)}
             cap = 10 * sum(len(m.w_bits) + len(m.a_bits) for _, m in self.layers)
             steps = 0
-            while not done(config, threshold) and steps < cap:
+            while not done(config, threshold) and cost(config) > floor_cost and steps < cap:
                 moves = [m for m in self.moves(config, phase, floor)
                          if not self._raises(config, m)
                          or self._key(self._apply(config, m)) not in visited]

@@ -177,3 +177,31 @@ def test_stage_caching_chooses_as_full_forwards_do(name, channels, size):
     assert a.config == b.config
     assert [h["error"] for h in a.history] == [h["error"] for h in b.history]
     assert a.iterations >= 2
+
+
+@pytest.mark.parametrize("level", [2.25, 2.5])
+def test_weight_phase_ends_at_the_floor_when_its_threshold_is_unreachable(resnet20, level):
+    """b* = 2 at these levels, so 0.95 cost(W=2, A=5) lies below every weight-only config: the
+    weight phase ends as soon as every weight is at the floor (the spec's loop would wander
+    through "+" moves until its cap), and the activation phase reaches the budget."""
+    model, costs = resnet20
+    target = level_cost(costs, model, level)
+
+    def oracle(cfg):  # lower bits cost a little error: the search goes down, then is stuck
+        return 0.5 - 0.01 * sum(w + 0.5 * a for w, a in cfg.values())
+
+    start = costs.uniform(model, 5)
+    result = ScriptedSearch(model, costs, batches(), oracle=oracle).run(target)
+    assert result.reached
+    configs = replay(start, result.history)
+    phases = [h["phase"] for h in result.history]
+    w_moves = phases.count("w")
+    assert all(w == 2 for w, _ in configs[w_moves].values())  # the phase's last config
+    assert not any(all(w == 2 for w, _ in c.values()) for c in configs[:w_moves])
+    assert phases == ["w"] * w_moves + ["a"] * (len(phases) - w_moves)
+
+
+def level_cost(costs, model, level):
+    lo, hi = int(level), int(level) + 1
+    c_lo = uniform_cost(costs, model, lo)
+    return c_lo + (uniform_cost(costs, model, hi) - c_lo) * (level - lo)
