@@ -22,7 +22,7 @@ SHIPPED_FLOAT = Path(__file__).parent.parent / "assets" / "resnet20-fmnist-float
 # budgets where this model's accuracy moves with bits (W2A2 ~90 %, W3A3 ~93 %) and beyond
 FRONT_LEVELS = [2.25, 2.5, 2.75, 3, 3.5, 4, 4.5, 5]
 # RFQ's greedy search beside it at one budget: it walks one move at a time from uniform 5, so
-# a steeper budget takes it much longer (level 2.5: about an hour here)
+# a steeper budget takes it many more moves
 GREEDY_LEVELS = [3.5]
 GREEDY_BATCH = 512
 
