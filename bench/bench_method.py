@@ -94,18 +94,20 @@ def bench_training_step(benchmark, trainer, impl):
 @pytest.fixture(scope="module")
 def search_setup(trainer):
     from rfq.cost import CostModel
-    from rfq.cli.pipeline import budget_levels
 
     model = trainer.ema.model
     costs = CostModel(model, (1, 28, 28))
-
-    class Run:  # what budget_levels needs
-        pass
-
-    run = Run()
-    run.model, run.costs = model, costs
     level = 4.9 if SMOKE else 4.75
-    return model, costs, budget_levels(run, [level])[0]
+    return model, costs, level_costs(model, costs, [level])[0]
+
+
+def level_costs(model, costs, levels):
+    """BitOps of uniform levels (budget_levels needs only a run's model and costs)."""
+    from types import SimpleNamespace
+
+    from rfq.cli.pipeline import budget_levels
+
+    return budget_levels(SimpleNamespace(model=model, costs=costs), levels)
 
 
 def score_images():
@@ -158,18 +160,11 @@ FRONT_LEVELS = ([4.3, 4.4, 4.5, 4.6, 4.7, 4.8, 4.9, 4.95] if SMOKE
 def bench_frontier_search(benchmark, search_setup, impl):
     """E2f: the frontier search's whole front (8 budgets, measured, solved and refined each)
     vs one greedy search to the front's second budget (level 2.5), the same held-out scores."""
-    from rfq.cli.pipeline import budget_levels
     from rfq.methods.rfq.frontier import FrontierSearch
     from rfq.methods.rfq.search import GreedySearch, ScoreBatches
 
     model, costs, _ = search_setup
-
-    class Run:  # what budget_levels needs
-        pass
-
-    run = Run()
-    run.model, run.costs = model, costs
-    targets = budget_levels(run, FRONT_LEVELS)
+    targets = level_costs(model, costs, FRONT_LEVELS)
     batch = 32 if SMOKE else 256
     tag(benchmark, impl, "E2f", "front of >=8 budgets faster than 1 greedy budget",
         f"ResNet-20: frontier search, {len(targets)} budgets vs greedy search to level "

@@ -32,9 +32,8 @@ def main() -> int:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
 
-    from rfq.cli.pipeline import (calibration_batches, evaluate_config, load_run, score_batches,
-                                  write_json)
-    from rfq.cli.study import _level_targets
+    from rfq.cli.pipeline import (budget_levels, calibration_batches, evaluate_config, load_run,
+                                  score_batches, write_json)
     from rfq.methods.rfq.frontier import FrontierSearch
     from rfq.methods.rfq.search import GreedySearch
     from rfq.runtime import flush_denormals
@@ -87,7 +86,7 @@ def main() -> int:
 
     if "refinement" not in done:
         levels = [2.25, 2.5, 2.75, 3.0]
-        targets = _level_targets(run, "bitops", levels)
+        targets = budget_levels(run, levels)
         calib = calibration_batches(run, 2048)
         rows = []
         for seed in (0, 1, 2):

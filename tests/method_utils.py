@@ -31,3 +31,19 @@ def train_float(tmp_path, dataset, **kw):
                      path)
     tr.close()
     return path
+
+
+def scripted_batches():
+    """Endless placeholder batches for searches whose scores come from an oracle."""
+    import itertools
+
+    import torch
+
+    return itertools.repeat((torch.zeros(1), torch.zeros(1, dtype=torch.long)))
+
+
+def level_cost(costs, model, level: float, metric: str = "bitops") -> float:
+    """The cost of uniform W=A=level, linear between the integer levels around it."""
+    lo, hi = int(level), int(level) + 1
+    c_lo = costs.cost(costs.uniform(model, lo), metric)
+    return c_lo + (costs.cost(costs.uniform(model, hi), metric) - c_lo) * (level - lo)

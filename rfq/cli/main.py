@@ -90,7 +90,8 @@ def build_train_config(args):
     if args.bits:
         values["bits"] = [int(b) for b in args.bits.split(",")]
     if getattr(args, "lsq_config", None):
-        config = _result_config(args.lsq_config, args.lsq_index, "rfq train --lsq-config")
+        config = _result_config(args.lsq_config, args.lsq_index, "rfq train", "--lsq-config",
+                                "--lsq-index")
         values["lsq_config"] = {n: list(v) for n, v in config.items()}
         values["mode"] = "lsq"
     try:
@@ -256,27 +257,28 @@ def _config_arg(run, args):
     return run.costs.uniform(run.model, args.bits)
 
 
-def _result_config(path: str, index: int, cmd: str) -> dict:
+def _result_config(path: str, index: int, cmd: str, flag: str = "--result",
+                   index_flag: str = "--index") -> dict:
     """Config ``index`` of a search.json (or of a single search result)."""
     p = Path(path)
     if not p.is_file():
-        raise SystemExit(f"{cmd}: --result {path} does not exist")
+        raise SystemExit(f"{cmd}: {flag} {path} does not exist")
     try:
         data = json.loads(p.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise SystemExit(f"{cmd}: --result {path} is not JSON: {err}") from None
+        raise SystemExit(f"{cmd}: {flag} {path} is not JSON: {err}") from None
     searched = data.get("searched", [data]) if isinstance(data, dict) else None
     if not isinstance(searched, list) or not searched:
-        raise SystemExit(f"{cmd}: --result {path} holds no searched configs "
+        raise SystemExit(f"{cmd}: {flag} {path} holds no searched configs "
                          f"(expected rfq search's JSON)")
     if not 0 <= index < len(searched):
-        raise SystemExit(f"{cmd}: --index {index} outside 0..{len(searched) - 1} "
+        raise SystemExit(f"{cmd}: {index_flag} {index} outside 0..{len(searched) - 1} "
                          f"({len(searched)} searched configs in {path})")
     entry = searched[index]
     config = entry.get("config") if isinstance(entry, dict) else None
     if not isinstance(config, dict) or not all(
             isinstance(v, (list, tuple)) and len(v) == 2 for v in config.values()):
-        raise SystemExit(f"{cmd}: --result {path} entry {index} has no config of "
+        raise SystemExit(f"{cmd}: {flag} {path} entry {index} has no config of "
                          f"{{layer: [w, a]}} pairs")
     return {n: tuple(v) for n, v in config.items()}
 

@@ -248,13 +248,14 @@ def write_json(path: str | Path, obj) -> Path:
     return path
 
 
-def budget_levels(run: LoadedRun, levels: list[float]) -> list[float]:
-    """BitOps of (fractional) uniform levels: 4 -> cost of W4A4; 3.5 -> the midpoint of 3 and 4."""
+def budget_levels(run: LoadedRun, levels: list[float], metric: str = "bitops") -> list[float]:
+    """Costs of (fractional) uniform levels: 4 -> the cost of W4A4; 3.5 -> the midpoint of the
+    W3A3 and W4A4 costs. ``metric``: "bitops" or "size" (bits)."""
     out = []
     for lv in levels:
         lo, hi = math.floor(lv), math.ceil(lv)
-        c_lo = run.costs.bitops(run.costs.uniform(run.model, lo))
-        c_hi = run.costs.bitops(run.costs.uniform(run.model, hi))
+        c_lo = run.costs.cost(run.costs.uniform(run.model, lo), metric)
+        c_hi = run.costs.cost(run.costs.uniform(run.model, hi), metric)
         out.append(c_lo + (c_hi - c_lo) * (lv - lo))
     return out
 

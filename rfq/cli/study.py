@@ -15,24 +15,12 @@ import statistics
 import time
 from pathlib import Path
 
+from rfq.cli.pipeline import budget_levels
 from rfq.cost import format_bitops
 
 
 def _done(path: Path):
     return json.loads(path.read_text()) if path.is_file() else None
-
-
-def _level_targets(run, metric: str, levels: list[float]) -> list[float]:
-    """A level's budget: the cost of uniform W=A=level (interpolated between integer levels)."""
-    import math
-
-    out = []
-    for lv in levels:
-        lo, hi = math.floor(lv), math.ceil(lv)
-        c_lo = run.costs.cost(run.costs.uniform(run.model, lo), metric)
-        c_hi = run.costs.cost(run.costs.uniform(run.model, hi), metric)
-        out.append(c_lo + (c_hi - c_lo) * (lv - lo))
-    return out
 
 
 def interpolate(points: list[tuple[float, float]], x: float) -> float:
@@ -67,6 +55,9 @@ def run_study(args) -> int:
         bad = [v for v in values if v not in allowed]
         if bad or not values:
             raise SystemExit(f"rfq study: {name} takes {', '.join(allowed)}; got {values}")
+    for name, value in (("--random", args.random), ("--refine-rounds", args.refine_rounds)):
+        if value < 0:
+            raise SystemExit(f"rfq study: {name} must be >= 0, got {value}")
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -103,7 +94,7 @@ def run_study(args) -> int:
                                     for u in uniform))
 
     for metric in args.metrics:
-        targets = _level_targets(run, metric, args.levels)
+        targets = budget_levels(run, args.levels, metric)
         for strategy in args.strategies:
             for seed in args.seeds:
                 files = [out / f"{metric}-{strategy}-L{lv:g}-s{seed}.json" for lv in args.levels]
@@ -199,7 +190,7 @@ def study_table(out: Path, run, metrics, levels, strategies) -> str:
         head += [f"{s} (mean ± std, n)" for s in strategies]
         head += ["random: mean / best (n)", "LSQ alone (coupled)", "search s (frontier: all "
                  "levels)"]
-        level_targets = {lv: t for lv, t in zip(levels, _level_targets(run, metric, levels))}
+        level_targets = {lv: t for lv, t in zip(levels, budget_levels(run, levels, metric))}
         lines += [f"**{metric} budgets**", "", "| " + " | ".join(head) + " |",
                   "|" + "---|" * len(head)]
         for lv in levels:

@@ -300,3 +300,19 @@ def test_study_is_resumable_and_tabulates_every_piece(runs, capsys):
         main([*argv[:-2], "--metrics", "bitops", "--levels", "1.5"])
     with pytest.raises(SystemExit, match="--strategies"):
         main([*argv, "--strategies", "annealing"])
+
+
+def test_bad_lsq_config_index_and_study_counts_are_named(runs):
+    result = runs / "one-config.json"
+    result.write_text(json.dumps({"searched": [{"config": {"a": [2, 2]}}]}))
+    with pytest.raises(SystemExit, match="--lsq-index 3 outside 0..0"):
+        main(["train", "--out", str(runs / "lsq-idx"), "--profile", "lsq", "--lsq-config",
+              str(result), "--lsq-index", "3", *COMMON])
+    with pytest.raises(SystemExit, match="--lsq-config .* does not exist"):
+        main(["train", "--out", str(runs / "lsq-idx"), "--lsq-config", str(runs / "none.json"),
+              *COMMON])
+    for flag in ("--random", "--refine-rounds"):
+        with pytest.raises(SystemExit, match=f"{flag} must be >= 0"):
+            main(["study", "--checkpoint", str(runs / "coupled"), "--out",
+                  str(runs / "study-bad"), flag, "-1"])
+    assert not (runs / "lsq-idx").exists() and not (runs / "study-bad").exists()

@@ -179,9 +179,7 @@ class FrontierSearch(ConfigSearch):
                     table[b] = worst
                 per_slot.append(table)
             self.sensitivity[n] = per_slot
-        names = [n for n, _ in self.layers]
-        self._global = {n: self._options(n, *self.sensitivity[n]) for n in names}
-        self.front = ParetoFront([self._global[n] for n in names])
+        self.front = ParetoFront([self._options(n, *self.sensitivity[n]) for n, _ in self.layers])
         self.measure_seconds = time.perf_counter() - t0
         self.measure_evaluations = self.evaluations
         if self.on_move:

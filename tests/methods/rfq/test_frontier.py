@@ -18,8 +18,7 @@ from rfq.methods.rfq.search import random_config
 from rfq.models import build_model
 from rfq.nn import mixed_layers, quantize_
 
-BATCH = (torch.zeros(1), torch.zeros(1, dtype=torch.long))
-
+from method_utils import level_cost, scripted_batches
 
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.lists(st.tuples(st.integers(0, 40), st.integers(0, 1000)), min_size=1,
@@ -64,23 +63,6 @@ class ScriptedFrontier(FrontierSearch):
         return [float("nan")] * len(moves), losses
 
 
-@pytest.fixture(scope="module")
-def resnet20():
-    model = quantize_(build_model("resnet20", 1, 10)).eval()
-    return model, CostModel(model, (1, 28, 28))
-
-
-def batches():
-    return itertools.repeat(BATCH)
-
-
-def level_cost(costs, model, level, metric="bitops"):
-    lo, hi = int(level), int(level) + 1
-    c_lo = costs.cost(costs.uniform(model, lo), metric)
-    c_hi = costs.cost(costs.uniform(model, hi), metric)
-    return c_lo + (c_hi - c_lo) * (level - lo)
-
-
 def test_a_sensitive_layer_keeps_its_bits_and_a_free_one_goes_to_the_floor(resnet20):
     model, costs = resnet20
     names = [n for n, _ in mixed_layers(model)]
@@ -91,7 +73,7 @@ def test_a_sensitive_layer_keeps_its_bits_and_a_free_one_goes_to_the_floor(resne
         return e + sum(0.01 * (6 - w) + 0.005 * (6 - a) for n, (w, a) in cfg.items()
                        if n not in (sensitive, free))
 
-    search = ScriptedFrontier(model, costs, batches(), oracle=oracle)
+    search = ScriptedFrontier(model, costs, scripted_batches(), oracle=oracle)
     result = search.run(level_cost(costs, model, 3))
     assert result.reached and result.strategy == "frontier"
     assert result.config[sensitive][0] >= 5
@@ -111,7 +93,7 @@ def test_additive_damage_gives_the_optimum_for_every_budget(resnet20):
 
     levels = [2.25, 2.5, 2.75, 3, 3.5, 4, 4.5, 5]
     targets = [level_cost(costs, model, lv) for lv in levels]
-    search = ScriptedFrontier(model, costs, batches(), oracle=oracle, refine_rounds=0)
+    search = ScriptedFrontier(model, costs, scripted_batches(), oracle=oracle, refine_rounds=0)
     results = search.run_all(targets)
     assert search.evaluations == search.measure_evaluations  # one measurement for all
     losses = []
@@ -146,10 +128,10 @@ def test_refinement_keeps_a_move_only_when_fresh_batches_confirm_it(resnet20):
         return loss
 
     target = level_cost(costs, model, 3)
-    plain = ScriptedFrontier(model, costs, batches(), oracle=lambda c, _: base(c),
+    plain = ScriptedFrontier(model, costs, scripted_batches(), oracle=lambda c, _: base(c),
                              refine_rounds=0).run(target)
     assert plain.config[p][0] == plain.config[q][0] == 2  # the additive model's trap
-    fixed = ScriptedFrontier(model, costs, batches(), oracle=lambda c, _: base(c),
+    fixed = ScriptedFrontier(model, costs, scripted_batches(), oracle=lambda c, _: base(c),
                              refine_rounds=2).run(target)
     assert fixed.reached and costs.bitops({n: tuple(v) for n, v in fixed.config.items()}) \
         < target
@@ -172,7 +154,7 @@ def test_floor_budget_and_size_rules(resnet20, metric):
     model, costs = resnet20
     target = level_cost(costs, model, 3.4, metric)
     oracle = lambda cfg, _: sum((6 - w) ** 2 + (6 - a) for w, a in cfg.values())  # noqa: E731
-    r = ScriptedFrontier(model, costs, batches(), metric, min_bits=3, oracle=oracle).run(target)
+    r = ScriptedFrontier(model, costs, scripted_batches(), metric, min_bits=3, oracle=oracle).run(target)
     cfg = {n: tuple(v) for n, v in r.config.items()}
     assert all(w >= 3 and a >= 3 for w, a in cfg.values())
     assert costs.cost(cfg, metric) <= target
@@ -182,7 +164,7 @@ def test_floor_budget_and_size_rules(resnet20, metric):
 
 def test_unreachable_budget_returns_the_cheapest_config_unreached(resnet20):
     model, costs = resnet20
-    r = ScriptedFrontier(model, costs, batches(), oracle=lambda c, _: 0.0).run(1.0)
+    r = ScriptedFrontier(model, costs, scripted_batches(), oracle=lambda c, _: 0.0).run(1.0)
     assert not r.reached
     assert all(w == 2 and a == 2 for w, a in r.config.values())
 
@@ -213,9 +195,9 @@ def test_measured_damages_equal_direct_evaluation():
 def test_bad_frontier_arguments(resnet20):
     model, costs = resnet20
     with pytest.raises(ValueError, match="measure_batches"):
-        FrontierSearch(model, costs, batches(), measure_batches=0)
+        FrontierSearch(model, costs, scripted_batches(), measure_batches=0)
     with pytest.raises(ValueError, match="target"):
-        FrontierSearch(model, costs, batches()).run_all([0.0])
+        FrontierSearch(model, costs, scripted_batches()).run_all([0.0])
 
 
 @pytest.mark.parametrize("metric", ["bitops", "size"])

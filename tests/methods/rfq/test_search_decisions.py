@@ -19,8 +19,7 @@ from rfq.methods.rfq.search import GreedySearch
 from rfq.models import build_model
 from rfq.nn import mixed_layers, quantize_
 
-BATCH = (torch.zeros(1), torch.zeros(1, dtype=torch.long))
-
+from method_utils import level_cost, scripted_batches
 
 class ScriptedSearch(GreedySearch):
     """GreedySearch whose error of a config is ``oracle(config)``; records every scoring."""
@@ -34,16 +33,6 @@ class ScriptedSearch(GreedySearch):
         self.scored.append((dict(config), list(moves), errors))
         self.evaluations += len(moves)
         return errors
-
-
-@pytest.fixture(scope="module")
-def resnet20():
-    model = quantize_(build_model("resnet20", 1, 10)).eval()
-    return model, CostModel(model, (1, 28, 28))
-
-
-def batches():
-    return itertools.repeat(BATCH)
 
 
 def uniform_cost(costs, model, w, a=None, metric="bitops"):
@@ -74,7 +63,7 @@ def test_each_move_is_the_argmin_of_the_objective(resnet20):
         return 0.05 + sum(weight[n] * (6 - w) ** 2 + 0.002 * (6 - a) for n, (w, a) in cfg.items())
 
     target = uniform_cost(costs, model, 3) * 1.1
-    search = ScriptedSearch(model, costs, batches(), oracle=oracle)
+    search = ScriptedSearch(model, costs, scripted_batches(), oracle=oracle)
     result = search.run(target)
     assert len(search.scored) == result.iterations > 5
     for (config, moves, errors), applied in zip(search.scored, result.history):
@@ -95,7 +84,7 @@ def test_a_sensitive_layer_keeps_its_bits_and_a_free_one_goes_low(resnet20):
         # every other layer costs a little per bit removed, F nothing
         return e + sum(0.001 * (5 - w) for n, (w, _) in cfg.items() if n not in (sensitive, free))
 
-    result = ScriptedSearch(model, costs, batches(), oracle=oracle).run(
+    result = ScriptedSearch(model, costs, scripted_batches(), oracle=oracle).run(
         uniform_cost(costs, model, 4))
     assert result.reached
     assert result.config[sensitive][0] >= 5
@@ -115,7 +104,7 @@ def test_b_star_and_the_weight_phase_threshold(resnet20, level):
     b_star = min(levels, key=lambda b: abs(uniform_cost(costs, model, b) - target))
     assert b_star == round(level)  # nearest by cost here is nearest by level
     threshold = 0.95 * uniform_cost(costs, model, b_star, 5)
-    result = ScriptedSearch(model, costs, batches(),
+    result = ScriptedSearch(model, costs, scripted_batches(),
                             oracle=lambda cfg: 0.5 - 0.01 * sum(w for w, _ in cfg.values())
                             ).run(target)
     phases = [h["phase"] for h in result.history]
@@ -136,7 +125,7 @@ def test_no_configuration_is_visited_twice_in_a_phase(resnet20):
         return 0.5 - 0.1 * (cfg[names[0]][0] + cfg[names[1]][0]) / 12
 
     start = costs.uniform(model, 5)
-    result = ScriptedSearch(model, costs, batches(), oracle=oracle).run(
+    result = ScriptedSearch(model, costs, scripted_batches(), oracle=oracle).run(
         uniform_cost(costs, model, 3))
     visited = replay(start, result.history)
     for phase in ("w", "a"):
@@ -149,7 +138,7 @@ def test_no_configuration_is_visited_twice_in_a_phase(resnet20):
 def test_size_budget_moves_weights_only(resnet20):
     model, costs = resnet20
     target = uniform_cost(costs, model, 3, metric="size") * 1.05
-    result = ScriptedSearch(model, costs, batches(), metric="size",
+    result = ScriptedSearch(model, costs, scripted_batches(), metric="size",
                             oracle=lambda cfg: 0.3).run(target)
     assert result.reached and costs.size_bits(result.config) <= target
     assert {h["phase"] for h in result.history} == {"w"}
@@ -191,7 +180,7 @@ def test_weight_phase_ends_at_the_floor_when_its_threshold_is_unreachable(resnet
         return 0.5 - 0.01 * sum(w + 0.5 * a for w, a in cfg.values())
 
     start = costs.uniform(model, 5)
-    result = ScriptedSearch(model, costs, batches(), oracle=oracle).run(target)
+    result = ScriptedSearch(model, costs, scripted_batches(), oracle=oracle).run(target)
     assert result.reached
     configs = replay(start, result.history)
     phases = [h["phase"] for h in result.history]
@@ -199,9 +188,3 @@ def test_weight_phase_ends_at_the_floor_when_its_threshold_is_unreachable(resnet
     assert all(w == 2 for w, _ in configs[w_moves].values())  # the phase's last config
     assert not any(all(w == 2 for w, _ in c.values()) for c in configs[:w_moves])
     assert phases == ["w"] * w_moves + ["a"] * (len(phases) - w_moves)
-
-
-def level_cost(costs, model, level):
-    lo, hi = int(level), int(level) + 1
-    c_lo = uniform_cost(costs, model, lo)
-    return c_lo + (uniform_cost(costs, model, hi) - c_lo) * (level - lo)
