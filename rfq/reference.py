@@ -217,3 +217,28 @@ def packed_linear(x, packed, scales, zeros, bits, group_size, bias=None) -> Tens
     w = dequantize_weight(packed, scales, bits, (packed.shape[0], x.shape[-1]), group_size, zeros)
     y = torch.nn.functional.linear(x.float(), w, None if bias is None else bias.float())
     return y.to(x.dtype)
+
+
+# ---- data-free weight quantizers of DF-MPC (spec methods_seeds.md §A.2) -------------------------
+
+
+def ternary_quant(w: Tensor) -> Tensor:
+    """TWN ternary, the spec's formula as written: W_hat = alpha * sign(W) * 1[|W| > 0.7 mean|W|]."""
+    w = w.float()
+    delta = 0.7 * w.abs().mean()
+    t = torch.sign(w) * (w.abs() > delta).float()
+    kept = w.abs()[w.abs() > delta]
+    alpha = kept.sum() / kept.numel() if kept.numel() else torch.zeros(())
+    return alpha * t
+
+
+def dorefa_quant(w: Tensor, bits: int) -> Tensor:
+    """DoReFa k-bit as the spec writes it: s = max|W|, n = round((2^k-1)(W/(2s) + 1/2)),
+    W_hat = s (2n/(2^k-1) - 1)."""
+    w = w.float()
+    s = w.abs().max()
+    if s == 0:
+        return torch.zeros_like(w)
+    levels = 2 ** bits - 1
+    n = torch.clamp(torch.round(levels * (w / (2 * s) + 0.5)), 0, levels)
+    return s * (2 * n / levels - 1)

@@ -10,6 +10,7 @@ kernels' internals. Semantics: ../shared/spec/kernels.md §1-3; oracle: rfq/refe
     fakes.py     fake/meta kernels          autograd.py  backward registrations
     lsq.py       LSQ-family wrappers         packed.py    packed-weight wrappers, packed conv
     backend.py   GPU backend switch          triton_ops.py  torch.ops.rfq_triton (Triton kernels)
+    weight_codes.py  DF-MPC's data-free ternary / DoReFa weight codes (plain PyTorch)
 
 Conventions shared by the LSQ family:
     x      fp32 / bf16 / fp16 tensor of any shape and strides
@@ -34,6 +35,8 @@ from rfq.ops.lsq import (coupled_quant, coupled_quant_multi, quant_stats,  # noq
                          quantize_codes)
 from rfq.ops.packed import (dequantize_weight, pack_weight, packed_conv2d,  # noqa: E402
                             packed_linear, unpack_weight)
+from rfq.ops.weight_codes import (dequantize_dorefa, dequantize_ternary,  # noqa: E402
+                                  dorefa_codes, ternary_codes)
 
 
 def cpu_capability() -> str:
@@ -46,4 +49,5 @@ __all__ = [
     "pack_weight", "unpack_weight", "dequantize_weight", "packed_linear", "packed_conv2d",
     "packed_row_bytes", "container_bits", "code_offset", "qrange", "MAX_CANDIDATES",
     "coupled_quant", "coupled_quant_multi", "quant_stats", "quantize_codes", "cpu_capability",
+    "ternary_codes", "dorefa_codes", "dequantize_ternary", "dequantize_dorefa",
 ]
