@@ -1,4 +1,5 @@
-"""``python -m rfq train | search | eval | export | demo | showcase`` (also the ``rfq`` script).
+"""``python -m rfq train | search | eval | export | demo | study | dfmpc | showcase`` (also the
+``rfq`` script).
 
 Settings come from a profile (``--profile``), then a config file (``--config``, JSON or TOML,
 keys of rfq.methods.rfq.TrainConfig), then ``--set key=value`` and the named flags, later ones winning.
@@ -430,9 +431,10 @@ def make_parser() -> argparse.ArgumentParser:
     d.add_argument("--threads", type=int)
     d.set_defaults(func=cmd_demo)
 
-    from rfq.cli import study
+    from rfq.cli import dfmpc, study
 
     study.add_parser(sub)
+    dfmpc.add_parser(sub)
 
     w = sub.add_parser("showcase", help="a few-second tour of the fused ops on digits")
     w.add_argument("--steps", type=int, default=400)
