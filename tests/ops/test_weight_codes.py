@@ -40,9 +40,10 @@ def test_dorefa_equals_the_formula(shape, dtype, bits, seed, spread):
     assert float(s) == float(w.float().abs().max())
     w_hat = ops.dequantize_dorefa(codes, s, bits)
     assert torch.equal(w_hat, ref.dorefa_quant(w, bits))
-    # 2^k levels and no exact zero; every entry within half a level of w
+    # 2^k levels and no exact zero; every entry within half a level of w (plus fp32 rounding of
+    # the scaled value and of the dequantization: measured up to 2.5e-5 of the half level)
     assert not (w_hat == 0).any()
-    assert (w_hat - w.float()).abs().max() <= s / (2**bits - 1) * (1 + 1e-5)
+    assert (w_hat - w.float()).abs().max() <= s / (2**bits - 1) * (1 + 1e-4)
 
 
 def test_extreme_values_take_the_end_codes():

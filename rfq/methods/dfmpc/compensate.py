@@ -178,6 +178,13 @@ def fold_c(model: nn.Module, pair: Pair, c: Tensor) -> None:
         _scale_input_channels(model.get_submodule(pair.high), c)
 
 
+def check_lambdas(lam1, lam2) -> None:
+    for name, lam in (("lam1", lam1), ("lam2", lam2)):
+        if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not math.isfinite(lam) \
+                or lam < 0:
+            raise ValueError(f"{name} must be a finite number >= 0, got {lam!r}")
+
+
 def _check_args(model, low, high, lam1, lam2, rule) -> None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -187,9 +194,7 @@ def _check_args(model, low, high, lam1, lam2, rule) -> None:
     if low > high:
         raise ValueError(f"low ({low}) must not exceed high ({high}): the pair's second layer "
                          "compensates for the first")
-    for name, lam in (("lam1", lam1), ("lam2", lam2)):
-        if not isinstance(lam, (int, float)) or not math.isfinite(lam) or lam < 0:
-            raise ValueError(f"{name} must be a finite number >= 0, got {lam!r}")
+    check_lambdas(lam1, lam2)
     if rule not in RULES:
         raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
 

@@ -40,9 +40,19 @@ class Pair:
     fold: str  # FOLD_BN or FOLD_NEXT
 
 
+class _Tracer(fx.Tracer):
+    """torch.fx's tracer, with rfq's quantized layers and switchable BN kept as single nodes."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        from rfq.nn.modules import QuantConv2d, QuantLinear, SwitchableBatchNorm2d
+
+        return isinstance(m, (QuantConv2d, QuantLinear, SwitchableBatchNorm2d)) \
+            or super().is_leaf_module(m, qualname)
+
+
 def _trace(model: nn.Module) -> fx.GraphModule:
     try:
-        return fx.symbolic_trace(model)
+        return fx.GraphModule(model, _Tracer().trace(model))
     except Exception as err:
         raise PairingError(
             f"DF-MPC could not trace {type(model).__name__} with torch.fx "
@@ -52,10 +62,14 @@ def _trace(model: nn.Module) -> fx.GraphModule:
 
 def _kind(node: fx.Node, modules: dict[str, nn.Module]) -> str:
     """'conv', 'bn', 'act', 'act_other', 'pass' or 'stop' for one graph node."""
+    from rfq.nn.modules import QuantConv2d, SwitchableBatchNorm2d
+
     if node.op == "call_module":
         mod = modules[node.target]
-        if isinstance(mod, nn.Conv2d):
+        if isinstance(mod, (nn.Conv2d, QuantConv2d)):
             return "conv"
+        if isinstance(mod, SwitchableBatchNorm2d):
+            return "bn"
         if isinstance(mod, nn.BatchNorm2d):  # foldable only with its own affine and statistics
             return "bn" if mod.affine and mod.track_running_stats else "stop"
         if isinstance(mod, _SCALE_FREE_ACTS):
