@@ -12,21 +12,7 @@ from rfq.deploy.export import load_packed, packed_size_bytes, to_packed
 from rfq.nn import current_config, mixed_layers, set_bits
 from rfq.cli.pipeline import calibration_batches, evaluate_config, load_run, score_batches
 
-COMMON = ["--model", "smallcnn", "--dataset", "digits", "--batch-size", "64", "--no-progress",
-          "--set", "channels_last=False"]
-
-
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("cli")
-    assert main(["train", "--out", str(tmp / "float"), "--mode", "float", "--epochs", "5",
-                 "--lr", "0.05", "--set", "warmup_epochs=0", *COMMON]) == 0
-    assert (tmp / "float" / "model.pt").is_file()
-    assert main(["train", "--out", str(tmp / "coupled"), "--profile", "quick", "--epochs", "2",
-                 "--steps-per-epoch", "15", "--init-from", str(tmp / "float" / "model.pt"),
-                 *COMMON]) == 0
-    return tmp
-
+from cli_args import COMMON
 
 def test_train_writes_checkpoint_log_and_config(runs):
     log = (runs / "coupled" / "log.csv").read_text().splitlines()

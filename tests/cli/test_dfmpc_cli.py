@@ -1,4 +1,4 @@
-"""`rfq dfmpc` end to end on a float SmallCNN trained on digits, and its bad input."""
+"""`rfq dfmpc` end to end on the CLI tests' float SmallCNN (digits), and its bad input."""
 
 import json
 
@@ -12,21 +12,10 @@ from rfq.cli import pipeline
 from rfq.data import load_digits_dataset
 from rfq.training.metrics import evaluate
 
-COMMON = ["--model", "smallcnn", "--dataset", "digits", "--batch-size", "64", "--no-progress",
-          "--set", "channels_last=False"]
 
-
-@pytest.fixture(scope="module")
-def float_run(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("dfmpc")
-    assert main(["train", "--out", str(tmp / "float"), "--mode", "float", "--epochs", "4",
-                 "--lr", "0.05", "--set", "warmup_epochs=0", *COMMON]) == 0
-    return tmp
-
-
-def test_dfmpc_writes_report_and_an_evaluable_model(float_run, capsys):
-    out = float_run / "dfmpc"
-    assert main(["dfmpc", "--checkpoint", str(float_run / "float"), "--bits", "3/6",
+def test_dfmpc_writes_report_and_an_evaluable_model(runs, capsys):
+    out = runs / "dfmpc"
+    assert main(["dfmpc", "--checkpoint", str(runs / "float"), "--bits", "3/6",
                  "--out", str(out)]) == 0
     text = capsys.readouterr().out
     assert "DF-MPC 3/6 on smallcnn: 1 pairs" in text and "uncompensated" in text
@@ -47,9 +36,9 @@ def test_dfmpc_writes_report_and_an_evaluable_model(float_run, capsys):
         assert torch.equal(w, saved["model"][f"{name}.weight"])
 
 
-def test_explicit_pairs(float_run):
-    out = float_run / "explicit"
-    assert main(["dfmpc", "--checkpoint", str(float_run / "float"), "--bits", "2/6",
+def test_explicit_pairs(runs):
+    out = runs / "explicit"
+    assert main(["dfmpc", "--checkpoint", str(runs / "float"), "--bits", "2/6",
                  "--pairs", "stem.0:body1.0", "--out", str(out), "--no-eval"]) == 0
     report = json.loads((out / "report.json").read_text())
     assert "dfmpc" not in report and report["layers"]["stem.0"]["kind"] == "ternary"
@@ -65,11 +54,17 @@ def test_explicit_pairs(float_run):
     (["--pairs", "stem.0:body2.0"], r"\('stem.0', 'body2.0'\) is not a safe pair"),
     (["--lam1", "-1"], r"lam1 must be a finite number >= 0"),
 ])
-def test_bad_input_is_named_and_writes_nothing(float_run, argv, match):
-    out = float_run / "bad"
+def test_bad_input_is_named_and_writes_nothing(runs, argv, match):
+    out = runs / "bad"
     with pytest.raises(SystemExit, match=match):
-        main(["dfmpc", "--checkpoint", str(float_run / "float"), "--out", str(out), *argv])
+        main(["dfmpc", "--checkpoint", str(runs / "float"), "--out", str(out), *argv])
     assert not out.exists()
+
+
+def test_a_quantized_checkpoint_is_refused(runs, tmp_path):
+    with pytest.raises(SystemExit, match="holds a coupled model; DF-MPC starts from a float"):
+        main(["dfmpc", "--checkpoint", str(runs / "coupled"), "--out", str(tmp_path / "x")])
+    assert not (tmp_path / "x").exists()
 
 
 def test_missing_checkpoint_is_named(tmp_path):
