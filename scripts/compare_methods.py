@@ -83,7 +83,6 @@ def main(study: str, dfmpc: str, out_png: str) -> int:
         title += f" (float: {floats[0]['top1']:.2f} %, {floats[0]['size_kib']:.0f} KiB)"
     ax.set_title(title, fontsize=10)
     ax.set_ylim(bottom=max(0, min(r["top1"] for r in rows) - 2))
-    ax.set_xscale("log")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

@@ -5,7 +5,7 @@
 2. the scale-dropped baseline: the low/high quantized weights without their scale (alpha, s)
    and the BN unchanged, the paper's likely "uncompensated" row ("absorbed by BN", no data to
    recalibrate it);
-3. per pair, on 512 test images (analysis only: the method itself reads none): the weight-space
+3. per pair whose c folds into a BN (after ReLU or nothing), on 512 test images (analysis only: the method itself reads none): the weight-space
    error |g (c w_hat - w)|^2 that c minimises, against the error of the pair's actual output
    (the low conv's BN + ReLU output) with and without c, and the low conv's input mean / std.
 Usage: python scripts/dfmpc_analysis.py CHECKPOINT BITS OUT.json [--threads N]
@@ -66,6 +66,8 @@ def main() -> int:
             h.remove()
         pairs = []
         for pr in comp_report.pairs:
+            if pr.fold != "bn":  # c sits in the next conv's weights: no BN output to compare
+                continue
             bn_name = pr.bn
 
             def pair_out(m, name=pr.low, bn_name=bn_name):

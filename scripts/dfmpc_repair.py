@@ -3,7 +3,9 @@
 For every config of an `rfq study` folder (the frontier's, the greedy search's and the random
 ones, BitOps budgets): the coupled model at the config, BN recalibrated as the study does
 (2,048 training images), test top-1 without and with ``rfq.methods.dfmpc.repair_config``
-(which itself reads no data). One JSON line per config in OUT.jsonl: a rerun skips the done ones.
+(which itself reads no data). Configs without a low->high pair are left out; "without" is the
+study's own number (the same recalibration), recomputed for the first config as a check. One
+JSON line per config in OUT.jsonl: a rerun skips the done ones.
 Usage: python scripts/dfmpc_repair.py RUN_DIR STUDY_DIR OUT.jsonl [--threads N] [--calib-images N]
 """
 
@@ -19,14 +21,14 @@ import torch
 
 
 def study_configs(study: Path):
-    """(key, config) of every BitOps config in the folder, in a fixed order."""
+    """(key, config, study's accuracy) of every BitOps config in the folder, in a fixed order."""
     for path in sorted(study.glob("bitops-*.json")):
         data = json.loads(path.read_text())
         if "random" in data:
             for i, r in enumerate(data["random"]):
-                yield f"{path.stem}#{i}", r["config"]
+                yield f"{path.stem}#{i}", r["config"], r["accuracy"]
         elif "config" in data:
-            yield path.stem, data["config"]
+            yield path.stem, data["config"], data["accuracy"]
 
 
 def main() -> int:
@@ -54,15 +56,21 @@ def main() -> int:
             done[row["key"]] = row
     run = load_run(args.run)
     calib = calibration_batches(run, args.calib_images)
-    for key, config in study_configs(Path(args.study)):
+    checked = bool(done)
+    for key, config, base in study_configs(Path(args.study)):
         if key in done:
             continue
         model = copy.deepcopy(run.model)
         set_bits(model, {n: tuple(v) for n, v in config.items()})
         with flush_denormals():
             recalibrate_bn(model, calib)
-            base = evaluate(model, test_batches(run))
             repaired, report = repair_config(model)
+            if report and not checked:
+                recomputed = evaluate(model, test_batches(run))
+                if recomputed != base:
+                    raise SystemExit(f"{key}: the study's {base} is not reproduced "
+                                     f"({recomputed}): other calibration settings?")
+                checked = True
             fixed = evaluate(repaired, test_batches(run)) if report else base
         row = {"key": key, "pairs": len(report), "base": base, "repaired": fixed}
         done[key] = row

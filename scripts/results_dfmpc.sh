@@ -30,7 +30,7 @@ for model in resnet20 resnet18 mobilenetv2; do
   done
 done
 python scripts/dfmpc_table.py "$OUT" > "$OUT/table.md"
-for case in "resnet20 2/6" "resnet20 3/6" "resnet18 2/6"; do
+for case in "resnet20 2/6" "resnet20 3/6" "resnet18 2/6" "resnet18 3/6" "mobilenetv2 3/6"; do
   set -- $case
   json="$OUT/analysis-$1-${2/\//-}.json"
   [ -f "$json" ] || python scripts/dfmpc_analysis.py "${CHECKPOINT[$1]}" "$2" "$json" \
@@ -39,5 +39,6 @@ done
 if [ -n "${STUDY:-}" ]; then
   python scripts/dfmpc_repair.py "$STUDY/coupled-s0" "$STUDY/study-s0" "$OUT/repair-s0.jsonl" \
     --threads "$THREADS"
+  python scripts/compare_methods.py "$STUDY/study-s0" "$OUT" docs/compare_methods.png
 fi
 cat "$OUT/table.md"
