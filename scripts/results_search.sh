@@ -5,7 +5,8 @@
 # configs per budget, RFQ's greedy search where time allows (GREEDY_LEVELS, GREEDY_SEEDS), and
 # seed 0's frontier configs trained alone with LSQ (same recipe and steps); then
 # scripts/search_analysis.py on run 0. Every piece is a file; rerunning skips finished ones.
-# Measured: about 5 hours at 1 thread (a greedy search to level 2.5 alone takes ~40 min).
+# Measured: about 7.5 hours at 1 thread on the shared machine, 4.3 of them the three greedy
+# searches to level 2.5 (80-90 min each); each further GREEDY_LEVELS entry adds about as much.
 # Usage: bash scripts/results_search.sh [out_dir] [threads]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -26,7 +27,7 @@ for seed in ${TRAIN_SEEDS:-0 1}; do
     --strategies frontier --threads "$THREADS"
 done
 study="$OUT/study-s0"
-for lv in ${GREEDY_LEVELS:-2.5 3}; do
+for lv in ${GREEDY_LEVELS:-2.5}; do
   python -m rfq study --checkpoint "$OUT/coupled-s0" --out "$study" --levels "$lv" \
     --strategies greedy --metrics bitops --seeds "${GREEDY_SEEDS:-0,1,2}" --random 0 \
     --threads "$THREADS"
