@@ -7,6 +7,7 @@ import contextlib
 import copy
 import json
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -127,7 +128,13 @@ def search_budgets(run: LoadedRun, budgets: list[float], metric: str = "bitops",
                                             bars) as on_move:
             searcher = FrontierSearch(run.model, run.costs, score_batches(run, batch_size, seed),
                                       metric, min_bits, fast, on_move=on_move)
+            t0 = time.perf_counter()
             found = searcher.run_all(budgets)
+            front_seconds = time.perf_counter() - t0
+        if progress:
+            progress(f"  frontier: the whole front of {len(budgets)} budgets in "
+                     f"{front_seconds:.1f} s (measurement {searcher.measure_seconds:.1f} s, "
+                     f"then each budget solved and refined)")
     for k, target in enumerate(budgets):
         if strategy == "greedy":
             with flush_denormals(), _search_bar(f"search {k + 1}/{len(budgets)} <{label(target)}",
@@ -144,7 +151,11 @@ def search_budgets(run: LoadedRun, budgets: list[float], metric: str = "bitops",
                      f"{result.size_mib * 1024:.1f} KiB, acc {result.accuracy * 100:.2f} %, "
                      f"{result.iterations} moves, {result.evaluations} evaluations, "
                      f"{result.seconds:.1f} s")
-    return [r.to_dict() for r in found]
+    dicts = [r.to_dict() for r in found]
+    if strategy == "frontier":
+        for d in dicts:
+            d["front_seconds"] = front_seconds
+    return dicts
 
 
 @contextlib.contextmanager
