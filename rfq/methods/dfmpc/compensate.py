@@ -133,14 +133,18 @@ def _bn_terms(model: nn.Module, pair: Pair, channels: int):
     return bn.weight.double(), bn.bias.double(), bn.running_mean.double(), sigma
 
 
+def bn_gain_and_offset(gamma: Tensor, beta: Tensor, mu: Tensor, sigma: Tensor):
+    """BN(z) = g z + y per channel: g = gamma / sigma, y = beta - gamma mu / sigma."""
+    return gamma / sigma, beta - gamma * mu / sigma
+
+
 def pair_c(w: Tensor, q: LayerCodes, gamma: Tensor, beta: Tensor, mu: Tensor, sigma: Tensor,
            lam1: float, lam2: float, rule: str = "R1") -> Tensor:
     """The compensation vector of one pair from the low conv's float weight ``w`` [C, ...], its
     quantized codes and its BN terms."""
     rows = w.double().reshape(w.shape[0], -1)
     rows_hat = q.dequantize().double().reshape(w.shape[0], -1)
-    g = gamma / sigma
-    y = beta - gamma * mu / sigma
+    g, y = bn_gain_and_offset(gamma, beta, mu, sigma)
     if rule == "R2" and float(q.scale) > 0:
         # the quantizer's scale dropped from W_hat and moved into the BN statistics
         alpha = q.scale.double()

@@ -15,7 +15,7 @@ import copy
 import torch
 from torch import nn
 
-from rfq.methods.dfmpc.compensate import check_lambdas, closed_form_c
+from rfq.methods.dfmpc.compensate import bn_gain_and_offset, check_lambdas, closed_form_c
 from rfq.methods.dfmpc.pairing import FOLD_BN, find_pairs
 from rfq.nn import set_bits
 from rfq.nn.modules import QuantConv2d, SwitchableBatchNorm2d
@@ -40,11 +40,9 @@ def repair_config(model: nn.Module, config=None, *, lam1: float = 0.5, lam2: flo
         if not isinstance(bn, SwitchableBatchNorm2d):
             continue
         i, j = bn.wi, bn.ai
-        gamma, beta = bn.weight[i, j].double(), bn.bias[i, j].double()
         sigma = (bn.running_var[i, j].double() + bn.eps).sqrt()
-        mu = bn.running_mean[i, j].double()
-        g = gamma / sigma
-        y = beta - gamma * mu / sigma
+        g, y = bn_gain_and_offset(bn.weight[i, j].double(), bn.bias[i, j].double(),
+                                  bn.running_mean[i, j].double(), sigma)
         rows = low.weight.double().reshape(low.out_channels, -1)
         rows_hat = low.quantized_weight().double().reshape(low.out_channels, -1)
         c = closed_form_c(g[:, None] * rows_hat, g[:, None] * rows, y, y, lam1, lam2)
