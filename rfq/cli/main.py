@@ -1,4 +1,4 @@
-"""``python -m rfq train | search | eval | export | demo | study | dfmpc | showcase`` (also the
+"""``python -m rfq train | search | eval | export | deploy | demo | study | dfmpc | showcase`` (also the
 ``rfq`` script).
 
 Settings come from a profile (``--profile``), then a config file (``--config``, JSON or TOML,
@@ -229,14 +229,21 @@ def _config_arg(run, args):
     from rfq.nn import mixed_layers, resolve_config
 
     cmd = f"rfq {args.command}"
-    if args.bits is not None and args.result:
-        raise SystemExit(f"{cmd}: give --bits or --result, not both")
+    hand = getattr(args, "config", None)
+    given = [f for f, v in (("--bits", args.bits), ("--result", args.result), ("--config", hand))
+             if v is not None]
+    if len(given) > 1:
+        if not hasattr(args, "config"):
+            raise SystemExit(f"{cmd}: give --bits or --result, not both")
+        raise SystemExit(f"{cmd}: give one of --bits, --result, --config (got {', '.join(given)})")
     if run.costs is None:
-        if args.bits is not None or args.result:
+        if given:
             raise SystemExit(f"{cmd}: {run.path} holds a float model: it has no bit-widths")
         return None
-    if args.result:
-        config = _result_config(args.result, args.index, cmd)
+    if args.result or hand:
+        flag = "--result" if args.result else "--config"
+        config = _result_config(args.result, args.index, cmd) if args.result else \
+            _config_file(hand, cmd)
         layers = dict(mixed_layers(run.model))
         problems = [f"missing layer {n}" for n in layers if n not in config]
         problems += [f"unknown layer {n}" for n in config if n not in layers]
@@ -245,7 +252,7 @@ def _config_arg(run, args):
                                 (layers[n].a_bits and a not in layers[n].a_bits)):
                 problems.append(f"{n}: ({w}, {a}) is not a candidate pair")
         if problems:
-            raise SystemExit(f"{cmd}: --result {args.result} does not fit {run.path}: "
+            raise SystemExit(f"{cmd}: {flag} {args.result or hand} does not fit {run.path}: "
                              + "; ".join(problems[:5])
                              + (f" (+{len(problems) - 5} more)" if len(problems) > 5 else ""))
         return resolve_config(run.model, config)
@@ -256,6 +263,22 @@ def _config_arg(run, args):
         raise SystemExit(f"{cmd}: --bits {args.bits} is not a candidate bit-width of this model "
                          f"(candidates: {', '.join(map(str, candidates))})")
     return run.costs.uniform(run.model, args.bits)
+
+
+def _config_file(path: str, cmd: str) -> dict:
+    """A hand-written config: JSON {layer: [w_bits, a_bits]} (a_bits null where the layer's
+    input is not quantized)."""
+    p = Path(path)
+    if not p.is_file():
+        raise SystemExit(f"{cmd}: --config {path} does not exist")
+    try:
+        config = json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise SystemExit(f"{cmd}: --config {path} is not JSON: {err}") from None
+    if not isinstance(config, dict) or not all(
+            isinstance(v, (list, tuple)) and len(v) == 2 for v in config.values()):
+        raise SystemExit(f"{cmd}: --config {path} must be a JSON object {{layer: [w, a]}}")
+    return {n: tuple(v) for n, v in config.items()}
 
 
 def _result_config(path: str, index: int, cmd: str, flag: str = "--result",
@@ -304,7 +327,7 @@ def cmd_eval(args) -> int:
 def cmd_export(args) -> int:
     import copy
 
-    from rfq.deploy.export import packed_size_bytes, save_packed, to_packed
+    from rfq import deploy
     from rfq.nn import set_bits
     from rfq.cli.pipeline import calibration_batches
     from rfq.methods.rfq.search import recalibrate_bn
@@ -318,15 +341,55 @@ def cmd_export(args) -> int:
     set_bits(model, config)
     with flush_denormals():
         recalibrate_bn(model, calibration_batches(run, args.calib_images))
-    packed = to_packed(model)
     arch = {"model": run.cfg.model, "in_channels": run.dataset.in_channels,
-            "classes": run.dataset.classes, "quant_config": asdict(run.cfg.quant_config()),
-            "config": {n: list(v) for n, v in config.items()},
-            "dataset": run.cfg.dataset}
-    path = save_packed(packed, args.out, arch)
-    print(f"exported {path}: packed weights {packed_size_bytes(packed) / 1024:.1f} KiB "
-          f"(model size by the cost model {run.costs.size_kib(config):.1f} KiB)")
+            "classes": run.dataset.classes,
+            "input_shape": [run.dataset.in_channels, *run.dataset.image_size]}
+    if args.result:
+        source = f"{args.result} #{args.index}"
+    elif args.config:
+        source = args.config
+    else:
+        source = f"uniform {next(iter(config.values()))[0]} bits"
+    provenance = {"checkpoint": str(run.path), "dataset": run.cfg.dataset,
+                  "calib_images": args.calib_images, "config_from": source}
+    path = deploy.export(model, args.out, arch=arch, extra=provenance)
+    sizes = deploy.file_sizes(path)
+    print(f"exported {path}: {sizes['file'] / 1024:.1f} KiB (packed codes "
+          f"{sizes['codes'] / 1024:.1f} KiB; {run.costs.size_kib(config):.1f} KiB at each "
+          f"layer's own bits by the cost model); the fp32 weights are "
+          f"{sizes['fp32'] / 1024:.1f} KiB, {sizes['fp32'] / sizes['file']:.2f}x the file")
     return 0
+
+
+def cmd_deploy(args) -> int:
+    import torch
+
+    from rfq.cli.pipeline import write_json
+    from rfq.deploy import DeployFormatError, bench
+
+    if args.deploy_command != "bench":  # argparse enforces the choice; kept for clarity
+        raise SystemExit("rfq deploy: choose a subcommand: bench")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        report = bench.bench_file(args.model, args.batch, args.rounds, args.reps, args.dense,
+                                  layers=args.per_layer)
+    except (DeployFormatError, ValueError) as err:
+        raise SystemExit(f"rfq deploy bench: {err}") from None
+    print(bench.format_report(report))
+    if args.json:
+        write_json(args.json, report)
+    return 0
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
 
 
 def cmd_demo(args) -> int:
@@ -410,13 +473,29 @@ def make_parser() -> argparse.ArgumentParser:
     e.add_argument("--split", choices=["test", "holdout"], default="test")
     e.set_defaults(func=cmd_eval)
 
-    x = sub.add_parser("export", help="pack a config's weights for deployment")
+    x = sub.add_parser("export", help="one searched (or uniform, or hand-written) config as "
+                       "a packed safetensors model")
     add_run_args(x)
-    x.add_argument("--bits", type=int)
-    x.add_argument("--result")
-    x.add_argument("--index", type=int, default=0)
-    x.add_argument("--out", required=True)
+    x.add_argument("--bits", type=int, help="uniform bit-width")
+    x.add_argument("--result", help="search.json to take a config from")
+    x.add_argument("--index", type=int, default=0, help="which searched config of --result")
+    x.add_argument("--config", help="JSON file {layer: [w_bits, a_bits]} (a hand-written config)")
+    x.add_argument("--out", required=True, help="the .safetensors file to write")
     x.set_defaults(func=cmd_export)
+
+    dp = sub.add_parser("deploy", help="deployed models: bench")
+    dsub = dp.add_subparsers(dest="deploy_command", required=True)
+    db = dsub.add_parser("bench", help="size and speed of a deploy file against its fp32 model")
+    db.add_argument("--model", required=True, help="a file written by rfq export")
+    db.add_argument("--batch", type=_int_list, default=[1, 64], help="batch sizes, e.g. 1,64")
+    db.add_argument("--rounds", type=int, default=5, help="interleaved rounds (median, range)")
+    db.add_argument("--reps", type=int, default=30, help="timed calls per round (batch < 16)")
+    db.add_argument("--dense", choices=["auto", "all", "none"], default="auto",
+                    help="which convs keep a dequantized weight copy (rfq.deploy.load)")
+    db.add_argument("--per-layer", action="store_true", help="per-layer times (first batch)")
+    db.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    db.add_argument("--json", help="also write the report here")
+    db.set_defaults(func=cmd_deploy)
 
     d = sub.add_parser("demo", help="the main job: train once, search three budgets, report")
     d.add_argument("--out", default="runs/demo")

@@ -1,5 +1,8 @@
-"""Deployment: packed models from a searched configuration (export, load, size)."""
+"""Deployment: a quantized model at one bit config as one safetensors file of packed codes
+(``export``), rebuilt from that file alone (``load``), and measured (``rfq.deploy.bench``)."""
 
-from rfq.deploy.export import load_packed, packed_size_bytes, save_packed, to_packed
+from rfq.deploy.export import (DeployFormatError, assemble, export, export_tensors, file_sizes,
+                               infer_arch, keep_dense_weights, load, to_packed)
 
-__all__ = ["load_packed", "packed_size_bytes", "save_packed", "to_packed"]
+__all__ = ["DeployFormatError", "assemble", "export", "export_tensors", "file_sizes",
+           "infer_arch", "keep_dense_weights", "load", "to_packed"]

@@ -1,29 +1,45 @@
-"""Deployment: a searched configuration's weights as packed integer codes (``rfq.ops.pack_weight``)
-that run through ``rfq.ops.packed_conv2d`` / ``packed_linear``; inputs keep their LSQ fake
-quantization at the chosen bits. The exported file holds the architecture name, the per-layer
-bits, the packed codes with their one LSQ step each, and every other tensor (BN of the chosen
-copies with recalibrated statistics, biases, activation steps)."""
+"""Export a quantized model at one bit config to a deploy file, and load it back.
+
+Every conv/linear becomes a ``PackedLayer`` at its own bit-width. The BN that consumes only a
+conv's output (``model.rfq_bn_after``) is folded into it: W = s q and BN(y) = g (y - mu) + beta
+with g = gamma / sqrt(var + eps) give the per-row scale s g and the bias beta - g mu (+ g b for a
+conv bias). The codes stay the LSQ codes, so the deployed layer computes the fake-quantized
+layer's function up to float rounding. Other BNs keep their (recalibrated) statistics as plain
+``nn.BatchNorm2d``. The format itself: rfq/deploy/format.py.
+"""
 
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
-from rfq.nn import SwitchableBatchNorm2d, quant_layers, set_bits
+from rfq import ops
+from rfq.deploy import format as fmt
+from rfq.deploy.format import DeployFormatError
+from rfq.nn import QuantConv2d, SwitchableBatchNorm2d, quant_layers, set_bits
 from rfq.nn.packed import PackedLayer
 
 
+def _bn_tensors(bn: nn.Module) -> tuple[Tensor, Tensor, Tensor, Tensor, float]:
+    """(gamma, beta, running mean, running var, eps) of a BN or a SwitchableBN's selected copy."""
+    if isinstance(bn, SwitchableBatchNorm2d):
+        i, j = bn.wi, bn.ai
+        return bn.weight[i, j], bn.bias[i, j], bn.running_mean[i, j], bn.running_var[i, j], \
+            bn.eps
+    return bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps
+
+
 def _plain_bn(sbn: SwitchableBatchNorm2d) -> nn.BatchNorm2d:
-    i, j = sbn.wi, sbn.ai
     bn = nn.BatchNorm2d(sbn.num_features, eps=sbn.eps)
+    gamma, beta, mean, var, _ = _bn_tensors(sbn)
     with torch.no_grad():
-        bn.weight.copy_(sbn.weight[i, j])
-        bn.bias.copy_(sbn.bias[i, j])
-        bn.running_mean.copy_(sbn.running_mean[i, j])
-        bn.running_var.copy_(sbn.running_var[i, j])
+        for dst, src in zip((bn.weight, bn.bias, bn.running_mean, bn.running_var),
+                            (gamma, beta, mean, var)):
+            dst.copy_(src)
     return bn
 
 
@@ -32,45 +48,251 @@ def _swap(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, new)
 
 
+def infer_arch(model: nn.Module) -> dict | None:
+    """build_model's arguments for an rfq.models architecture, else None."""
+    from rfq.models import MODELS
+
+    names = {cls: name for name, cls in MODELS.items()}
+    if type(model) not in names:
+        return None
+    layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))
+              or hasattr(m, "weight_shape") or hasattr(m, "w_bits")]
+    first, last = layers[0], layers[-1]
+    return {"model": names[type(model)], "in_channels": int(first.weight.shape[1]),
+            "classes": int(last.weight.shape[0])}
+
+
 @torch.no_grad()
-def to_packed(model: nn.Module, config=None) -> nn.Module:
-    """A deployable copy of a quantized model at ``config`` (current bits if None), eval mode."""
-    model = copy.deepcopy(model).cpu().to(memory_format=torch.contiguous_format)
+def export_tensors(model: nn.Module, config=None) -> tuple[dict[str, Tensor], dict, dict]:
+    """(tensors, layer records, config) of the deploy format for ``model`` at ``config``
+    (its current bits if None). The model is not modified."""
+    model = copy.deepcopy(model).cpu().float().eval()
     if config is not None:
         set_bits(model, config)
+    bn_after = getattr(model, "rfq_bn_after", {})
+    tensors, records, folded = {}, {}, set()
+    layers = quant_layers(model)
+    if not layers:
+        raise ValueError("rfq.deploy: the model has no quantized layer (call rfq.quantize_ first)")
+    for name, layer in layers:
+        bits = layer.w_bit
+        step = layer.w_steps.detach()[layer.w_index].reshape(1).float()
+        codes = ops.quantize_codes(layer.weight.detach().float(), step, bits, True)
+        n = codes.shape[0]
+        codes = codes.reshape(n, -1)
+        scale, bias = step, layer.bias
+        bn_name = bn_after.get(name) if isinstance(layer, QuantConv2d) else None
+        if bn_name is not None:
+            gamma, beta, mean, var, eps = _bn_tensors(model.get_submodule(bn_name))
+            g = gamma.float() / torch.sqrt(var.float() + eps)
+            scale = step * g
+            bias = beta.float() - g * mean.float() + (0 if bias is None else g * bias.float())
+            folded.add(bn_name)
+        rec = {"kind": "conv" if isinstance(layer, QuantConv2d) else "linear", "code": "lsq",
+               "bits": bits, "weight_shape": list(layer.weight.shape),
+               "scale": "row" if scale.numel() > 1 else "tensor", "bias": bias is not None,
+               "a_bit": layer.a_bit, "a_signed": layer.a_signed, "bn": bn_name}
+        if isinstance(layer, QuantConv2d):
+            rec.update(stride=list(layer.stride), padding=list(layer.padding),
+                       dilation=list(layer.dilation), groups=layer.groups)
+        records[name] = rec
+        tensors[f"{name}.codes"] = fmt.pack_fields(codes, bits)
+        tensors[f"{name}.scale"] = scale.float().reshape(-1).clone()
+        if bias is not None:
+            tensors[f"{name}.bias"] = bias.detach().float().clone()
+        if layer.a_bit is not None:
+            tensors[f"{name}.a_step"] = \
+                layer.a_steps.detach()[layer.a_index].reshape(1).float().clone()
+    replaced = set(records) | folded
+    for name, m in list(model.named_modules()):
+        if isinstance(m, SwitchableBatchNorm2d) and name not in folded:
+            _swap(model, name, _plain_bn(m))
+    for key, value in model.state_dict().items():
+        if not any(key.startswith(p + ".") for p in replaced) and \
+                not key.endswith("_extra_state"):
+            tensors[f"float.{key}"] = value.detach().clone()
+    mixed = set(getattr(model, "rfq_mixed", ()))
+    used = {n: [m.w_bit, m.a_bit] for n, m in layers if n in mixed}
+    return tensors, records, used
+
+
+def _layer_from_file(name: str, rec: dict, tensors: dict[str, Tensor]) -> PackedLayer:
+    shape = rec["weight_shape"]
+    n, k = shape[0], 1
+    for d in shape[1:]:
+        k *= d
+    codes = fmt.unpack_fields(tensors[f"{name}.codes"], rec["bits"], n, k)
+    fmt.check_codes(codes, rec["bits"], f"layer {name}")
+    conv = {key: tuple(rec[key]) if key != "groups" else rec[key]
+            for key in ("stride", "padding", "dilation", "groups")} if rec["kind"] == "conv" \
+        else {}
+    return PackedLayer(rec["kind"], codes, rec["bits"], shape, tensors[f"{name}.scale"],
+                       tensors.get(f"{name}.bias"), rec.get("a_bit"), rec.get("a_signed", False),
+                       tensors.get(f"{name}.a_step"), bn_name=rec.get("bn"), **conv)
+
+
+def _layer_matches(module: nn.Module, rec: dict) -> str:
+    """Why ``module`` (float or quantized) cannot hold the layer ``rec``, or ''."""
+    is_conv = isinstance(module, (nn.Conv2d, QuantConv2d))
+    is_linear = isinstance(module, nn.Linear) or (hasattr(module, "in_features")
+                                                   and hasattr(module, "w_bits"))
+    if rec["kind"] == "conv" and not is_conv or rec["kind"] == "linear" and not is_linear:
+        return f"is a {type(module).__name__}, the file has a {rec['kind']}"
+    if list(module.weight.shape) != rec["weight_shape"]:
+        return f"weight {list(module.weight.shape)} vs the file's {rec['weight_shape']}"
+    if is_conv and (list(module.stride), list(module.padding), list(module.dilation),
+                    module.groups) != (rec["stride"], rec["padding"], rec["dilation"],
+                                       rec["groups"]):
+        return "stride/padding/dilation/groups differ"
+    return ""
+
+
+def assemble(skeleton: nn.Module, records: dict, tensors: dict[str, Tensor],
+             source="the file") -> nn.Module:
+    """A deployed model: ``skeleton`` (a float or quantized model of the same architecture,
+    copied, never modified) with the packed layers in, folded BNs out, and every other tensor
+    loaded. Everything is checked before anything is built."""
+    modules = dict(skeleton.named_modules())
+    problems = []
+    for name, rec in records.items():
+        if name not in modules:
+            problems.append(f"layer {name} is not in the model")
+            continue
+        why = _layer_matches(modules[name], rec)
+        if why:
+            problems.append(f"layer {name}: {why}")
+        bn = rec.get("bn")
+        if bn is not None and not isinstance(modules.get(bn),
+                                             (nn.BatchNorm2d, SwitchableBatchNorm2d)):
+            problems.append(f"layer {name}: folded BN {bn} is not a BatchNorm2d of the model")
+    if problems:
+        raise DeployFormatError(f"{source} does not match the model "
+                                f"{type(skeleton).__name__}: " + "; ".join(problems[:5])
+                                + (f" (+{len(problems) - 5} more)" if len(problems) > 5 else ""))
+    built = {name: _layer_from_file(name, rec, tensors) for name, rec in records.items()}
+    model = copy.deepcopy(skeleton).cpu()
+    for name, layer in built.items():
+        _swap(model, name, layer)
+        if records[name].get("bn") is not None:
+            _swap(model, records[name]["bn"], nn.Identity())
     for name, m in list(model.named_modules()):
         if isinstance(m, SwitchableBatchNorm2d):
-            _swap(model, name, _plain_bn(m))
-    for name, layer in quant_layers(model):
-        _swap(model, name, PackedLayer(layer))
+            _swap(model, name, nn.BatchNorm2d(m.num_features, eps=m.eps))
+    leftovers = [n for n, m in model.named_modules() if hasattr(m, "w_bits")]
+    if leftovers:
+        raise DeployFormatError(f"{source} has no packed weights for the model's quantized "
+                                f"layers {leftovers[:5]}")
+    packed_prefixes = tuple(n + "." for n in built)
+    want = {k for k in model.state_dict() if not k.startswith(packed_prefixes)}
+    have = {k[len("float."):] for k in tensors if k.startswith("float.")}
+    if want != have:
+        missing, extra = sorted(want - have), sorted(have - want)
+        raise DeployFormatError(f"{source} does not match the model {type(skeleton).__name__}: "
+                                f"missing tensors {missing[:5]}, unexpected {extra[:5]}")
+    model.load_state_dict({k: tensors["float." + k] for k in have}, strict=False)
     return model.eval()
 
 
-def packed_size_bytes(model: nn.Module) -> int:
-    return sum(m.packed_bytes() for m in model.modules() if isinstance(m, PackedLayer))
+DENSE_POLICIES = ("auto", "all", "none")
 
 
-def save_packed(model: nn.Module, path: str | Path, arch: dict) -> Path:
-    from rfq.checkpoint import save_atomic
+@torch.no_grad()
+def keep_dense_weights(model: nn.Module, policy: str = "auto", input_shape=None) -> nn.Module:
+    """Which packed convs keep an fp32 copy of their weight (``PackedLayer.keep_dense``):
+    "none" (the least memory: convs dequantize on every call that runs dense), "all" (the
+    fastest at every batch size: few output positions read the packed codes, the rest run
+    dense), or "auto": the convs that run dense already at batch 1 for ``input_shape``
+    [C, H, W], all convs when the input shape is unknown (the least memory at batch 1 with no
+    per-call dequantization there; larger batches dequantize in the other convs)."""
+    if policy not in DENSE_POLICIES:
+        raise ValueError(f"dense must be one of {DENSE_POLICIES}, got {policy!r}")
+    convs = [m for m in model.modules() if isinstance(m, PackedLayer) and m.is_conv]
+    if policy == "auto" and input_shape is not None:
+        out_hw = {}
+        hooks = [m.register_forward_hook(
+            lambda mod, _, y: out_hw.__setitem__(mod, tuple(y.shape[-2:]))) for m in convs]
+        try:
+            model(torch.zeros(1, *input_shape))
+        finally:
+            for h in hooks:
+                h.remove()
+        for m in convs:
+            m.keep_dense(not ops.conv_reads_packed(1, out_hw[m], m.groups))
+    else:
+        for m in convs:
+            m.keep_dense(policy != "none")
+    return model
 
-    layers = {n: {"w_bit": m.w_bit, "a_bit": m.a_bit, "a_signed": m.a_signed,
-                  "weight_shape": list(m.weight_shape)}
-              for n, m in model.named_modules() if isinstance(m, PackedLayer)}
-    return save_atomic({"kind": "packed", "arch": arch, "layers": layers,
-                        "state": model.state_dict()}, path)
+
+def to_packed(model: nn.Module, config=None, dense: str = "all", input_shape=None) -> nn.Module:
+    """A deployed copy of a quantized model at ``config`` (its current bits if None): the same
+    modules ``load`` builds from a file, in eval mode (``dense``: see keep_dense_weights)."""
+    tensors, records, _ = export_tensors(model, config)
+    return keep_dense_weights(assemble(model, records, tensors, "the export"), dense,
+                              input_shape)
 
 
-def load_packed(path: str | Path) -> nn.Module:
-    """Rebuild an exported model (architecture from the file, packed weights restored)."""
-    from rfq import checkpoint as ckpt
-    from rfq.models import build_model
-    from rfq.nn import QuantConfig, quantize_
+def export(model: nn.Module, path: str | os.PathLike, config=None, arch: dict | None = None,
+           extra: dict | None = None) -> Path:
+    """Write ``model`` (quantized, e.g. by rfq.quantize_) at ``config`` to a deploy file.
+    ``arch`` (build_model's arguments) lets ``load`` rebuild the model from the file alone; it
+    is inferred for rfq.models architectures. ``extra``: more JSON metadata (provenance)."""
+    arch = arch if arch is not None else infer_arch(model)
+    tensors, records, config_used = export_tensors(model, config)
+    meta = {"arch": arch, "config": config_used, "layers": records}
+    if extra:
+        meta["extra"] = extra
+    return fmt.write(path, tensors, meta)
 
-    obj = ckpt.load(path, kind="packed")
-    arch = obj["arch"]
-    model = build_model(arch["model"], arch["in_channels"], arch["classes"])
-    quantize_(model, QuantConfig(**arch["quant_config"]))
-    set_bits(model, {n: tuple(v) for n, v in arch["config"].items()})
-    packed = to_packed(model)
-    packed.load_state_dict(obj["state"])
-    return packed
+
+def load(path: str | os.PathLike, model: nn.Module | None = None,
+         dense: str = "auto") -> nn.Module:
+    """The deployed model of a file (an nn.Module in eval mode, on the CPU). Its architecture
+    comes from the file (rfq.models); for other architectures pass ``model``: a float (or
+    quantized) instance of it, which is copied, not modified. ``dense``: which convs keep an
+    fp32 weight copy (keep_dense_weights; "auto" uses the file's input shape)."""
+    if dense not in DENSE_POLICIES:
+        raise ValueError(f"dense must be one of {DENSE_POLICIES}, got {dense!r}")
+    tensors, meta = fmt.read(path)
+    if model is None:
+        from rfq.models import MODELS, build_model
+
+        arch = meta["arch"]
+        if not isinstance(arch, dict) or arch.get("model") not in MODELS:
+            raise DeployFormatError(
+                f"{path}: its architecture {arch!r} is not an rfq.models one; pass "
+                f"rfq.deploy.load(path, model=<a float instance of the architecture>)")
+        model = build_model(arch["model"], arch["in_channels"], arch["classes"])
+    deployed = assemble(model, meta["layers"], tensors, str(path))
+    arch = meta["arch"] if isinstance(meta["arch"], dict) else {}
+    return keep_dense_weights(deployed, dense, arch.get("input_shape"))
+
+
+def file_sizes(path: str | os.PathLike) -> dict:
+    """Bytes of the file and its parts: packed weight codes, their ideal size at each layer's
+    own bits (params * bits / 8), scales/biases/steps, other float tensors, and the fp32 size
+    of the same model (every weight at 4 bytes, the folded BNs included)."""
+    tensors, meta = fmt.read(path)
+    codes = sum(t.numel() for k, t in tensors.items() if k.endswith(".codes"))
+    ideal = fp32_weights = folded_bn = 0
+    for rec in meta["layers"].values():
+        numel = 1
+        for d in rec["weight_shape"]:
+            numel *= d
+        ideal += numel * rec["bits"] / 8
+        fp32_weights += numel * 4
+        if rec["bn"] is not None:  # gamma, beta, mean, var (+ the counter); no conv bias here
+            folded_bn += 4 * 4 * rec["weight_shape"][0] + 8
+        elif rec["bias"]:
+            fp32_weights += 4 * rec["weight_shape"][0]
+    other = sum(t.numel() * t.element_size() for k, t in tensors.items()
+                if k.startswith("float."))
+    per_layer = sum(t.numel() * t.element_size() for k, t in tensors.items()
+                    if not k.startswith("float.") and not k.endswith(".codes"))
+    return {"file": Path(path).stat().st_size, "codes": codes, "codes_ideal": ideal,
+            "scales_biases_steps": per_layer, "other_float": other,
+            "fp32": fp32_weights + folded_bn + other}
+
+
+__all__ = ["export", "load", "to_packed", "export_tensors", "assemble", "file_sizes",
+           "infer_arch", "keep_dense_weights", "DeployFormatError"]

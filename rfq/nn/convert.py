@@ -210,6 +210,8 @@ def quantize_(model: nn.Module, config: QuantConfig | None = None) -> nn.Module:
         q.lsq_grad_scale = config.lsq_grad_scale
         _replace(model, name, q)
     model.rfq_mixed = mixed  # names of the mixed layers, execution order
+    # conv -> the BN that consumes only its output (every role): deploy folds these
+    model.rfq_bn_after = {c: b for c, b in graph.bn_after.items() if c in graph.order}
     model.set_bits = set_bits.__get__(model)
     set_bits(model, "max")
     return model

@@ -1,44 +1,108 @@
-"""Packed inference layers: a quantized layer frozen at one bit-width, its weight stored as packed
-integer codes and run through ``rfq.ops.packed_conv2d`` / ``packed_linear``."""
+"""Packed inference layers: a conv or linear frozen at one bit-width, its weight held as packed
+integer codes and run through ``rfq.ops.packed_conv2d`` / ``packed_linear``; its input keeps its
+LSQ fake quantization at the exported bits."""
 
 from __future__ import annotations
 
 import torch
-from torch import nn
+import torch.nn.functional as F
+from torch import Tensor, nn
 
 from rfq import ops
-from rfq.nn.modules import QuantConv2d, QuantLayer
+from rfq.ops.layout import BLOCK_K
 
 
 class PackedLayer(nn.Module):
-    """A frozen QuantConv2d/QuantLinear at one bit-width, its weight packed."""
+    """One deployed layer. ``scale`` is one LSQ step (per-tensor) or one value per output row
+    (the step times a folded BatchNorm's gain); ``bias`` includes the folded BN's offset."""
 
-    def __init__(self, layer: QuantLayer):
+    def __init__(self, kind: str, codes: Tensor, bits: int, weight_shape, scale: Tensor,
+                 bias: Tensor | None = None, a_bit: int | None = None, a_signed: bool = False,
+                 a_step: Tensor | None = None, stride=1, padding=0, dilation=1, groups=1,
+                 bn_name: str | None = None):
         super().__init__()
-        self.is_conv = isinstance(layer, QuantConv2d)
-        self.w_bit, self.a_bit, self.a_signed = layer.w_bit, layer.a_bit, layer.a_signed
-        step = layer.w_steps.detach()[layer.w_index].reshape(1).float()
-        codes = ops.quantize_codes(layer.weight.detach().float(), step, self.w_bit, True)
-        self.weight_shape = tuple(layer.weight.shape)
-        self.register_buffer("packed", ops.pack_weight(codes.reshape(codes.shape[0], -1),
-                                                       self.w_bit))
-        self.register_buffer("scale", step)
-        self.register_buffer("bias", None if layer.bias is None else layer.bias.detach().clone())
-        if self.a_bit is not None:
-            self.register_buffer("a_step", layer.a_steps.detach()[layer.a_index].reshape(1).clone())
-            self.register_buffer("a_sel", torch.zeros((), dtype=torch.long))
-        if self.is_conv:
-            self.stride, self.padding = layer.stride, layer.padding
-            self.dilation, self.groups = layer.dilation, layer.groups
+        if kind not in ("conv", "linear"):
+            raise ValueError(f"PackedLayer kind must be 'conv' or 'linear', got {kind!r}")
+        self.is_conv = kind == "conv"
+        self.w_bit, self.a_bit, self.a_signed = int(bits), a_bit, bool(a_signed)
+        self.weight_shape = tuple(int(d) for d in weight_shape)
+        n, k = codes.shape
+        if scale.numel() == 1:
+            self.group_size, scales = 0, scale.reshape(1).float()
+        else:  # per-row values as one g128 scale group per 128 inputs (the kernels' layout)
+            self.group_size = BLOCK_K
+            scales = scale.float().reshape(n, 1).expand(n, -(-k // BLOCK_K)).contiguous()
+        self.register_buffer("packed", ops.pack_weight(codes, self.w_bit))
+        self.register_buffer("scales", scales)
+        self.register_buffer("bias", None if bias is None else bias.float().clone())
+        self._a_bits = [a_bit]
+        if a_bit is not None:
+            self.register_buffer("a_step", a_step.float().reshape(1).clone())
+            self.register_buffer("a_sel", torch.zeros((), dtype=torch.long), persistent=False)
+        self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
+        self.bn_name = bn_name  # the BN folded into scale and bias (name in the float model)
+        # fp32 copy of the weight for convs that run dense (see keep_dense); None: dequantize
+        # per call there
+        self.register_buffer("dense", None, persistent=False)
 
-    def forward(self, x):
-        if self.a_bit is not None:
-            x = ops.coupled_quant(x, self.a_step, [self.a_bit], self.a_sel, self.a_signed)
-        if self.is_conv:
-            return ops.packed_conv2d(x.contiguous(), self.packed, self.scale, self.w_bit,
-                                     self.weight_shape, 0, None, self.bias, self.stride,
-                                     self.padding, self.dilation, self.groups)
-        return ops.packed_linear(x, self.packed, self.scale, self.w_bit, 0, None, self.bias)
+    @torch.no_grad()
+    def keep_dense(self, keep: bool = True) -> None:
+        """Keep a dequantized fp32 copy of this conv's weight for the calls that run dense
+        (grouped convs, many output positions: compute-bound), trading its fp32 bytes for the
+        per-call dequantization there. Calls with few output positions still read the packed
+        codes."""
+        self.dense = self.dequantized_weight().contiguous() if keep and self.is_conv else None
 
-    def packed_bytes(self) -> int:
-        return self.packed.numel() + 4
+    @property
+    def input_clamps_at_zero(self) -> bool:
+        """An unsigned input quantizer clamps at 0 itself (a ReLU before it can be skipped)."""
+        return self.a_bit is not None and not self.a_signed
+
+    def codes(self) -> Tensor:
+        """The integer codes [N, K] (convs flattened)."""
+        n = self.weight_shape[0]
+        return ops.unpack_weight(self.packed, self.w_bit, (n, self.packed_k()))
+
+    def packed_k(self) -> int:
+        k = 1
+        for d in self.weight_shape[1:]:
+            k *= d
+        return k
+
+    def dequantized_weight(self) -> Tensor:
+        """fp32 weight of the logical shape (the folded BN gain included)."""
+        w = ops.dequantize_weight(self.packed, self.scales, self.w_bit,
+                                  (self.weight_shape[0], self.packed_k()), self.group_size)
+        return w.reshape(self.weight_shape)
+
+    def reads_packed(self, x: Tensor) -> bool:
+        """Whether a call on ``x`` runs from the packed codes (else from a dense weight)."""
+        if not self.is_conv:
+            return True
+        kh, kw = self.weight_shape[2:]
+        h = (x.shape[-2] + 2 * self.padding[0] - self.dilation[0] * (kh - 1) - 1) \
+            // self.stride[0] + 1
+        w = (x.shape[-1] + 2 * self.padding[1] - self.dilation[1] * (kw - 1) - 1) \
+            // self.stride[1] + 1
+        return ops.conv_reads_packed(x.shape[0], (h, w), self.groups)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.a_bit is not None:
+            x = ops.coupled_quant(x, self.a_step, self._a_bits, self.a_sel, self.a_signed)
+        if self.dense is not None and not self.reads_packed(x):
+            w = self.dense if self.dense.dtype == x.dtype else self.dense.to(x.dtype)
+            return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation,
+                            self.groups)
+        if self.is_conv:
+            return ops.packed_conv2d(x.contiguous(), self.packed, self.scales, self.w_bit,
+                                     self.weight_shape, self.group_size, None, self.bias,
+                                     self.stride, self.padding, self.dilation, self.groups)
+        return ops.packed_linear(x, self.packed, self.scales, self.w_bit, self.group_size, None,
+                                 self.bias)
+
+    def extra_repr(self) -> str:
+        a = "input not quantized" if self.a_bit is None else \
+            f"A{self.a_bit} ({'signed' if self.a_signed else 'unsigned'})"
+        kind = "conv" if self.is_conv else "linear"
+        return f"{kind} {list(self.weight_shape)}, W{self.w_bit}, {a}, " \
+               f"{'per-row' if self.group_size else 'per-tensor'} scale"

@@ -33,8 +33,8 @@ from rfq.ops.layout import (MAX_CANDIDATES, code_offset, container_bits,  # noqa
                             packed_row_bytes, qrange)
 from rfq.ops.lsq import (coupled_quant, coupled_quant_multi, quant_stats,  # noqa: E402
                          quantize_codes)
-from rfq.ops.packed import (dequantize_weight, pack_weight, packed_conv2d,  # noqa: E402
-                            packed_linear, unpack_weight)
+from rfq.ops.packed import (conv_reads_packed, dequantize_weight, pack_weight,  # noqa: E402
+                            packed_conv2d, packed_linear, unpack_weight)
 from rfq.ops.weight_codes import (dequantize_dorefa, dequantize_ternary,  # noqa: E402
                                   dorefa_codes, ternary_codes)
 
@@ -47,7 +47,7 @@ def cpu_capability() -> str:
 __all__ = [
     "set_gpu_backend", "get_gpu_backend", "gpu_backend", "GPU_BACKENDS", "GPU_FAMILIES",
     "pack_weight", "unpack_weight", "dequantize_weight", "packed_linear", "packed_conv2d",
-    "packed_row_bytes", "container_bits", "code_offset", "qrange", "MAX_CANDIDATES",
+    "conv_reads_packed",    "packed_row_bytes", "container_bits", "code_offset", "qrange", "MAX_CANDIDATES",
     "coupled_quant", "coupled_quant_multi", "quant_stats", "quantize_codes", "cpu_capability",
     "ternary_codes", "dorefa_codes", "dequantize_ternary", "dequantize_dorefa",
 ]

@@ -74,6 +74,11 @@ def packed_linear(
 _CONV_PACKED_MAX_M = 32
 
 
+def conv_reads_packed(batch: int, out_hw: Sequence[int], groups: int = 1) -> bool:
+    """Whether ``packed_conv2d`` reads the packed weight (else it runs a dense conv)."""
+    return groups == 1 and batch * out_hw[0] * out_hw[1] < _CONV_PACKED_MAX_M
+
+
 def packed_conv2d(
     x: Tensor,
     packed: Tensor,
@@ -99,7 +104,7 @@ def packed_conv2d(
     b, _, h, w = x.shape
     h_out = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
     w_out = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
-    if groups == 1 and b * h_out * w_out < _CONV_PACKED_MAX_M:
+    if conv_reads_packed(b, (h_out, w_out), groups):
         cols = F.unfold(x, (kh, kw), dilation=dilation, padding=padding, stride=stride)
         y = packed_linear(cols.transpose(1, 2), packed, scales, bits, group_size, zeros, bias)
         return y.transpose(1, 2).reshape(b, c_out, h_out, w_out)

@@ -8,7 +8,8 @@ import torch
 
 from rfq.cli import main
 from rfq.data import load_digits_dataset
-from rfq.deploy.export import load_packed, packed_size_bytes, to_packed
+from rfq import deploy
+from rfq.deploy.export import to_packed
 from rfq.nn import current_config, mixed_layers, set_bits
 from rfq.cli.pipeline import calibration_batches, evaluate_config, load_run, score_batches
 
@@ -36,9 +37,70 @@ def test_search_eval_export(runs, capsys):
                  "--index", "1", "--calib-images", "256"]) == 0
     assert "test accuracy" in capsys.readouterr().out
     assert main(["export", "--checkpoint", str(runs / "coupled"), "--result", str(out),
-                 "--out", str(runs / "model.rfq"), "--calib-images", "256"]) == 0
-    packed = load_packed(runs / "model.rfq")
-    assert packed_size_bytes(packed) > 0
+                 "--index", "1", "--out", str(runs / "model.safetensors"),
+                 "--calib-images", "256"]) == 0
+    assert "fp32 weights are" in capsys.readouterr().out
+    loaded = deploy.load(runs / "model.safetensors")
+    run = load_run(runs / "coupled", dataset=load_digits_dataset())
+    searched = data["searched"][1]["config"]
+    packed = {n: m for n, m in loaded.named_modules() if hasattr(m, "packed")}
+    assert {n: [packed[n].w_bit, packed[n].a_bit] for n in searched} == searched
+
+
+def test_deployed_model_scores_what_the_fake_quantized_one_scores(runs, tmp_path):
+    """Same config, same BN recalibration: the exported file's test top-1 on digits equals the
+    fake-quantized model's to within one image."""
+    run = load_run(runs / "coupled", dataset=load_digits_dataset())
+    config = {n: (b, 3) for n, b in zip(run.model.rfq_mixed, (2, 5))}
+    cfg_file = tmp_path / "config.json"
+    cfg_file.write_text(json.dumps({n: list(v) for n, v in config.items()}))
+    path = tmp_path / "m.safetensors"
+    assert main(["export", "--checkpoint", str(runs / "coupled"), "--config", str(cfg_file),
+                 "--out", str(path), "--calib-images", "256"]) == 0
+    fake = evaluate_config(run, config, calibration_batches(run, 256))
+    loaded = deploy.load(path)
+    correct = total = 0
+    from rfq.cli.pipeline import test_batches
+    with torch.no_grad():
+        for x, y in test_batches(run):
+            correct += int((loaded(x).argmax(1) == y).sum())
+            total += len(y)
+    assert abs(correct / total - fake) <= 1 / total + 1e-9
+
+
+def test_deploy_bench_cli_and_uniform_export(runs, tmp_path, capsys):
+    path = tmp_path / "w4.safetensors"
+    assert main(["export", "--checkpoint", str(runs / "coupled"), "--bits", "4",
+                 "--out", str(path), "--calib-images", "0"]) == 0
+    assert all(m.w_bit == 4 for n, m in deploy.load(path).named_modules()
+               if hasattr(m, "packed") and n in load_run(
+                   runs / "coupled", dataset=load_digits_dataset()).model.rfq_mixed)
+    capsys.readouterr()
+    report = tmp_path / "bench.json"
+    assert main(["deploy", "bench", "--model", str(path), "--batch", "1,4", "--rounds", "1",
+                 "--reps", "1", "--per-layer", "--json", str(report)]) == 0
+    text = capsys.readouterr().out
+    assert "| 1 |" in text and "| 4 |" in text and "| body1.0 |" in text
+    data = json.loads(report.read_text())
+    assert set(data["batches"]) == {"1", "4"} and data["sizes"]["codes"] > 0
+
+
+def test_export_and_deploy_bad_input(runs, tmp_path):
+    args = ["export", "--checkpoint", str(runs / "coupled"), "--out", str(tmp_path / "x")]
+    with pytest.raises(SystemExit, match="give one of --bits, --result, --config"):
+        main(args + ["--bits", "4", "--config", "c.json"])
+    with pytest.raises(SystemExit, match="--config .* does not exist"):
+        main(args + ["--config", str(tmp_path / "none.json")])
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"body1.0": [9, 4]}))
+    with pytest.raises(SystemExit, match="does not fit"):
+        main(args + ["--config", str(bad)])
+    old = tmp_path / "old.rfq"
+    torch.save({"kind": "packed"}, old)
+    with pytest.raises(SystemExit, match="pickled torch file"):
+        main(["deploy", "bench", "--model", str(old)])
+    with pytest.raises(SystemExit):
+        main(["deploy", "bench", "--model", str(old), "--batch", "0"])
 
 
 def test_packed_model_matches_the_fake_quantized_one(runs):
@@ -144,7 +206,9 @@ def test_bad_result_bits_and_index_are_clear_errors(runs, tmp_path, command):
         (["--result", str(bad_bits)], r"\(7, 4\) is not a candidate pair"),
         (["--bits", "8"], r"--bits 8 is not a candidate bit-width of this model \(candidates: "
                           r"2, 3, 4, 5, 6\)"),
-        (["--bits", "4", "--result", result], "give --bits or --result, not both"),
+        (["--bits", "4", "--result", result],
+         "give --bits or --result, not both" if command == "eval" else
+         "give one of --bits, --result, --config"),
     ]
     for args, message in cases:
         with pytest.raises(SystemExit, match=message):
