@@ -2,7 +2,9 @@
 from the shipped float checkpoint; then the one model at every uniform bit-width, the frontier
 search at eight BitOps budgets (levels 2.25 to 5, most of them where accuracy moves with bits)
 and RFQ's greedy search at level 3.5 beside it, each config BN-recalibrated and tested on the
-10k test images. Prints the table, writes results.json and pareto.png.
+10k test images. Prints the table, writes results.json and pareto.png, and ends by exporting
+the most accurate searched config as a packed safetensors file (its top-1 from the file, its size
+and speed next to the fp32 model).
 
 ``--quick`` is a one-minute version for CI; ``--from-scratch`` pretrains the float model first
 (30 epochs, ~40 min here) instead of using the shipped one.
@@ -17,6 +19,8 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
+
+from rfq.cost import format_bitops
 
 SHIPPED_FLOAT = Path(__file__).parent.parent / "assets" / "resnet20-fmnist-float.pt"
 # budgets where this model's accuracy moves with bits (W2A2 ~90 %, W3A3 ~93 %) and beyond
@@ -83,7 +87,7 @@ def main(args) -> int:
         if quick:
             fcfg = TrainConfig(**{**asdict(fcfg), "epochs": 2, "steps_per_epoch": 30,
                                   "train_limit": 4000})
-        print(f"\n[1/4] float pretraining, {fcfg.epochs} epochs")
+        print(f"\n[1/5] float pretraining, {fcfg.epochs} epochs")
         tr = _trainer(fcfg, out / "float", dataset=ds)
         tr.run()
         ckpt.save_atomic({"kind": "float", "config": asdict(fcfg),
@@ -95,7 +99,7 @@ def main(args) -> int:
         if not init.is_file():
             raise SystemExit(f"rfq demo: the shipped float checkpoint {init} is missing; "
                              f"run with --from-scratch")
-        print(f"\n[1/4] float model: {init.name} (shipped; made by `python -m rfq train "
+        print(f"\n[1/5] float model: {init.name} (shipped; made by `python -m rfq train "
               f"--profile float`)")
 
     # stage 1: coupled training, sized to the time budget
@@ -121,7 +125,7 @@ def main(args) -> int:
             saved = ckpt.load(out / "coupled" / "checkpoint.pt")
             cfg = TrainConfig(**{**base, "epochs": saved["config"]["epochs"]})
             print("      resuming the coupled run found in", out / "coupled")
-    print(f"\n[2/4] one-shot coupled training: {cfg.epochs * cfg.steps_per_epoch} steps, "
+    print(f"\n[2/5] one-shot coupled training: {cfg.epochs * cfg.steps_per_epoch} steps, "
           f"1 max + {cfg.n_random} random passes each, scheduler + IDM on")
     tr = _trainer(cfg, out / "coupled", dataset=ds)
     tr.run()
@@ -134,13 +138,13 @@ def main(args) -> int:
     batch = 128 if quick else 1024
     front_levels = [4.6, 4.7, 4.8, 4.9] if quick else FRONT_LEVELS
     greedy_levels = [4.8] if quick else GREEDY_LEVELS
-    print(f"\n[3/4] the one model at every uniform bit-width (BN recalibrated on {calib} "
+    print(f"\n[3/5] the one model at every uniform bit-width (BN recalibrated on {calib} "
           f"training images)")
     limit = 2000 if quick else None  # test images (quick: the first 2000)
     uniform = uniform_results(run, [2, 3, 4, 5, 6], calib, limit)
     for u in uniform:
         print(f"      W{u['bits']}A{u['bits']}: {u['accuracy'] * 100:.2f} %")
-    print(f"\n[4/4] frontier search: {len(front_levels)} BitOps budgets from one measurement; "
+    print(f"\n[4/5] frontier search: {len(front_levels)} BitOps budgets from one measurement; "
           f"greedy search at level {', '.join(f'{lv:g}' for lv in greedy_levels)} beside it "
           f"(held-out scores of {batch} and {128 if quick else GREEDY_BATCH} images)")
     searched = search_budgets(run, budget_levels(run, front_levels), "bitops", batch, calib,
@@ -153,6 +157,33 @@ def main(args) -> int:
                                       "train_seconds": train_s, "config": asdict(cfg)})
     plot = pareto_plot(out / "pareto.png", uniform, searched,
                        title="ResNet-20 / Fashion-MNIST: one coupled model, no retraining")
-    print(f"\nresults: {out / 'results.json'}, plot: {plot}; coupled training {train_s:.0f} s, "
+    deploy_report = deploy_best(run, searched, out, calib, limit, quick)
+    write_json(out / "results.json", {"uniform": uniform, "searched": searched,
+                                      "train_seconds": train_s, "config": asdict(cfg),
+                                      "deployed": deploy_report})
+    print(f"\nresults: {out / 'results.json'}, plot: {plot}, deployed model: "
+          f"{deploy_report['file']}; coupled training {train_s:.0f} s, "
           f"whole demo {time.perf_counter() - t_start:.0f} s")
     return 0
+
+
+def deploy_best(run, searched: list[dict], out: Path, calib: int, limit, quick: bool) -> dict:
+    """Stage 5: the most accurate searched config as a packed safetensors file, its test top-1
+    from the file alone, and its size and speed next to the fp32 model's."""
+    from rfq.cli.pipeline import deployed_accuracy, export_config
+    from rfq.deploy import bench
+
+    best = max(searched, key=lambda s: s["accuracy"])
+    label = f"{best['strategy']} at {format_bitops(best['bitops'])} BitOps"
+    print(f"\n[5/5] deploy the most accurate searched config ({label}, "
+          f"{best['accuracy'] * 100:.2f} %) as one packed safetensors file")
+    path = export_config(run, best["config"], out / "resnet20-best.safetensors", calib,
+                         f"demo: most accurate searched config ({label})")
+    acc = deployed_accuracy(run, path, limit=limit)
+    print(f"      top-1 of the model loaded from the file alone: {acc * 100:.2f} % "
+          f"(fake-quantized: {best['accuracy'] * 100:.2f} %)")
+    report = bench.bench_file(path, (1, 64), rounds=1 if quick else 3, reps=3 if quick else 30)
+    print("      " + bench.format_report(report).replace("\n", "\n      "))
+    return {"file": str(path), "label": label, "accuracy": acc,
+            "fake_quant_accuracy": best["accuracy"], "sizes": report["sizes"],
+            "speed": report["batches"]}

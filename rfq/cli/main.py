@@ -325,34 +325,20 @@ def cmd_eval(args) -> int:
 
 
 def cmd_export(args) -> int:
-    import copy
-
     from rfq import deploy
-    from rfq.nn import set_bits
-    from rfq.cli.pipeline import calibration_batches
-    from rfq.methods.rfq.search import recalibrate_bn
-    from rfq.runtime import flush_denormals
+    from rfq.cli.pipeline import export_config
 
     run = _load(args)
     if run.costs is None:
         raise SystemExit(f"rfq export: {run.path} holds a float model: nothing to pack")
     config = _config_arg(run, args)
-    model = copy.deepcopy(run.model)
-    set_bits(model, config)
-    with flush_denormals():
-        recalibrate_bn(model, calibration_batches(run, args.calib_images))
-    arch = {"model": run.cfg.model, "in_channels": run.dataset.in_channels,
-            "classes": run.dataset.classes,
-            "input_shape": [run.dataset.in_channels, *run.dataset.image_size]}
     if args.result:
         source = f"{args.result} #{args.index}"
     elif args.config:
         source = args.config
     else:
         source = f"uniform {next(iter(config.values()))[0]} bits"
-    provenance = {"checkpoint": str(run.path), "dataset": run.cfg.dataset,
-                  "calib_images": args.calib_images, "config_from": source}
-    path = deploy.export(model, args.out, arch=arch, extra=provenance)
+    path = export_config(run, config, args.out, args.calib_images, source)
     sizes = deploy.file_sizes(path)
     print(f"exported {path}: {sizes['file'] / 1024:.1f} KiB (packed codes "
           f"{sizes['codes'] / 1024:.1f} KiB; {run.costs.size_kib(config):.1f} KiB at each "

@@ -273,3 +273,32 @@ def budget_levels(run: LoadedRun, levels: list[float], metric: str = "bitops") -
 
 __all__ = ["LoadedRun", "load_run", "evaluate_config", "search_budgets", "uniform_results",
            "format_table", "pareto_plot", "budget_levels", "calibration_batches", "score_batches"]
+
+
+def export_config(run: LoadedRun, config, path: str | Path, calib_images: int,
+                  source: str) -> Path:
+    """Write ``config`` of the one model as a deploy file (rfq.deploy), with BN recalibrated on
+    the same batches ``evaluate_config`` uses, so the file scores what the search reported."""
+    from rfq import deploy
+
+    model = copy.deepcopy(run.model)
+    set_bits(model, config)
+    with flush_denormals():
+        recalibrate_bn(model, calibration_batches(run, calib_images))
+    ds = run.dataset
+    arch = {"model": run.cfg.model, "in_channels": ds.in_channels, "classes": ds.classes,
+            "input_shape": [ds.in_channels, *ds.image_size]}
+    extra = {"checkpoint": str(run.path), "dataset": run.cfg.dataset,
+             "calib_images": calib_images, "config_from": source,
+             "normalize": {"mean": ds.mean, "std": ds.std}}
+    return deploy.export(model, path, arch=arch, extra=extra)
+
+
+def deployed_accuracy(run: LoadedRun, path: str | Path, split: str = "test",
+                      limit: int | None = None) -> float:
+    """Top-1 of a deploy file on the run's dataset (the model rebuilt from the file alone)."""
+    from rfq import deploy
+
+    model = deploy.load(path)
+    with flush_denormals(), torch.inference_mode():
+        return evaluate(model, test_batches(run, split, limit))

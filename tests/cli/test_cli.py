@@ -41,7 +41,6 @@ def test_search_eval_export(runs, capsys):
                  "--calib-images", "256"]) == 0
     assert "fp32 weights are" in capsys.readouterr().out
     loaded = deploy.load(runs / "model.safetensors")
-    run = load_run(runs / "coupled", dataset=load_digits_dataset())
     searched = data["searched"][1]["config"]
     packed = {n: m for n, m in loaded.named_modules() if hasattr(m, "packed")}
     assert {n: [packed[n].w_bit, packed[n].a_bit] for n in searched} == searched

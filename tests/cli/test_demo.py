@@ -28,6 +28,15 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
     # the one model is far above chance at every uniform bit-width from 3 bits on
     assert all(u["accuracy"] > 0.5 for u in results["uniform"] if u["bits"] >= 3)
     assert (tmp_path / "pareto.png").stat().st_size > 1000
+    # it ends with the most accurate searched config deployed: the file scores what the
+    # fake-quantized model scored (same BN recalibration; 2000 test images: 1 image = 0.05 pt)
+    deployed = results["deployed"]
+    best = max(s["accuracy"] for s in results["searched"])
+    assert deployed["fake_quant_accuracy"] == best
+    assert abs(deployed["accuracy"] - best) <= 1 / 2000 + 1e-9
+    assert Path(deployed["file"]).stat().st_size == deployed["sizes"]["file"]
+    assert deployed["sizes"]["file"] * 3 < deployed["sizes"]["fp32"]  # 5-6 bits: int8 fields
+    assert "| 1 |" in out and "| 64 |" in out and "speedup vs fp32" in out
 
 
 def test_demo_without_data_names_the_package(tmp_path):

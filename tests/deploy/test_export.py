@@ -141,7 +141,7 @@ def test_file_size_is_the_dense_fields_plus_per_layer_tensors(tmp_path):
     sizes = deploy.file_sizes(path)
     expect = ideal = 0
     for _, layer in quant_layers(model):
-        n, numel = layer.weight.shape[0], layer.weight.numel()
+        numel = layer.weight.numel()
         expect += -(-numel * ops.container_bits(layer.w_bit) // 8)
         ideal += numel * layer.w_bit / 8
     assert sizes["codes"] == expect and sizes["codes_ideal"] == ideal
