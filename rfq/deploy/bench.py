@@ -11,8 +11,11 @@ rounds are reported.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import os
 import statistics
+import sys
 import time
 
 import torch
@@ -92,6 +95,37 @@ def compare(models: dict[str, nn.Module], x: torch.Tensor, rounds: int = 3, reps
     return out
 
 
+@contextlib.contextmanager
+def _quiet_stderr():
+    """Silence file descriptor 2 (the profiler's C++ start/stop lines on some builds)."""
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+@torch.inference_mode()
+def profiled_share(model: nn.Module, x: torch.Tensor, op: str = "rfq::coupled_quant",
+                   iters: int = 20) -> float:
+    """The share of ``model``'s CPU time spent in ``op`` (torch.profiler, self times summed):
+    unlike a with/without difference it does not drown in run-to-run noise."""
+    from torch.profiler import profile
+
+    for _ in range(3):
+        model(x)
+    with _quiet_stderr(), profile() as prof:
+        for _ in range(iters):
+            model(x)
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    return sum(e.cpu_time_total for e in events if e.key == op) / max(total, 1e-9)
+
+
 def ratio(base: list[float], new: list[float]) -> tuple[float, float, float]:
     """(median, min, max) over rounds of base / new."""
     r = [b / n for b, n in zip(base, new)]
@@ -166,7 +200,8 @@ def bench_file(path, batches=(1, 64), rounds: int = 3, reps: int = 20, dense: st
                 "speedup": ratio(times["fp32"], times["deployed"]),
                 "speedup_vs_folded": ratio(times["fp32, BN folded"], times["deployed"]),
                 "act_quant_share": 1 - 1 / ratio(times["deployed"],
-                                                 times["deployed, inputs not quantized"])[0]}
+                                                 times["deployed, inputs not quantized"])[0],
+                "act_quant_profiled_share": profiled_share(deployed, x)}
         if layers:
             x = torch.randn(batches[0], *arch["input_shape"], generator=gen)
             report["layers"] = per_layer(deployed, models["fp32"], x, reps)
@@ -182,13 +217,14 @@ def format_report(report: dict) -> str:
              f"speed on {report['threads']} threads, torch.inference_mode, dense={report['dense']}"
              f" (fp32 ms / deployed ms, median of rounds [min-max]):",
              "| batch | fp32 ms | fp32 BN-folded ms | deployed ms | speedup vs fp32 "
-             "| vs BN-folded fp32 | input fake-quant share |",
+             "| vs BN-folded fp32 | input fake-quant share: with/without, profiled |",
              "|---|---|---|---|---|---|---|"]
     for b, r in report["batches"].items():
         ms, (m, lo, hi), (mf, lof, hif) = r["ms"], r["speedup"], r["speedup_vs_folded"]
         lines.append(f"| {b} | {ms['fp32']:.2f} | {ms['fp32, BN folded']:.2f} | "
                      f"{ms['deployed']:.2f} | {m:.2f}x [{lo:.2f}-{hi:.2f}] | "
-                     f"{mf:.2f}x [{lof:.2f}-{hif:.2f}] | {r['act_quant_share'] * 100:.0f} % |")
+                     f"{mf:.2f}x [{lof:.2f}-{hif:.2f}] | {r['act_quant_share'] * 100:.0f} %, "
+                     f"{r['act_quant_profiled_share'] * 100:.1f} % |")
     if report.get("layers"):
         lines += ["", "| layer | weight, bits, path | deployed ms | fp32 conv+BN ms |",
                   "|---|---|---|---|"]
