@@ -19,6 +19,7 @@ except ImportError as err:  # pragma: no cover - exercised only on a broken inst
 
 from rfq import ops  # noqa: E402  (fake kernels, autograd, typed wrappers)
 from rfq.nn import BitConfig, QuantConfig, quantize_, set_bits  # noqa: E402
+from rfq import deploy  # noqa: E402  (rfq.deploy.export / load)
 
-__all__ = ["BitConfig", "QuantConfig", "ops", "quantize_", "set_bits"]
+__all__ = ["BitConfig", "QuantConfig", "deploy", "ops", "quantize_", "set_bits"]
 __version__ = "0.1.0"

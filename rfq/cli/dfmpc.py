@@ -5,7 +5,8 @@ images; the compensation itself gets none).
 Writes ``--out``/report.json (accuracies, bits, size, timings, per-pair c statistics) and
 ``--out``/model.pt: the compensated model as a float checkpoint whose weights lie on their
 quantization grids (``rfq eval --checkpoint`` reads it), with each layer's integer codes and
-scale beside it under ``codes``.
+scale beside it under ``codes``; and ``--out``/model.safetensors: the same model as a deploy file
+of packed codes (``rfq.deploy.load`` runs it; ternary and DoReFa codes at their own bits).
 """
 
 from __future__ import annotations
@@ -48,7 +49,8 @@ def main(args) -> int:
 
     from rfq import checkpoint as ckpt
     from rfq.cli.pipeline import load_run, test_batches, write_json
-    from rfq.methods.dfmpc import PairingError, compensate, quantize_uncompensated
+    from rfq.deploy import file_sizes
+    from rfq.methods.dfmpc import PairingError, compensate, export, quantize_uncompensated
     from rfq.runtime import flush_denormals
     from rfq.training.metrics import evaluate
 
@@ -92,8 +94,16 @@ def main(args) -> int:
                       "model": model.state_dict(), "codes": codes,
                       "dfmpc": {k: v for k, v in result.items() if k != "layers"}},
                      out / "model.pt")
+    ds = run.dataset
+    arch = {"model": run.cfg.model, "in_channels": ds.in_channels, "classes": ds.classes,
+            "input_shape": [ds.in_channels, *ds.image_size]}
+    packed = export(model, report, out / "model.safetensors", arch,
+                    {"checkpoint": str(run.path), "dataset": run.cfg.dataset})
+    sizes = file_sizes(packed)
+    result["deploy_file_kib"] = sizes["file"] / 1024
     write_json(out / "report.json", result)
-    print(f"wrote {out / 'report.json'} and {out / 'model.pt'}")
+    print(f"wrote {out / 'report.json'}, {out / 'model.pt'} and the deploy file {packed} "
+          f"({sizes['file'] / 1024:.1f} KiB; fp32 {sizes['fp32'] / 1024:.1f} KiB)")
     return 0
 
 

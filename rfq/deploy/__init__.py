@@ -1,8 +1,11 @@
 """Deployment: a quantized model at one bit config as one safetensors file of packed codes
-(``export``), rebuilt from that file alone (``load``), and measured (``rfq.deploy.bench``)."""
+(``export``; ``export_specs`` for methods that quantize layers themselves), rebuilt from that
+file alone (``load``), and measured (``rfq.deploy.bench``)."""
 
-from rfq.deploy.export import (DeployFormatError, assemble, export, export_tensors, file_sizes,
-                               infer_arch, keep_dense_weights, load, to_packed)
+from rfq.deploy.export import (DeployFormatError, LayerSpec, assemble, export, export_specs,
+                               export_tensors, file_sizes, infer_arch, keep_dense_weights, load,
+                               to_packed)
 
-__all__ = ["DeployFormatError", "assemble", "export", "export_tensors", "file_sizes",
-           "infer_arch", "keep_dense_weights", "load", "to_packed"]
+__all__ = ["DeployFormatError", "LayerSpec", "assemble", "export", "export_specs",
+           "export_tensors", "file_sizes", "infer_arch", "keep_dense_weights", "load",
+           "to_packed"]

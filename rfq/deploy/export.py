@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -62,47 +63,70 @@ def infer_arch(model: nn.Module) -> dict | None:
             "classes": int(last.weight.shape[0])}
 
 
+@dataclass
+class LayerSpec:
+    """One layer as the file stores it, before BN folding: w = scale * q ("lsq") or
+    scale * (q + 1/2) ("dorefa": 2^bits levels without zero), q the signed int8 codes [N, K]
+    of ``bits``; ``scale`` one value or one per output row."""
+    codes: Tensor
+    bits: int
+    scale: Tensor
+    code: str = "lsq"
+    a_bit: int | None = None
+    a_signed: bool = False
+    a_step: Tensor | None = None
+
+
+def bn_after(model: nn.Module) -> dict[str, str]:
+    """conv name -> the BN that consumes only its output (quantize_ records it; float models
+    are traced)."""
+    if hasattr(model, "rfq_bn_after"):
+        return dict(model.rfq_bn_after)
+    from rfq.nn.convert import _fallback_graph, _trace
+
+    graph, _ = _trace(model)
+    return (graph or _fallback_graph(model)).bn_after
+
+
 @torch.no_grad()
-def export_tensors(model: nn.Module, config=None) -> tuple[dict[str, Tensor], dict, dict]:
-    """(tensors, layer records, config) of the deploy format for ``model`` at ``config``
-    (its current bits if None). The model is not modified."""
+def pack_specs(model: nn.Module, specs: dict[str, LayerSpec]) -> tuple[dict[str, Tensor], dict]:
+    """(tensors, layer records) of the deploy format: each spec'd conv/linear of ``model`` with
+    the BN after it folded into its scale and bias, every other tensor of ``model`` as float.
+    ``model`` is not modified."""
     model = copy.deepcopy(model).cpu().float().eval()
-    if config is not None:
-        set_bits(model, config)
-    bn_after = getattr(model, "rfq_bn_after", {})
+    after = bn_after(model)
     tensors, records, folded = {}, {}, set()
-    layers = quant_layers(model)
-    if not layers:
-        raise ValueError("rfq.deploy: the model has no quantized layer (call rfq.quantize_ first)")
-    for name, layer in layers:
-        bits = layer.w_bit
-        step = layer.w_steps.detach()[layer.w_index].reshape(1).float()
-        codes = ops.quantize_codes(layer.weight.detach().float(), step, bits, True)
-        n = codes.shape[0]
-        codes = codes.reshape(n, -1)
-        scale, bias = step, layer.bias
-        bn_name = bn_after.get(name) if isinstance(layer, QuantConv2d) else None
+    for name, spec in specs.items():
+        layer = model.get_submodule(name)
+        is_conv = isinstance(layer, (nn.Conv2d, QuantConv2d))
+        if spec.code not in fmt.CODE_CONVENTIONS:
+            raise ValueError(f"rfq.deploy: layer {name}: code {spec.code!r} is not one of "
+                             f"{fmt.CODE_CONVENTIONS}")
+        n = layer.weight.shape[0]
+        codes = spec.codes.reshape(n, -1).to(torch.int8)
+        fmt.check_codes(codes, spec.bits, f"layer {name}")
+        scale, bias = spec.scale.float().reshape(-1), layer.bias
+        bn_name = after.get(name) if is_conv else None
         if bn_name is not None:
             gamma, beta, mean, var, eps = _bn_tensors(model.get_submodule(bn_name))
             g = gamma.float() / torch.sqrt(var.float() + eps)
-            scale = step * g
+            scale = scale * g
             bias = beta.float() - g * mean.float() + (0 if bias is None else g * bias.float())
             folded.add(bn_name)
-        rec = {"kind": "conv" if isinstance(layer, QuantConv2d) else "linear", "code": "lsq",
-               "bits": bits, "weight_shape": list(layer.weight.shape),
+        rec = {"kind": "conv" if is_conv else "linear", "code": spec.code, "bits": spec.bits,
+               "weight_shape": list(layer.weight.shape),
                "scale": "row" if scale.numel() > 1 else "tensor", "bias": bias is not None,
-               "a_bit": layer.a_bit, "a_signed": layer.a_signed, "bn": bn_name}
-        if isinstance(layer, QuantConv2d):
+               "a_bit": spec.a_bit, "a_signed": spec.a_signed, "bn": bn_name}
+        if is_conv:
             rec.update(stride=list(layer.stride), padding=list(layer.padding),
                        dilation=list(layer.dilation), groups=layer.groups)
         records[name] = rec
-        tensors[f"{name}.codes"] = fmt.pack_fields(codes, bits)
-        tensors[f"{name}.scale"] = scale.float().reshape(-1).clone()
+        tensors[f"{name}.codes"] = fmt.pack_fields(codes, spec.bits)
+        tensors[f"{name}.scale"] = scale.clone()
         if bias is not None:
             tensors[f"{name}.bias"] = bias.detach().float().clone()
-        if layer.a_bit is not None:
-            tensors[f"{name}.a_step"] = \
-                layer.a_steps.detach()[layer.a_index].reshape(1).float().clone()
+        if spec.a_bit is not None:
+            tensors[f"{name}.a_step"] = spec.a_step.detach().float().reshape(1).clone()
     replaced = set(records) | folded
     for name, m in list(model.named_modules()):
         if isinstance(m, SwitchableBatchNorm2d) and name not in folded:
@@ -111,6 +135,27 @@ def export_tensors(model: nn.Module, config=None) -> tuple[dict[str, Tensor], di
         if not any(key.startswith(p + ".") for p in replaced) and \
                 not key.endswith("_extra_state"):
             tensors[f"float.{key}"] = value.detach().clone()
+    return tensors, records
+
+
+@torch.no_grad()
+def export_tensors(model: nn.Module, config=None) -> tuple[dict[str, Tensor], dict, dict]:
+    """(tensors, layer records, config) of the deploy format for a quantized ``model`` at
+    ``config`` (its current bits if None). The model is not modified."""
+    model = copy.deepcopy(model).cpu().float().eval()
+    if config is not None:
+        set_bits(model, config)
+    layers = quant_layers(model)
+    if not layers:
+        raise ValueError("rfq.deploy: the model has no quantized layer (call rfq.quantize_ first)")
+    specs = {}
+    for name, layer in layers:
+        step = layer.w_steps.detach()[layer.w_index].reshape(1).float()
+        codes = ops.quantize_codes(layer.weight.detach().float(), step, layer.w_bit, True)
+        a_step = None if layer.a_bit is None else layer.a_steps.detach()[layer.a_index]
+        specs[name] = LayerSpec(codes, layer.w_bit, step, "lsq", layer.a_bit, layer.a_signed,
+                                a_step)
+    tensors, records = pack_specs(model, specs)
     mixed = set(getattr(model, "rfq_mixed", ()))
     used = {n: [m.w_bit, m.a_bit] for n, m in layers if n in mixed}
     return tensors, records, used
@@ -128,7 +173,8 @@ def _layer_from_file(name: str, rec: dict, tensors: dict[str, Tensor]) -> Packed
         else {}
     return PackedLayer(rec["kind"], codes, rec["bits"], shape, tensors[f"{name}.scale"],
                        tensors.get(f"{name}.bias"), rec.get("a_bit"), rec.get("a_signed", False),
-                       tensors.get(f"{name}.a_step"), bn_name=rec.get("bn"), **conv)
+                       tensors.get(f"{name}.a_step"), bn_name=rec.get("bn"), code=rec["code"],
+                       **conv)
 
 
 def _layer_matches(module: nn.Module, rec: dict) -> str:
@@ -245,6 +291,19 @@ def export(model: nn.Module, path: str | os.PathLike, config=None, arch: dict | 
     return fmt.write(path, tensors, meta)
 
 
+def export_specs(model: nn.Module, specs: dict[str, LayerSpec], path: str | os.PathLike,
+                 arch: dict | None = None, extra: dict | None = None,
+                 config: dict | None = None) -> Path:
+    """Write a model whose layers a method quantized itself (``specs``: its codes, scales and
+    conventions per layer; e.g. DF-MPC) to a deploy file; BNs fold as in ``export``."""
+    arch = arch if arch is not None else infer_arch(model)
+    tensors, records = pack_specs(model, specs)
+    meta = {"arch": arch, "config": config or {}, "layers": records}
+    if extra:
+        meta["extra"] = extra
+    return fmt.write(path, tensors, meta)
+
+
 def load(path: str | os.PathLike, model: nn.Module | None = None,
          dense: str = "auto") -> nn.Module:
     """The deployed model of a file (an nn.Module in eval mode, on the CPU). Its architecture
@@ -294,5 +353,6 @@ def file_sizes(path: str | os.PathLike) -> dict:
             "fp32": fp32_weights + folded_bn + other}
 
 
-__all__ = ["export", "load", "to_packed", "export_tensors", "assemble", "file_sizes",
+__all__ = ["export", "export_specs", "LayerSpec", "pack_specs", "bn_after", "load",
+           "to_packed", "export_tensors", "assemble", "file_sizes",
            "infer_arch", "keep_dense_weights", "DeployFormatError"]

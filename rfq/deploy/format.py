@@ -5,7 +5,7 @@ Metadata (safetensors' string map):
   format_version  "1" (a reader refuses a newer version)
   arch            JSON {"model", "in_channels", "classes"}: rfq.models.build_model's arguments
   config          JSON {mixed layer: [w, a]}: the exported bit config
-  layers          JSON {layer: record}, record = {"kind": "conv"|"linear", "code": "lsq",
+  layers          JSON {layer: record}, record = {"kind": "conv"|"linear", "code": "lsq"|"dorefa",
                   "bits", "weight_shape", "scale": "tensor"|"row", "bias": bool, "a_bit",
                   "a_signed", "bn": folded BN module name or null, conv: stride, padding,
                   dilation, groups}
@@ -14,7 +14,9 @@ Tensors:
                   offset-binary fields u = q + offset of the bit-width's container, row-major,
                   field i of a byte in its bits [i*c, (i+1)*c) (little-endian), last byte
                   zero-filled: 1-2 bits -> 2-bit fields (offset 2), 3-4 -> 4-bit (offset 8),
-                  5-8 -> int8 (u = q, two's complement). LSQ code convention: w = q * scale.
+                  5-8 -> int8 (u = q, two's complement). Code conventions: "lsq" w = q * scale;
+                  "dorefa" w = (q + 1/2) * scale (DoReFa's n in [0, 2^k - 1] is q + 2^(k-1),
+                  scale 2 max|W| / (2^k - 1)); ternary weights are "lsq" 2-bit codes -1/0/1.
   <layer>.scale   float32 [1] (one LSQ step) or [N] (the step times the folded BN's gain per row)
   <layer>.bias    float32 [N] (present when "bias" is true)
   <layer>.a_step  float32 [1]: the input's LSQ step at a_bit (present when a_bit is not null)
@@ -39,7 +41,8 @@ from rfq.ops.layout import MAX_BITS, MIN_BITS, code_offset, container_bits, qran
 
 FORMAT = "rfq.packed"
 VERSION = 1
-CODE_CONVENTIONS = ("lsq",)
+# w = scale * q ("lsq"), w = scale * (q + 1/2) ("dorefa": 2^bits levels symmetric about 0)
+CODE_CONVENTIONS = ("lsq", "dorefa")
 
 
 class DeployFormatError(ValueError):

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rfq import ops
-from rfq.ops.layout import BLOCK_K
+from rfq.ops.layout import BLOCK_K, code_offset
 
 
 class PackedLayer(nn.Module):
@@ -19,21 +19,29 @@ class PackedLayer(nn.Module):
     def __init__(self, kind: str, codes: Tensor, bits: int, weight_shape, scale: Tensor,
                  bias: Tensor | None = None, a_bit: int | None = None, a_signed: bool = False,
                  a_step: Tensor | None = None, stride=1, padding=0, dilation=1, groups=1,
-                 bn_name: str | None = None):
+                 bn_name: str | None = None, code: str = "lsq"):
         super().__init__()
         if kind not in ("conv", "linear"):
             raise ValueError(f"PackedLayer kind must be 'conv' or 'linear', got {kind!r}")
         self.is_conv = kind == "conv"
         self.w_bit, self.a_bit, self.a_signed = int(bits), a_bit, bool(a_signed)
         self.weight_shape = tuple(int(d) for d in weight_shape)
+        if code not in ("lsq", "dorefa"):
+            raise ValueError(f"PackedLayer code must be 'lsq' or 'dorefa', got {code!r}")
+        self.code = code
         n, k = codes.shape
-        if scale.numel() == 1:
+        scale_groups = -(-k // BLOCK_K)
+        zeros = None
+        if scale.numel() == 1 and code == "lsq":
             self.group_size, scales = 0, scale.reshape(1).float()
         else:  # per-row values as one g128 scale group per 128 inputs (the kernels' layout)
             self.group_size = BLOCK_K
-            scales = scale.float().reshape(n, 1).expand(n, -(-k // BLOCK_K)).contiguous()
+            scales = scale.float().reshape(-1, 1).expand(n, scale_groups).contiguous()
+        if code == "dorefa":  # w = (q + 1/2) s = (u - z) s with u = q + offset: z = offset - 1/2
+            zeros = torch.full((n, scale_groups), code_offset(int(bits)) - 0.5)
         self.register_buffer("packed", ops.pack_weight(codes, self.w_bit))
         self.register_buffer("scales", scales)
+        self.register_buffer("zeros", zeros)
         self.register_buffer("bias", None if bias is None else bias.float().clone())
         self._a_bits = [a_bit]
         if a_bit is not None:
@@ -72,7 +80,8 @@ class PackedLayer(nn.Module):
     def dequantized_weight(self) -> Tensor:
         """fp32 weight of the logical shape (the folded BN gain included)."""
         w = ops.dequantize_weight(self.packed, self.scales, self.w_bit,
-                                  (self.weight_shape[0], self.packed_k()), self.group_size)
+                                  (self.weight_shape[0], self.packed_k()), self.group_size,
+                                  self.zeros)
         return w.reshape(self.weight_shape)
 
     def reads_packed(self, x: Tensor) -> bool:
@@ -95,14 +104,14 @@ class PackedLayer(nn.Module):
                             self.groups)
         if self.is_conv:
             return ops.packed_conv2d(x.contiguous(), self.packed, self.scales, self.w_bit,
-                                     self.weight_shape, self.group_size, None, self.bias,
+                                     self.weight_shape, self.group_size, self.zeros, self.bias,
                                      self.stride, self.padding, self.dilation, self.groups)
-        return ops.packed_linear(x, self.packed, self.scales, self.w_bit, self.group_size, None,
-                                 self.bias)
+        return ops.packed_linear(x, self.packed, self.scales, self.w_bit, self.group_size,
+                                 self.zeros, self.bias)
 
     def extra_repr(self) -> str:
         a = "input not quantized" if self.a_bit is None else \
             f"A{self.a_bit} ({'signed' if self.a_signed else 'unsigned'})"
         kind = "conv" if self.is_conv else "linear"
-        return f"{kind} {list(self.weight_shape)}, W{self.w_bit}, {a}, " \
+        return f"{kind} {list(self.weight_shape)}, W{self.w_bit} {self.code}, {a}, " \
                f"{'per-row' if self.group_size else 'per-tensor'} scale"

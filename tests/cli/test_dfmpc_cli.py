@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from rfq import checkpoint as ckpt
-from rfq import ops
+from rfq import deploy, ops
 from rfq.cli import main
 from rfq.cli import pipeline
 from rfq.data import load_digits_dataset
@@ -34,6 +34,9 @@ def test_dfmpc_writes_report_and_an_evaluable_model(runs, capsys):
         if q["channel_scale"] is not None:
             w = w * q["channel_scale"].reshape(-1, *([1] * (w.dim() - 1)))
         assert torch.equal(w, saved["model"][f"{name}.weight"])
+    # model.safetensors: the same model from packed codes through the deploy path, same top-1
+    deployed = deploy.load(out / "model.safetensors")
+    assert evaluate(deployed, pipeline.test_batches(run)) == report["dfmpc"]
 
 
 def test_explicit_pairs(runs):
