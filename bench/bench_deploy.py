@@ -80,5 +80,5 @@ def bench_deployed_inference(benchmark, models, name, batch, dense, role):
         with torch.inference_mode():
             return model(x)
     with flush_denormals():
-        benchmark.pedantic(run, rounds=5 if SMOKE else (30 if batch == 1 else 10),
+        benchmark.pedantic(run, rounds=5 if SMOKE else (60 if batch == 1 else 15),
                            iterations=5 if batch == 1 else 1, warmup_rounds=3)

@@ -62,6 +62,12 @@ def float_twin(deployed: nn.Module, skeleton: nn.Module, fold_bn: bool = False) 
     return twin
 
 
+def resident_bytes(model: nn.Module) -> int:
+    """Bytes of every parameter and buffer a model holds at run time (dense copies included)."""
+    tensors = list(model.parameters()) + list(model.buffers())
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
 def without_act_quant(deployed: nn.Module) -> nn.Module:
     """A copy of ``deployed`` whose inputs are not fake-quantized (to measure what that costs;
     a ReLU the quantizer replaced comes back)."""
@@ -164,7 +170,8 @@ def per_layer(deployed: nn.Module, twin: nn.Module, x: torch.Tensor, reps: int =
     return rows
 
 
-__all__ = ["float_twin", "without_act_quant", "compare", "ratio", "per_layer"]
+__all__ = ["float_twin", "resident_bytes", "without_act_quant", "compare", "profiled_share", "ratio",
+           "per_layer"]
 
 
 def bench_file(path, batches=(1, 64), rounds: int = 3, reps: int = 20, dense: str = "auto",
@@ -190,7 +197,8 @@ def bench_file(path, batches=(1, 64), rounds: int = 3, reps: int = 20, dense: st
               "deployed": deployed, "deployed, inputs not quantized": without_act_quant(deployed)}
     gen = torch.Generator().manual_seed(0)
     report = {"file": str(path), "dense": dense, "threads": torch.get_num_threads(),
-              "sizes": file_sizes(path), "batches": {}}
+              "sizes": file_sizes(path), "batches": {},
+              "resident": {k: resident_bytes(models[k]) for k in ("fp32", "deployed")}}
     with flush_denormals():
         for b in batches:
             x = torch.randn(b, *arch["input_shape"], generator=gen)
@@ -214,6 +222,9 @@ def format_report(report: dict) -> str:
              f"{s['codes'] / 1024:.1f} KiB, {s['codes_ideal'] / 1024:.1f} KiB at each layer's own "
              f"bits); fp32 weights {s['fp32'] / 1024:.1f} KiB: {s['fp32'] / s['file']:.2f}x "
              f"smaller",
+             f"weights held at run time: deployed {report['resident']['deployed'] / 1024:.1f} KiB "
+             f"(packed codes + dense copies, dense={report['dense']}), fp32 "
+             f"{report['resident']['fp32'] / 1024:.1f} KiB",
              f"speed on {report['threads']} threads, torch.inference_mode, dense={report['dense']}"
              f" (fp32 ms / deployed ms, median of rounds [min-max]):",
              "| batch | fp32 ms | fp32 BN-folded ms | deployed ms | speedup vs fp32 "
