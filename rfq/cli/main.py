@@ -265,16 +265,20 @@ def _config_arg(run, args):
     return run.costs.uniform(run.model, args.bits)
 
 
+def _read_json(path: str, cmd: str, flag: str):
+    p = Path(path)
+    if not p.is_file():
+        raise SystemExit(f"{cmd}: {flag} {path} does not exist")
+    try:
+        return json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise SystemExit(f"{cmd}: {flag} {path} is not JSON: {err}") from None
+
+
 def _config_file(path: str, cmd: str) -> dict:
     """A hand-written config: JSON {layer: [w_bits, a_bits]} (a_bits null where the layer's
     input is not quantized)."""
-    p = Path(path)
-    if not p.is_file():
-        raise SystemExit(f"{cmd}: --config {path} does not exist")
-    try:
-        config = json.loads(p.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise SystemExit(f"{cmd}: --config {path} is not JSON: {err}") from None
+    config = _read_json(path, cmd, "--config")
     if not isinstance(config, dict) or not all(
             isinstance(v, (list, tuple)) and len(v) == 2 for v in config.values()):
         raise SystemExit(f"{cmd}: --config {path} must be a JSON object {{layer: [w, a]}}")
@@ -284,13 +288,7 @@ def _config_file(path: str, cmd: str) -> dict:
 def _result_config(path: str, index: int, cmd: str, flag: str = "--result",
                    index_flag: str = "--index") -> dict:
     """Config ``index`` of a search.json (or of a single search result)."""
-    p = Path(path)
-    if not p.is_file():
-        raise SystemExit(f"{cmd}: {flag} {path} does not exist")
-    try:
-        data = json.loads(p.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise SystemExit(f"{cmd}: {flag} {path} is not JSON: {err}") from None
+    data = _read_json(path, cmd, flag)
     searched = data.get("searched", [data]) if isinstance(data, dict) else None
     if not isinstance(searched, list) or not searched:
         raise SystemExit(f"{cmd}: {flag} {path} holds no searched configs "
