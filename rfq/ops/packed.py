@@ -105,6 +105,10 @@ def packed_conv2d(
     h_out = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
     w_out = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
     if conv_reads_packed(b, (h_out, w_out), groups):
+        if (kh, kw) == (1, 1) and padding == (0, 0):  # a 1x1 conv is a linear over positions
+            rows = x[:, :, ::stride[0], ::stride[1]].permute(0, 2, 3, 1)
+            y = packed_linear(rows, packed, scales, bits, group_size, zeros, bias)
+            return y.permute(0, 3, 1, 2)
         cols = F.unfold(x, (kh, kw), dilation=dilation, padding=padding, stride=stride)
         y = packed_linear(cols.transpose(1, 2), packed, scales, bits, group_size, zeros, bias)
         return y.transpose(1, 2).reshape(b, c_out, h_out, w_out)

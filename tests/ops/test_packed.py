@@ -290,6 +290,8 @@ CONV_CASES = [  # (x shape, weight shape, stride, padding, groups): ResNet-20/18
     ((1, 64, 4, 4), (128, 64, 3, 3), 2, 1, 1),  # M = 4 < 32: unfold + packed_linear
     ((1, 320, 7, 7), (1280, 320, 1, 1), 1, 0, 1),
     ((2, 32, 6, 6), (32, 1, 3, 3), 1, 1, 32),  # depthwise
+    ((1, 96, 4, 4), (160, 96, 1, 1), 1, 0, 1),  # 1x1, M = 16: positions as rows, no unfold
+    ((1, 64, 7, 7), (128, 64, 1, 1), 2, 0, 1),  # strided 1x1 (a ResNet-18 shortcut), M = 16
 ]
 
 
