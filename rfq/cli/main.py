@@ -1,4 +1,5 @@
-"""``python -m rfq train | search | eval | export | deploy | demo | study | dfmpc | showcase`` (also the
+"""``python -m rfq train | search | eval | export | deploy | demo | study | dfmpc | hotswap |
+showcase`` (also the
 ``rfq`` script).
 
 Settings come from a profile (``--profile``), then a config file (``--config``, JSON or TOML,
@@ -35,6 +36,12 @@ PROFILES = {
     # method avoids): set --lsq-bits and the demo run's --epochs
     "lsq": dict(mode="lsq", epochs=10, steps_per_epoch=100, lr=0.01, warmup_epochs=0.5,
                 ema_decay=0.99),
+    # hot-swap 8..1 (spec methods_seeds.md §B.2): the demo's length and schedule, SGD lr 0.01
+    # cosine from the float weights, weight decay 5e-5, sandwich rule (8, 1, two of 2..7)
+    "hotswap": dict(mode="hotswap", bits=[8, 7, 6, 5, 4, 3, 2, 1],
+                    depthwise_bits=[8, 7, 6, 5, 4, 3, 2, 1], epochs=10, steps_per_epoch=100,
+                    lr=0.01, warmup_epochs=0.5, weight_decay=5e-5, ema_decay=0.99, n_random=3,
+                    idm=False, scheduler=False, checkpoint_every=100),
 }
 
 FLAG_KEYS = ("mode", "model", "dataset", "data_dir", "epochs", "batch_size", "lr", "seed",
@@ -105,11 +112,14 @@ def cmd_train(args) -> int:
     import torch
 
     from rfq import checkpoint as ckpt
-    from rfq.methods.rfq import CoupledTrainer as Trainer
     from rfq.training import evaluate
     from rfq.data import eval_batches
 
     cfg = build_train_config(args)
+    if cfg.mode == "hotswap":
+        from rfq.methods.hotswap.trainer import HotSwapTrainer as Trainer
+    else:
+        from rfq.methods.rfq import CoupledTrainer as Trainer
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
@@ -399,7 +409,7 @@ def make_parser() -> argparse.ArgumentParser:
     t.add_argument("--config", help="JSON or TOML file of TrainConfig settings")
     t.add_argument("--set", action="append", metavar="KEY=VALUE", help="any TrainConfig field")
     t.add_argument("--resume", action="store_true", help="continue the run in --out")
-    t.add_argument("--mode", choices=["coupled", "float", "lsq"])
+    t.add_argument("--mode", choices=["coupled", "float", "lsq", "hotswap"])
     t.add_argument("--model")
     t.add_argument("--dataset")
     t.add_argument("--data-dir")
@@ -494,10 +504,11 @@ def make_parser() -> argparse.ArgumentParser:
     d.add_argument("--threads", type=int)
     d.set_defaults(func=cmd_demo)
 
-    from rfq.cli import dfmpc, study
+    from rfq.cli import dfmpc, hotswap, study
 
     study.add_parser(sub)
     dfmpc.add_parser(sub)
+    hotswap.add_parser(sub)
 
     w = sub.add_parser("showcase", help="a few-second tour of the fused ops on digits")
     w.add_argument("--steps", type=int, default=400)

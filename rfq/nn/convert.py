@@ -150,11 +150,14 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
 
-def quantize_(model: nn.Module, config: QuantConfig | None = None) -> nn.Module:
+def quantize_(model: nn.Module, config: QuantConfig | None = None, *,
+              conv_type=QuantConv2d, linear_type=QuantLinear) -> nn.Module:
     """Swap ``model``'s Conv2d/Linear layers for weight-coupled quantized ones, in place.
 
     Returns the model, which also gains ``model.set_bits(config)`` (see ``set_bits``).
     Build optimizers after this call: the steps and BN copies are new parameters.
+    ``conv_type`` / ``linear_type``: the mixed layers' classes (a method's subclasses of
+    QuantConv2d / QuantLinear, same constructor arguments); the stem and FC stay plain.
     """
     config = config or QuantConfig()
     if any(isinstance(m, QuantLayer) for m in model.modules()):
@@ -199,8 +202,9 @@ def quantize_(model: nn.Module, config: QuantConfig | None = None) -> nn.Module:
                 and mod.in_channels == mod.groups
             w_bits = config.depthwise_bits if depthwise else config.bits
             a_bits = config.depthwise_bits if depthwise else (config.act_bits or config.bits)
-            q = cls(mod, w_bits, a_bits, a_signed=signed, role="mixed",
-                    lsq_grad_scale=config.lsq_grad_scale)
+            mixed_cls = conv_type if isinstance(mod, nn.Conv2d) else linear_type
+            q = mixed_cls(mod, w_bits, a_bits, a_signed=signed, role="mixed",
+                          lsq_grad_scale=config.lsq_grad_scale)
             mixed.append(name)
             bn_name = graph.bn_after.get(name)
             if bn_name is not None:

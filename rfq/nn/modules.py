@@ -185,6 +185,16 @@ class QuantLayer(nn.Module):
         # algorithm as with coupled_quant's output, so results are bit-identical
         self.weight_cache = [torch.empty_like(self.weight).copy_(q) for q in multi]
 
+    def masked_entries(self) -> list[tuple[nn.Parameter, str]]:
+        """(stacked per-candidate parameter, name of its usage mask) pairs for the masked
+        update: entries no pass of a step used keep their values and optimizer moments."""
+        entries = []
+        if len(self.w_bits) > 1:
+            entries.append((self.w_steps, "w_used"))
+        if len(self.a_bits) > 1:
+            entries.append((self.a_steps, "a_used"))
+        return entries
+
     def clamp_steps_(self) -> None:
         with torch.no_grad():
             self.w_steps.clamp_(min=MIN_STEP)

@@ -17,10 +17,7 @@ class MaskedUpdate:
         self.entries = []  # (param, layer or BN, attribute of the usage mask)
         for m in model.modules():
             if isinstance(m, QuantLayer):
-                if len(m.w_bits) > 1:
-                    self.entries.append((m.w_steps, m, "w_used"))
-                if len(m.a_bits) > 1:
-                    self.entries.append((m.a_steps, m, "a_used"))
+                self.entries += [(p, m, attr) for p, attr in m.masked_entries()]
             elif isinstance(m, SwitchableBatchNorm2d) and m.used.numel() > 1:
                 self.entries += [(m.weight, m, "used"), (m.bias, m, "used")]
         self.optimizers = optimizers

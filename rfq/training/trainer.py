@@ -164,7 +164,7 @@ class Trainer:
         for name, p in self.model.named_parameters():
             if not p.requires_grad:
                 continue
-            if name.endswith(("w_steps", "a_steps")):
+            if name.endswith("_steps"):  # quantizer steps (w_steps, a_steps, a method's)
                 steps.append(p)
             elif p.dim() == 4:  # conv weights (stem included)
                 decay.append(p)

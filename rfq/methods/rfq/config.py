@@ -10,7 +10,7 @@ from rfq.nn import QuantConfig
 from rfq.ops.layout import MAX_BITS, MIN_BITS
 from rfq.training.config import TrainSettings
 
-MODES = ("coupled", "float", "lsq")
+MODES = ("coupled", "float", "lsq", "hotswap")  # hotswap: rfq.methods.hotswap
 
 
 @dataclass
@@ -24,6 +24,7 @@ class CandidateSettings:
     # searched config's "retrained" baseline); the model keeps the candidate sets of ``bits``
     lsq_config: Optional[dict] = None
     lsq_grad_scale: bool = False
+    wavelet: bool = True  # mode "hotswap": the wavelet path at 1-3 bits (False: the ablation)
 
     def check(self):
         if self.mode not in MODES:
@@ -41,6 +42,10 @@ class CandidateSettings:
                     raise ValueError(f"lsq_config[{name!r}] must be [w, a], got {pair!r}")
 
     def quant_config(self) -> QuantConfig:
+        if self.mode == "hotswap":
+            from rfq.methods.hotswap import hotswap_config
+
+            return hotswap_config(tuple(self.bits))
         if self.mode == "lsq" and self.lsq_config is None:
             b = (self.lsq_bits,)
             return QuantConfig(bits=b, act_bits=b, depthwise_bits=b,
@@ -84,4 +89,4 @@ class TrainConfig(CandidateSettings, CoupledLossSettings, SchedulerSettings, Tra
     """Every setting of a main-method run (also the float and LSQ-alone baselines)."""
 
     SHAPE_KEYS = ("mode", "model", "dataset", "bits", "act_bits", "depthwise_bits", "lsq_bits",
-                  "lsq_config", "seed", "batch_size", "train_limit")
+                  "lsq_config", "wavelet", "seed", "batch_size", "train_limit")

@@ -36,7 +36,11 @@ def build_run_model(cfg: TrainConfig, dataset: Dataset) -> nn.Module:
     """The model of a run: built, loaded from ``init_from`` (float weights), quantized (and set
     to ``lsq_config`` when it trains one mixed config alone)."""
     model = build_float_model(cfg, dataset)
-    if cfg.mode != "float":
+    if cfg.mode == "hotswap":
+        from rfq.methods.hotswap import hotswap_
+
+        hotswap_(model, tuple(cfg.bits), cfg.wavelet)
+    elif cfg.mode != "float":
         quantize_(model, cfg.quant_config())
         if cfg.lsq_config is not None:
             set_fixed_config(model, cfg.lsq_config)
@@ -159,6 +163,10 @@ class CoupledTrainer(Trainer):
             cfg[name] = (w, a)
         return cfg
 
+    def step_configs(self) -> list[dict]:
+        """The configs of one step's random passes (drawn on the host, in order)."""
+        return [self.sample_config() for _ in range(self.cfg.n_random)]
+
     def min_weight_bit(self, name: str, layer: QuantLayer) -> int:
         return min(self.scheduler.w_sets[name]) if self.scheduler else min(layer.w_bits)
 
@@ -174,7 +182,7 @@ class CoupledTrainer(Trainer):
         set_bits(model, "max")
         # the random configs are drawn first (same host draws, same order) so that the max pass
         # keeps only the teacher features some later pass compares against
-        configs = [self.sample_config() for _ in range(cfg.n_random)]
+        configs = self.step_configs()
         layers = mixed_layers(model)
         if self.tap:
             self.tap.mode = "teacher"

@@ -1,0 +1,82 @@
+"""Hot-swap training step (issue 14: the wavelet path must not make a step slow): ResNet-20 at
+28x28, batch 128, channels_last, fp32, denormals flushed; one sandwich step = the 8-bit pass and
+three passes at fixed bits 1, 2 and 5 (two on the wavelet path, one direct), KD, masked update,
+EMA, against
+- the same 4 forward+backward passes of the float model plus one SGD step (like E1a),
+- the identical step with plain-PyTorch quantizers (rfq.reference's twin of coupled_quant, the
+  Haar transform being plain PyTorch in both),
+- the identical step with the wavelet path off (direct LSQ at 1 and 2 bits too): the ratio is
+  what the band path costs (a fused Haar-band op is due if that exceeds 10 % of the step).
+"""
+
+import os
+import shutil
+import tempfile
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from rfq.models import build_model
+from rfq.nn.modules import use_reference_quantizer
+from rfq.methods.hotswap.trainer import HotSwapTrainer
+from rfq.methods.rfq import TrainConfig
+from rfq.runtime import flush_denormals
+
+from bench_method import synthetic_dataset
+
+SMOKE = bool(os.environ.get("RFQ_BENCH_SMOKE"))
+BATCH = 16 if SMOKE else 128
+BITS = [8, 7, 6, 5, 4, 3, 2, 1]
+GROUP = f"ResNet-20 hot-swap training step, batch {BATCH} (4 passes: 8, 1, 2, 5 bits)"
+
+
+def make_trainer(wavelet: bool):
+    from rfq.cli.demo import SHIPPED_FLOAT
+
+    tmp = tempfile.mkdtemp(prefix="rfq-bench-hs-")
+    cfg = TrainConfig(mode="hotswap", bits=BITS, depthwise_bits=BITS, wavelet=wavelet,
+                      model="resnet20", dataset="synthetic", epochs=1, steps_per_epoch=10**6,
+                      batch_size=BATCH, checkpoint_every=10**9, idm=False, scheduler=False,
+                      init_from=str(SHIPPED_FLOAT))
+    tr = HotSwapTrainer(cfg, tmp, dataset=synthetic_dataset(), progress=False)
+    tr.step_configs = lambda: [tr.uniform(b) for b in (1, 2, 5)]
+    return tr, tmp
+
+
+@pytest.fixture(scope="module")
+def trainers():
+    made = {w: make_trainer(w) for w in (True, False)}
+    yield {w: tr for w, (tr, _) in made.items()}
+    for tr, tmp in made.values():
+        tr.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.mark.parametrize("impl", ["rfq", "float model, 4 passes", "plain PyTorch quantizers",
+                                  "wavelet path off"])
+def bench_hotswap_step(benchmark, trainers, impl):
+    tr = trainers[impl != "wavelet path off"]
+    x, y = tr.stream.batch(0, 0)
+    benchmark.group = GROUP
+    benchmark.extra_info.update(role=impl, target="hot-swap step", floor="(reported)")
+    if impl == "float model, 4 passes":
+        torch.manual_seed(0)
+        model = build_model("resnet20").to(memory_format=torch.channels_last)
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True)
+
+        def step():
+            opt.zero_grad(set_to_none=True)
+            for _ in range(4):
+                F.cross_entropy(model(x), y).backward()
+            opt.step()
+    elif impl == "plain PyTorch quantizers":
+        def step():
+            with use_reference_quantizer():
+                tr.train_step(x, y)
+    else:
+        def step():
+            tr.train_step(x, y)
+    with flush_denormals():
+        step()
+        benchmark.pedantic(step, rounds=3 if SMOKE else 10, warmup_rounds=1 if SMOKE else 2)

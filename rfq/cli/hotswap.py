@@ -1,0 +1,92 @@
+"""`rfq hotswap train | eval`: one model trained once that switches every layer between 8 and 1
+bits at run time (rfq.methods.hotswap; inspired by One Model for All, arXiv 2105.01353).
+
+    python -m rfq hotswap train --init-from rfq/assets/resnet20-fmnist-float.pt --out runs/hotswap
+    python -m rfq hotswap eval --checkpoint runs/hotswap --bits 8,6,4,3,2,1
+
+``train`` is ``rfq train --profile hotswap`` (every setting of it can be given with --set);
+``eval`` reports the test top-1 at each bit-width with the BN copies as trained (no
+recalibration: the hot swap's claim), or recalibrated with --calib-images.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def _bits_list(text: str) -> list[int]:
+    try:
+        bits = [int(b) for b in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated bit-widths, got {text!r}")
+    return bits
+
+
+def cmd_train(args) -> int:
+    from rfq.cli.main import cmd_train as train
+
+    args.profile, args.mode, args.bits, args.lsq_bits, args.lsq_config = \
+        "hotswap", None, None, None, None
+    args.n_random, args.tensorboard, args.dataset = None, None, None
+    if args.no_wavelet:
+        args.set = list(args.set or []) + ["wavelet=False"]
+    return train(args)
+
+
+def cmd_eval(args) -> int:
+    import torch
+
+    from rfq import checkpoint as ckpt
+    from rfq.cli.pipeline import calibration_batches, evaluate_config, load_run
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        run = load_run(args.checkpoint, data_dir=args.data_dir)
+    except (ckpt.CheckpointError, FileNotFoundError, ValueError) as err:
+        raise SystemExit(f"rfq hotswap eval: {err}") from None
+    if run.cfg.mode != "hotswap":
+        raise SystemExit(f"rfq hotswap eval: {run.path} holds a {run.cfg.mode} run, not a "
+                         f"hot-swap one (train it with rfq hotswap train)")
+    bad = [b for b in args.bits if b not in run.cfg.bits]
+    if bad:
+        raise SystemExit(f"rfq hotswap eval: --bits {bad} are not bit-widths of this model "
+                         f"(it switches among {sorted(run.cfg.bits, reverse=True)})")
+    calib = calibration_batches(run, args.calib_images) if args.calib_images else []
+    how = f"BN recalibrated on {args.calib_images} images" if calib else "BN as trained"
+    print(f"{run.path}: wavelet path {'on' if run.cfg.wavelet else 'off'}; test top-1 ({how})")
+    results = {}
+    for b in args.bits:
+        config = {n: (b, b) for n in run.model.rfq_mixed}
+        results[b] = evaluate_config(run, config, calib)
+        print(f"  W{b}A{b}: {results[b] * 100:.2f} %")
+    return 0
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("hotswap", help="hot-swap bit-width 8..1 (One Model for All, inspired)")
+    hs = p.add_subparsers(dest="hotswap_command", required=True)
+    t = hs.add_parser("train", help="train one hot-swap model (rfq train --profile hotswap)")
+    t.add_argument("--out", required=True)
+    t.add_argument("--init-from", help="float checkpoint (default: none, train from scratch)")
+    t.add_argument("--no-wavelet", action="store_true",
+                   help="the direct LSQ path at every bit (the wavelet ablation)")
+    t.add_argument("--resume", action="store_true")
+    t.add_argument("--config", help="JSON or TOML file of settings")
+    t.add_argument("--set", action="append", metavar="KEY=VALUE")
+    for flag, kind in (("--model", str), ("--data-dir", str), ("--epochs", int),
+                       ("--steps-per-epoch", int), ("--train-limit", int),
+                       ("--batch-size", int), ("--lr", float), ("--seed", int),
+                       ("--device", str), ("--threads", int)):
+        t.add_argument(flag, type=kind)
+    t.add_argument("--no-progress", action="store_true")
+    t.set_defaults(func=cmd_train)
+    e = hs.add_parser("eval", help="test top-1 of a hot-swap model at each bit-width")
+    e.add_argument("--checkpoint", required=True)
+    e.add_argument("--bits", type=_bits_list, default=[8, 6, 5, 4, 3, 2, 1])
+    e.add_argument("--calib-images", type=int, default=0,
+                   help="recalibrate BN on this many training images first (default 0: as "
+                        "trained)")
+    e.add_argument("--data-dir")
+    e.add_argument("--threads", type=int)
+    e.set_defaults(func=cmd_eval)
