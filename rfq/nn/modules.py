@@ -273,6 +273,9 @@ class SwitchableBatchNorm2d(nn.Module):
         self.register_buffer("running_mean", bn.running_mean.detach().clone().repeat(grid))
         self.register_buffer("running_var", bn.running_var.detach().clone().repeat(grid))
         self.register_buffer("used", torch.zeros(n_w, n_a, dtype=torch.bool), persistent=False)
+        # the selected copy as a device index too: eval reads it, so a compiled model switches
+        # copies without recompiling (training indexes with the host ints: in-place updates)
+        self.register_buffer("flat_sel", torch.zeros(1, dtype=torch.long), persistent=False)
         self.wi = self.ai = 0
         self.batch_stats_only = False
         self.cumulative = False
@@ -280,14 +283,17 @@ class SwitchableBatchNorm2d(nn.Module):
         self._marked = None
 
     def select(self, i: int, j: int) -> None:
+        if (i, j) != (self.wi, self.ai):
+            self.flat_sel.fill_(i * self.weight.shape[1] + j)
         self.wi, self.ai = i, j
 
     def forward(self, x: Tensor) -> Tensor:
+        if not self.training:
+            pick = [t.flatten(0, 1).index_select(0, self.flat_sel).squeeze(0)
+                    for t in (self.running_mean, self.running_var, self.weight, self.bias)]
+            return F.batch_norm(x, *pick, False, 0.0, self.eps)
         i, j = self.wi, self.ai
         w, b = self.weight[i, j], self.bias[i, j]
-        if not self.training:
-            return F.batch_norm(x, self.running_mean[i, j], self.running_var[i, j], w, b, False,
-                                0.0, self.eps)
         if self.batch_stats_only:
             return F.batch_norm(x, None, None, w, b, True, 0.0, self.eps)
         if torch.is_grad_enabled() and self._marked != (i, j):
@@ -314,6 +320,7 @@ class SwitchableBatchNorm2d(nn.Module):
 
     def set_extra_state(self, state) -> None:
         self.wi, self.ai = state["wi"], state["ai"]
+        self.flat_sel.fill_(self.wi * self.weight.shape[1] + self.ai)
 
     def extra_repr(self) -> str:
         n_w, n_a, c = self.weight.shape

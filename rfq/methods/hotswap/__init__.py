@@ -10,7 +10,8 @@ path at 4..8 bits, the Haar wavelet path (each band its own step) at 3, 2 and 1.
 """
 
 from rfq.methods.hotswap.modules import (HOTSWAP_BITS, WAVELET_MAX_BITS, HotSwapConv2d,
-                                         HotSwapLinear, hotswap_, hotswap_config)
+                                         HotSwapLinear, freeze, hotswap_, hotswap_config,
+                                         unfreeze)
 
-__all__ = ["HOTSWAP_BITS", "WAVELET_MAX_BITS", "HotSwapConv2d", "HotSwapLinear", "hotswap_",
-           "hotswap_config"]
+__all__ = ["HOTSWAP_BITS", "WAVELET_MAX_BITS", "HotSwapConv2d", "HotSwapLinear", "freeze",
+           "hotswap_", "hotswap_config", "unfreeze"]

@@ -53,6 +53,7 @@ class _HotSwap:
         self.register_buffer("band_sel", torch.zeros((), dtype=torch.long), persistent=False)
         self.register_buffer("band_used", torch.zeros(len(self.band_steps), dtype=torch.bool),
                              persistent=False)
+        self.register_buffer("frozen", None, persistent=False)  # see freeze()
 
     def transform(self, w: Tensor) -> Tensor:
         return haar.forward_1d(w) if self.one_d else haar.forward_2d(w)
@@ -104,6 +105,30 @@ class _HotSwap:
             self.band_steps.clamp_(min=MIN_STEP)
 
     @torch.no_grad()
+    def freeze(self) -> None:
+        """Quantize the weight at every bit once and keep them stacked [K, ...]: in eval mode
+        the forward then picks its weight and its input step by the device selectors alone
+        (no host value), so a torch.compile'd model switches bits without recompiling. Call
+        again after the weights change; ``unfreeze`` drops them."""
+        keep = (self.w_bit, self.a_bit)
+        weights = []
+        for b in self.w_bits:
+            self.set_bits(b, None)
+            weights.append(self.quantized_weight().detach().clone())
+        self.set_bits(*keep)
+        self.frozen = torch.stack(weights)
+
+    def unfreeze(self) -> None:
+        self.frozen = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.frozen is None or self.training or not self.quant_enabled:
+            return super().forward(x)
+        if self.a_bits:
+            x = _quantizer[0](x, self.a_steps, self.a_bits, self.a_sel, self.a_signed, 1.0)
+        return self.compute(x, self.frozen.index_select(0, self.w_sel.view(1)).squeeze(0))
+
+    @torch.no_grad()
     def fill_weight_cache(self) -> None:
         weights = []
         for b in self.w_bits:
@@ -133,6 +158,22 @@ class HotSwapLinear(_HotSwap, QuantLinear):
         self._setup_wavelet(wavelet)
 
 
+def freeze(model: nn.Module) -> nn.Module:
+    """Every hot-swap layer's weights at every bit, kept (``_HotSwap.freeze``): for switching
+    bits in eval mode, compiled or not, without recompiling or reading a device value."""
+    for m in model.modules():
+        if isinstance(m, _HotSwap):
+            m.freeze()
+    return model
+
+
+def unfreeze(model: nn.Module) -> nn.Module:
+    for m in model.modules():
+        if isinstance(m, _HotSwap):
+            m.unfreeze()
+    return model
+
+
 def hotswap_config(bits=HOTSWAP_BITS) -> QuantConfig:
     """Every mixed layer (depthwise too) at candidates ``bits`` for weight and input; stem W8
     with the image unquantized and FC W8A8 (spec §B.2 item 1)."""
@@ -158,4 +199,4 @@ def hotswap_(model: nn.Module, bits=HOTSWAP_BITS, wavelet: bool = True) -> nn.Mo
 
 
 __all__ = ["HOTSWAP_BITS", "WAVELET_MAX_BITS", "HotSwapConv2d", "HotSwapLinear",
-           "band_steps_init", "hotswap_", "hotswap_config"]
+           "band_steps_init", "freeze", "hotswap_", "hotswap_config", "unfreeze"]

@@ -85,3 +85,30 @@ def test_a_layer_type_without_a_wavelet_rule_is_refused_whole():
     with pytest.raises(ValueError, match="'extra' is a ConvTranspose2d, which has no wavelet"):
         hotswap_(model)
     assert type(model.body1[0]) is torch.nn.Conv2d  # nothing was changed
+
+
+def test_switching_bits_under_compile_does_not_recompile():
+    """Frozen (every bit's weight kept), in eval mode the model reads only device selectors:
+    torch.compile(fullgraph=True) compiles once and matches eager at every bit."""
+    import torch._dynamo
+    from torch._dynamo.testing import CompileCounter
+
+    from rfq.methods.hotswap import freeze
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = hotswap_(build_model("smallcnn", 1, 10)).eval()
+    x = torch.randn(4, 1, 8, 8)
+    with torch.no_grad():
+        model(x)  # input steps from this batch
+        eager = {}
+        for b in (8, 5, 3, 2, 1):
+            model.set_bits(b)
+            eager[b] = model(x)
+        freeze(model)
+        counter = CompileCounter()
+        compiled = torch.compile(model, backend=counter, fullgraph=True)
+        for b in (8, 5, 3, 2, 1, 8):
+            model.set_bits(b)
+            torch.testing.assert_close(compiled(x), eager[b], rtol=1e-5, atol=1e-6)
+    assert counter.frame_count == 1
