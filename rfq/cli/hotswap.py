@@ -3,6 +3,7 @@ bits at run time (rfq.methods.hotswap; inspired by One Model for All, arXiv 2105
 
     python -m rfq hotswap train --init-from rfq/assets/resnet20-fmnist-float.pt --out runs/hotswap
     python -m rfq hotswap eval --checkpoint runs/hotswap --bits 8,6,4,3,2,1
+    python -m rfq hotswap export --checkpoint runs/hotswap --bits 2 --out runs/hs-w2.safetensors
 
 ``train`` is ``rfq train --profile hotswap`` (every setting of it can be given with --set);
 ``eval`` reports the test top-1 at each bit-width with the BN copies as trained (no
@@ -63,6 +64,32 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from rfq import checkpoint as ckpt
+    from rfq.cli.pipeline import load_run
+    from rfq.deploy import file_sizes
+    from rfq.methods.hotswap.deploy import export
+
+    try:
+        run = load_run(args.checkpoint, data_dir=args.data_dir)
+    except (ckpt.CheckpointError, FileNotFoundError, ValueError) as err:
+        raise SystemExit(f"rfq hotswap export: {err}") from None
+    if run.cfg.mode != "hotswap":
+        raise SystemExit(f"rfq hotswap export: {run.path} holds a {run.cfg.mode} run, not a "
+                         f"hot-swap one")
+    if args.bits not in run.cfg.bits:
+        raise SystemExit(f"rfq hotswap export: --bits {args.bits} is not a bit-width of this "
+                         f"model (it switches among {sorted(run.cfg.bits, reverse=True)})")
+    ds = run.dataset
+    arch = {"model": run.cfg.model, "in_channels": ds.in_channels, "classes": ds.classes,
+            "input_shape": [ds.in_channels, *ds.image_size]}
+    path = export(run.model, args.bits, args.out, arch, {"checkpoint": str(run.path)})
+    sizes = file_sizes(path)
+    print(f"exported W{args.bits}A{args.bits} to {path}: {sizes['file'] / 1024:.1f} KiB "
+          f"(fp32 {sizes['fp32'] / 1024:.1f} KiB)")
+    return 0
+
+
 def add_parser(sub) -> None:
     p = sub.add_parser("hotswap", help="hot-swap bit-width 8..1 (One Model for All, inspired)")
     hs = p.add_subparsers(dest="hotswap_command", required=True)
@@ -90,3 +117,9 @@ def add_parser(sub) -> None:
     e.add_argument("--data-dir")
     e.add_argument("--threads", type=int)
     e.set_defaults(func=cmd_eval)
+    x = hs.add_parser("export", help="one bit-width of a hot-swap model as a deploy file")
+    x.add_argument("--checkpoint", required=True)
+    x.add_argument("--bits", type=int, required=True)
+    x.add_argument("--out", required=True, help="the .safetensors file to write")
+    x.add_argument("--data-dir")
+    x.set_defaults(func=cmd_export)

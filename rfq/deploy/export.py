@@ -75,6 +75,8 @@ class LayerSpec:
     a_bit: int | None = None
     a_signed: bool = False
     a_step: Tensor | None = None
+    band_steps: Tensor | None = None  # "haar": codes are band codes [bands, ...]
+    one_d: bool = False  # "haar": 1-D Haar over C_out (depthwise) instead of 2-D
 
 
 def bn_after(model: nn.Module) -> dict[str, str]:
@@ -103,7 +105,8 @@ def pack_specs(model: nn.Module, specs: dict[str, LayerSpec]) -> tuple[dict[str,
             raise ValueError(f"rfq.deploy: layer {name}: code {spec.code!r} is not one of "
                              f"{fmt.CODE_CONVENTIONS}")
         n = layer.weight.shape[0]
-        codes = spec.codes.reshape(n, -1).to(torch.int8)
+        haar = spec.code == "haar"
+        codes = spec.codes.to(torch.int8) if haar else spec.codes.reshape(n, -1).to(torch.int8)
         fmt.check_codes(codes, spec.bits, f"layer {name}")
         scale, bias = spec.scale.float().reshape(-1), layer.bias
         bn_name = after.get(name) if is_conv else None
@@ -120,6 +123,9 @@ def pack_specs(model: nn.Module, specs: dict[str, LayerSpec]) -> tuple[dict[str,
         if is_conv:
             rec.update(stride=list(layer.stride), padding=list(layer.padding),
                        dilation=list(layer.dilation), groups=layer.groups)
+        if haar:
+            rec.update(codes_shape=list(codes.shape), one_d=spec.one_d)
+            tensors[f"{name}.band_steps"] = spec.band_steps.detach().float().reshape(-1).clone()
         records[name] = rec
         tensors[f"{name}.codes"] = fmt.pack_fields(codes, spec.bits)
         tensors[f"{name}.scale"] = scale.clone()
@@ -139,6 +145,15 @@ def pack_specs(model: nn.Module, specs: dict[str, LayerSpec]) -> tuple[dict[str,
 
 
 @torch.no_grad()
+def lsq_spec(layer) -> LayerSpec:
+    """A quantized layer (rfq.nn) at its current bits: its LSQ codes, step and input step."""
+    step = layer.w_steps.detach()[layer.w_index].reshape(1).float()
+    codes = ops.quantize_codes(layer.weight.detach().float(), step, layer.w_bit, True)
+    a_step = None if layer.a_bit is None else layer.a_steps.detach()[layer.a_index]
+    return LayerSpec(codes, layer.w_bit, step, "lsq", layer.a_bit, layer.a_signed, a_step)
+
+
+@torch.no_grad()
 def export_tensors(model: nn.Module, config=None) -> tuple[dict[str, Tensor], dict, dict]:
     """(tensors, layer records, config) of the deploy format for a quantized ``model`` at
     ``config`` (its current bits if None). The model is not modified."""
@@ -148,17 +163,20 @@ def export_tensors(model: nn.Module, config=None) -> tuple[dict[str, Tensor], di
     layers = quant_layers(model)
     if not layers:
         raise ValueError("rfq.deploy: the model has no quantized layer (call rfq.quantize_ first)")
-    specs = {}
-    for name, layer in layers:
-        step = layer.w_steps.detach()[layer.w_index].reshape(1).float()
-        codes = ops.quantize_codes(layer.weight.detach().float(), step, layer.w_bit, True)
-        a_step = None if layer.a_bit is None else layer.a_steps.detach()[layer.a_index]
-        specs[name] = LayerSpec(codes, layer.w_bit, step, "lsq", layer.a_bit, layer.a_signed,
-                                a_step)
+    specs = {name: lsq_spec(layer) for name, layer in layers}
     tensors, records = pack_specs(model, specs)
     mixed = set(getattr(model, "rfq_mixed", ()))
     used = {n: [m.w_bit, m.a_bit] for n, m in layers if n in mixed}
     return tensors, records, used
+
+
+def _haar_weight(rec: dict, codes: Tensor, band_steps: Tensor) -> Tensor:
+    """A "haar" layer's weight before its row scale: the inverse Haar of its scaled band codes."""
+    from rfq.methods.hotswap import haar
+
+    bands = codes.float() * band_steps.reshape(-1, *([1] * (codes.dim() - 1)))
+    inverse = haar.inverse_1d if rec.get("one_d") else haar.inverse_2d
+    return inverse(bands, rec["weight_shape"])
 
 
 def _layer_from_file(name: str, rec: dict, tensors: dict[str, Tensor]) -> PackedLayer:
@@ -166,8 +184,26 @@ def _layer_from_file(name: str, rec: dict, tensors: dict[str, Tensor]) -> Packed
     n, k = shape[0], 1
     for d in shape[1:]:
         k *= d
-    codes = fmt.unpack_fields(tensors[f"{name}.codes"], rec["bits"], n, k)
+    if rec["code"] == "haar":
+        cs = rec["codes_shape"]
+        numel = 1
+        for d in cs:
+            numel *= d
+        codes = fmt.unpack_fields(tensors[f"{name}.codes"], rec["bits"], 1, numel).reshape(cs)
+    else:
+        codes = fmt.unpack_fields(tensors[f"{name}.codes"], rec["bits"], n, k)
     fmt.check_codes(codes, rec["bits"], f"layer {name}")
+    if rec["code"] == "haar":
+        dense = _haar_weight(rec, codes, tensors[f"{name}.band_steps"])
+        scale = tensors[f"{name}.scale"]
+        dense = dense * scale.reshape(-1, *([1] * (dense.dim() - 1)))
+        conv = {key: tuple(rec[key]) if key != "groups" else rec[key]
+                for key in ("stride", "padding", "dilation", "groups")} \
+            if rec["kind"] == "conv" else {}
+        return PackedLayer.from_dense(rec["kind"], dense, codes, rec["bits"],
+                                      tensors.get(f"{name}.bias"), rec.get("a_bit"),
+                                      rec.get("a_signed", False), tensors.get(f"{name}.a_step"),
+                                      bn_name=rec.get("bn"), **conv)
     conv = {key: tuple(rec[key]) if key != "groups" else rec[key]
             for key in ("stride", "padding", "dilation", "groups")} if rec["kind"] == "conv" \
         else {}
@@ -353,6 +389,6 @@ def file_sizes(path: str | os.PathLike) -> dict:
             "fp32": fp32_weights + folded_bn + other}
 
 
-__all__ = ["export", "export_specs", "LayerSpec", "pack_specs", "bn_after", "load",
+__all__ = ["export", "export_specs", "LayerSpec", "lsq_spec", "pack_specs", "bn_after", "load",
            "to_packed", "export_tensors", "assemble", "file_sizes",
            "infer_arch", "keep_dense_weights", "DeployFormatError"]

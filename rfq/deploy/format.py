@@ -20,6 +20,9 @@ Tensors:
   <layer>.scale   float32 [1] (one LSQ step) or [N] (the step times the folded BN's gain per row)
   <layer>.bias    float32 [N] (present when "bias" is true)
   <layer>.a_step  float32 [1]: the input's LSQ step at a_bit (present when a_bit is not null)
+  <layer>.band_steps  float32 [bands] ("haar" layers: one step per Haar band; their codes are
+                  the bands' codes of shape record["codes_shape"] = [bands, ...], 2-D Haar over
+                  (C_out, C_in) with 4 bands or 1-D over C_out with 2, "one_d" tells which)
   float.<key>     every other parameter and buffer of the float architecture, float32
 
 The codes are stored densely (no per-row padding) so the file is ~params * container / 8 bytes;
@@ -41,8 +44,9 @@ from rfq.ops.layout import MAX_BITS, MIN_BITS, code_offset, container_bits, qran
 
 FORMAT = "rfq.packed"
 VERSION = 1
-# w = scale * q ("lsq"), w = scale * (q + 1/2) ("dorefa": 2^bits levels symmetric about 0)
-CODE_CONVENTIONS = ("lsq", "dorefa")
+# w = scale * q ("lsq"), w = scale * (q + 1/2) ("dorefa": 2^bits levels symmetric about 0),
+# w = scale * inverse Haar(band_steps * q) ("haar": q are Haar band codes, rfq.methods.hotswap)
+CODE_CONVENTIONS = ("lsq", "dorefa", "haar")
 
 
 class DeployFormatError(ValueError):
@@ -190,8 +194,19 @@ def check_layers(layers: dict, tensors: dict[str, Tensor], path) -> None:
         k = 1
         for d in shape[1:]:
             k *= d
-        expect = {"codes": (torch.uint8, [dense_bytes(n, k, bits)]),
+        numel = n * k
+        if rec["code"] == "haar":
+            cs = rec.get("codes_shape")
+            if not isinstance(cs, list) or not cs or cs[0] not in (2, 4):
+                raise DeployFormatError(f"{where}: a haar layer needs codes_shape [bands, ...], "
+                                        f"got {cs!r}")
+            numel = 1
+            for d in cs:
+                numel *= d
+        expect = {"codes": (torch.uint8, [-(-numel * container_bits(bits) // 8)]),
                   "scale": (torch.float32, [n] if rec.get("scale") == "row" else [1])}
+        if rec["code"] == "haar":
+            expect["band_steps"] = (torch.float32, [rec["codes_shape"][0]])
         if rec.get("bias"):
             expect["bias"] = (torch.float32, [n])
         if rec.get("a_bit") is not None:

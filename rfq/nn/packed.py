@@ -53,12 +53,30 @@ class PackedLayer(nn.Module):
         # per call there
         self.register_buffer("dense", None, persistent=False)
 
+    @classmethod
+    def from_dense(cls, kind: str, dense: Tensor, band_codes: Tensor, bits: int,
+                   bias: Tensor | None = None, a_bit: int | None = None, a_signed: bool = False,
+                   a_step: Tensor | None = None, stride=1, padding=0, dilation=1, groups=1,
+                   bn_name: str | None = None) -> "PackedLayer":
+        """A layer whose weight is not on one integer grid (hot-swap's Haar layers): it keeps
+        its band codes packed (what the file stores) and runs from ``dense``, the weight they
+        reconstruct, on every call."""
+        rows = band_codes.reshape(band_codes.shape[0] * band_codes.shape[1], -1)
+        layer = cls(kind, rows, bits, tuple(rows.shape), torch.ones(1), bias, a_bit, a_signed,
+                    a_step, stride, padding, dilation, groups, bn_name)
+        layer.code, layer.codes_shape = "haar", tuple(band_codes.shape)
+        layer.weight_shape = tuple(dense.shape)
+        layer.dense = dense.detach().float().contiguous()
+        return layer
+
     @torch.no_grad()
     def keep_dense(self, keep: bool = True) -> None:
         """Keep a dequantized fp32 copy of this conv's weight for the calls that run dense
         (grouped convs, many output positions: compute-bound), trading its fp32 bytes for the
         per-call dequantization there. Calls with few output positions still read the packed
         codes."""
+        if self.code == "haar":  # its only weight is the dense one
+            return
         self.dense = self.dequantized_weight().contiguous() if keep and self.is_conv else None
 
     @property
@@ -67,7 +85,11 @@ class PackedLayer(nn.Module):
         return self.a_bit is not None and not self.a_signed
 
     def codes(self) -> Tensor:
-        """The integer codes [N, K] (convs flattened)."""
+        """The integer codes [N, K] (convs flattened); a Haar layer's band codes."""
+        if self.code == "haar":
+            rows = self.codes_shape[0] * self.codes_shape[1]
+            flat = ops.unpack_weight(self.packed, self.w_bit, (rows, self._band_cols()))
+            return flat.reshape(self.codes_shape)
         n = self.weight_shape[0]
         return ops.unpack_weight(self.packed, self.w_bit, (n, self.packed_k()))
 
@@ -77,8 +99,16 @@ class PackedLayer(nn.Module):
             k *= d
         return k
 
+    def _band_cols(self) -> int:
+        cols = 1
+        for d in self.codes_shape[2:]:
+            cols *= d
+        return cols
+
     def dequantized_weight(self) -> Tensor:
         """fp32 weight of the logical shape (the folded BN gain included)."""
+        if self.code == "haar":
+            return self.dense
         w = ops.dequantize_weight(self.packed, self.scales, self.w_bit,
                                   (self.weight_shape[0], self.packed_k()), self.group_size,
                                   self.zeros)
@@ -86,6 +116,8 @@ class PackedLayer(nn.Module):
 
     def reads_packed(self, x: Tensor) -> bool:
         """Whether a call on ``x`` runs from the packed codes (else from a dense weight)."""
+        if self.code == "haar":
+            return False
         if not self.is_conv:
             return True
         kh, kw = self.weight_shape[2:]
@@ -100,6 +132,8 @@ class PackedLayer(nn.Module):
             x = ops.coupled_quant(x, self.a_step, self._a_bits, self.a_sel, self.a_signed)
         if self.dense is not None and not self.reads_packed(x):
             w = self.dense if self.dense.dtype == x.dtype else self.dense.to(x.dtype)
+            if not self.is_conv:
+                return F.linear(x, w, self.bias)
             return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation,
                             self.groups)
         if self.is_conv:

@@ -19,18 +19,20 @@ def read_codes(path: str) -> dict[str, np.ndarray]:
         layers = json.loads(meta["layers"])
         out = {}
         for name, rec in layers.items():
-            n = rec["weight_shape"][0]
-            k = int(np.prod(rec["weight_shape"][1:]))
+            # weight rows [N, K], or a Haar layer's band codes of their own shape
+            shape = rec.get("codes_shape") or [rec["weight_shape"][0],
+                                              int(np.prod(rec["weight_shape"][1:]))]
+            count = int(np.prod(shape))
             c = container_bits(rec["bits"])
             data = f.get_tensor(f"{name}.codes")
             if c == 8:
-                out[name] = data[: n * k].view(np.int8).reshape(n, k)
+                out[name] = data[:count].view(np.int8).reshape(shape)
                 continue
             per = 8 // c
             fields = (data[:, None] >> (np.arange(per, dtype=np.uint8) * c)) & ((1 << c) - 1)
             offset = {2: 2, 4: 8}[c]
-            out[name] = (fields.reshape(-1)[: n * k].astype(np.int16) - offset) \
-                .astype(np.int8).reshape(n, k)
+            out[name] = (fields.reshape(-1)[:count].astype(np.int16) - offset) \
+                .astype(np.int8).reshape(shape)
         return out
 
 

@@ -112,3 +112,47 @@ def test_switching_bits_under_compile_does_not_recompile():
             model.set_bits(b)
             torch.testing.assert_close(compiled(x), eager[b], rtol=1e-5, atol=1e-6)
     assert counter.frame_count == 1
+
+
+@pytest.mark.parametrize("name", ["resnet20", "mobilenetv2"])
+def test_every_bit_exports_and_the_loaded_model_matches(name, tmp_path):
+    """Wavelet layers store band codes, per-band steps and the convention; the model loaded from
+    the file equals the fake-quantized one at that bit (per layer on the same inputs)."""
+    import sys
+    from pathlib import Path
+
+    from rfq import deploy
+    from rfq.methods.hotswap.deploy import export
+    from rfq.nn import quant_layers
+    from rfq.nn.packed import PackedLayer
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "deploy"))
+    from deploy_cases import example_input
+    from independent_reader import read_codes
+    from test_export import assert_each_layer_matches
+
+    torch.manual_seed(0)
+    channels = 1 if name == "resnet20" else 3
+    model = hotswap_(build_model(name, channels, 10)).eval()
+    x = example_input(name, 2)
+    with torch.no_grad():
+        for b in (8, 3, 1):  # input steps at the bits the test exports
+            model.set_bits(b)
+            model(x)
+    for b in (8, 3, 1):
+        model.set_bits(b)
+        path = export(model, b, tmp_path / f"w{b}.safetensors")
+        loaded = deploy.load(path)
+        haar = [m for m in loaded.modules() if isinstance(m, PackedLayer) and m.code == "haar"]
+        assert (len(haar) == len(model.rfq_mixed)) == (b <= 3) and (b > 3) == (not haar)
+        stored = read_codes(str(path))
+        for n, m in loaded.named_modules():
+            if isinstance(m, PackedLayer):
+                assert torch.equal(torch.from_numpy(stored[n]), m.codes()), n
+        for m in haar:
+            assert m.codes().unique().numel() <= 2 ** b
+            if b == 1:
+                assert set(m.codes().unique().tolist()) <= {-1, 1}
+        assert_each_layer_matches(model, loaded, x)
+        assert len(quant_layers(model)) == sum(isinstance(m, PackedLayer)
+                                               for m in loaded.modules())

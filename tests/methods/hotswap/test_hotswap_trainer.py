@@ -102,6 +102,11 @@ def test_cli_train_and_eval(tmp_path, float_ckpt, capsys):
         assert main(["hotswap", "eval", "--checkpoint", str(out), "--bits", "8,3,1"]) == 0
         text = capsys.readouterr().out
         assert "W8A8:" in text and "W3A3:" in text and "W1A1:" in text
+        assert main(["hotswap", "export", "--checkpoint", str(out), "--bits", "2",
+                     "--out", str(tmp_path / "w2.safetensors")]) == 0
+        from rfq import deploy
+        loaded = deploy.load(tmp_path / "w2.safetensors")
+        assert any(getattr(m, "code", None) == "haar" for m in loaded.modules())
         with pytest.raises(SystemExit, match=r"--bits \[9\] are not bit-widths"):
             main(["hotswap", "eval", "--checkpoint", str(out), "--bits", "9"])
         with pytest.raises(SystemExit, match="not a hot-swap one"):
