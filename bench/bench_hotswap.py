@@ -6,7 +6,8 @@ EMA, against
 - the identical step with plain-PyTorch quantizers (rfq.reference's twin of coupled_quant, the
   Haar transform being plain PyTorch in both),
 - the identical step with the wavelet path off (direct LSQ at 1 and 2 bits too): the ratio is
-  what the band path costs (a fused Haar-band op is due if that exceeds 10 % of the step).
+  what the band path costs (a fused Haar-band op is due if that exceeds 10 % of the step),
+- the main method's coupled step (candidates {6..2}, 1 max + 3 random passes, IDM, scheduler).
 """
 
 import os
@@ -53,10 +54,25 @@ def trainers():
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+@pytest.fixture(scope="module")
+def coupled():
+    from rfq.cli.demo import SHIPPED_FLOAT
+    from rfq.methods.rfq import CoupledTrainer
+
+    tmp = tempfile.mkdtemp(prefix="rfq-bench-hs-coupled-")
+    cfg = TrainConfig(mode="coupled", model="resnet20", dataset="synthetic", epochs=1,
+                      steps_per_epoch=10**6, batch_size=BATCH, checkpoint_every=10**9,
+                      init_from=str(SHIPPED_FLOAT))
+    tr = CoupledTrainer(cfg, tmp, dataset=synthetic_dataset(), progress=False)
+    yield tr
+    tr.close()
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
 @pytest.mark.parametrize("impl", ["rfq", "float model, 4 passes", "plain PyTorch quantizers",
-                                  "wavelet path off"])
-def bench_hotswap_step(benchmark, trainers, impl):
-    tr = trainers[impl != "wavelet path off"]
+                                  "wavelet path off", "main method's coupled step"])
+def bench_hotswap_step(benchmark, trainers, coupled, impl):
+    tr = coupled if impl == "main method's coupled step" else trainers[impl != "wavelet path off"]
     x, y = tr.stream.batch(0, 0)
     benchmark.group = GROUP
     benchmark.extra_info.update(role=impl, target="hot-swap step", floor="(reported)")

@@ -3,8 +3,9 @@ table"): Fashion-MNIST ResNet-20 from the shipped float model, test top-1 agains
 
 Reads what the methods' results scripts wrote: a `rfq study` folder of the main method
 (uniform levels at A5 and the frontier search's size budgets; scripts/results_search.sh) and a
-folder of `rfq dfmpc` runs (scripts/results_dfmpc.sh). Prints the markdown table and writes the
-plot. Usage: python scripts/compare_methods.py STUDY_DIR DFMPC_DIR OUT.png
+folder of `rfq dfmpc` runs (scripts/results_dfmpc.sh), and optionally the folder of
+scripts/results_hotswap.sh (its *-eval.json files). Prints the markdown table and writes the
+plot. Usage: python scripts/compare_methods.py STUDY_DIR DFMPC_DIR OUT.png [HOTSWAP_DIR]
 """
 
 from __future__ import annotations
@@ -53,8 +54,28 @@ def rows_dfmpc(folder: Path) -> list[dict]:
     return rows
 
 
-def main(study: str, dfmpc: str, out_png: str) -> int:
+HOTSWAP = {"hotswap": "Hot-swap one model (inspired by One Model for All)",
+           "hotswap-direct": "Hot-swap one model, wavelet path off"}
+
+
+def rows_hotswap(folder: Path) -> list[dict]:
+    rows = []
+    for run, name in HOTSWAP.items():
+        path = folder / f"{run}-eval.json"
+        if not path.is_file():
+            continue
+        for r in json.loads(path.read_text())["rows"]:
+            rows.append({"method": name, "config": f"W{r['bits']}A{r['bits']}",
+                         "data": "training set", "size_kib": r["size_kib"],
+                         "top1": 100 * r["accuracy"], "spread": None,
+                         "acts": f"{r['bits']} bits"})
+    return rows
+
+
+def main(study: str, dfmpc: str, out_png: str, hotswap: str | None = None) -> int:
     rows = rows_rfq(Path(study)) + rows_dfmpc(Path(dfmpc))
+    if hotswap:
+        rows += rows_hotswap(Path(hotswap))
     floats = [r for r in rows if r["method"] == "float"]
     rows = [r for r in rows if r["method"] != "float"] + floats[:1]
     print("| method | config | data used | weight KiB | activations | test top-1 % |")
@@ -72,7 +93,8 @@ def main(study: str, dfmpc: str, out_png: str) -> int:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for method, marker in (("RFQ, coupled model, uniform", "o-"),
                            ("RFQ, coupled model, frontier search", "s"),
-                           ("DF-MPC's quantizers, uncompensated", "x--"), ("DF-MPC", "^-")):
+                           ("DF-MPC's quantizers, uncompensated", "x--"), ("DF-MPC", "^-"),
+                           (HOTSWAP["hotswap"], "D-"), (HOTSWAP["hotswap-direct"], "d:")):
         pts = sorted((r["size_kib"], r["top1"]) for r in rows if r["method"] == method)
         if pts:
             ax.plot(*zip(*pts), marker, label=method)

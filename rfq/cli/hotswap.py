@@ -38,7 +38,7 @@ def cmd_eval(args) -> int:
     import torch
 
     from rfq import checkpoint as ckpt
-    from rfq.cli.pipeline import calibration_batches, evaluate_config, load_run
+    from rfq.cli.pipeline import calibration_batches, evaluate_config, load_run, write_json
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -56,11 +56,17 @@ def cmd_eval(args) -> int:
     calib = calibration_batches(run, args.calib_images) if args.calib_images else []
     how = f"BN recalibrated on {args.calib_images} images" if calib else "BN as trained"
     print(f"{run.path}: wavelet path {'on' if run.cfg.wavelet else 'off'}; test top-1 ({how})")
-    results = {}
+    rows = []
     for b in args.bits:
         config = {n: (b, b) for n in run.model.rfq_mixed}
-        results[b] = evaluate_config(run, config, calib)
-        print(f"  W{b}A{b}: {results[b] * 100:.2f} %")
+        acc = evaluate_config(run, config, calib)
+        rows.append({"bits": b, "accuracy": acc, "size_kib": run.costs.size_kib(config),
+                     "bitops": run.costs.bitops(config)})
+        print(f"  W{b}A{b}: {acc * 100:.2f} %  ({rows[-1]['size_kib']:.1f} KiB)")
+    if args.json:
+        write_json(args.json, {"checkpoint": str(run.path), "wavelet": run.cfg.wavelet,
+                               "calib_images": args.calib_images, "train_seconds": run.wall,
+                               "rows": rows})
     return 0
 
 
@@ -116,6 +122,7 @@ def add_parser(sub) -> None:
                         "trained)")
     e.add_argument("--data-dir")
     e.add_argument("--threads", type=int)
+    e.add_argument("--json", help="also write the results here")
     e.set_defaults(func=cmd_eval)
     x = hs.add_parser("export", help="one bit-width of a hot-swap model as a deploy file")
     x.add_argument("--checkpoint", required=True)

@@ -99,9 +99,14 @@ def test_cli_train_and_eval(tmp_path, float_ckpt, capsys):
     orig = pipeline.load_run
     pipeline.load_run = lambda path, data_dir=None: orig(path, dataset=load_digits_dataset())
     try:
-        assert main(["hotswap", "eval", "--checkpoint", str(out), "--bits", "8,3,1"]) == 0
+        assert main(["hotswap", "eval", "--checkpoint", str(out), "--bits", "8,3,1",
+                     "--json", str(tmp_path / "e.json")]) == 0
         text = capsys.readouterr().out
         assert "W8A8:" in text and "W3A3:" in text and "W1A1:" in text
+        import json
+        rows = json.loads((tmp_path / "e.json").read_text())["rows"]
+        assert [r["bits"] for r in rows] == [8, 3, 1]
+        assert rows[0]["size_kib"] > rows[1]["size_kib"] > rows[2]["size_kib"]
         assert main(["hotswap", "export", "--checkpoint", str(out), "--bits", "2",
                      "--out", str(tmp_path / "w2.safetensors")]) == 0
         from rfq import deploy
