@@ -68,7 +68,7 @@ def rows_hotswap(folder: Path) -> list[dict]:
             rows.append({"method": name, "config": f"W{r['bits']}A{r['bits']}",
                          "data": "training set", "size_kib": r["size_kib"],
                          "top1": 100 * r["accuracy"], "spread": None,
-                         "acts": f"{r['bits']} bits"})
+                         "acts": f"{r['bits']} bit{'s' if r['bits'] > 1 else ''}"})
     return rows
 
 
