@@ -15,16 +15,13 @@ import shutil
 import tempfile
 
 import pytest
-import torch
-import torch.nn.functional as F
 
-from rfq.models import build_model
 from rfq.nn.modules import use_reference_quantizer
 from rfq.methods.hotswap.trainer import HotSwapTrainer
 from rfq.methods.rfq import TrainConfig
 from rfq.runtime import flush_denormals
 
-from bench_method import synthetic_dataset
+from bench_method import float_four_pass_step, synthetic_dataset, trainer  # noqa: F401
 
 SMOKE = bool(os.environ.get("RFQ_BENCH_SMOKE"))
 BATCH = 16 if SMOKE else 128
@@ -54,38 +51,16 @@ def trainers():
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-@pytest.fixture(scope="module")
-def coupled():
-    from rfq.cli.demo import SHIPPED_FLOAT
-    from rfq.methods.rfq import CoupledTrainer
-
-    tmp = tempfile.mkdtemp(prefix="rfq-bench-hs-coupled-")
-    cfg = TrainConfig(mode="coupled", model="resnet20", dataset="synthetic", epochs=1,
-                      steps_per_epoch=10**6, batch_size=BATCH, checkpoint_every=10**9,
-                      init_from=str(SHIPPED_FLOAT))
-    tr = CoupledTrainer(cfg, tmp, dataset=synthetic_dataset(), progress=False)
-    yield tr
-    tr.close()
-    shutil.rmtree(tmp, ignore_errors=True)
-
-
 @pytest.mark.parametrize("impl", ["rfq", "float model, 4 passes", "plain PyTorch quantizers",
                                   "wavelet path off", "main method's coupled step"])
-def bench_hotswap_step(benchmark, trainers, coupled, impl):
-    tr = coupled if impl == "main method's coupled step" else trainers[impl != "wavelet path off"]
+def bench_hotswap_step(benchmark, trainers, trainer, impl):  # noqa: F811 (fixture)
+    # trainer: bench_method's coupled-step fixture (the main method's step)
+    tr = trainer if impl == "main method's coupled step" else trainers[impl != "wavelet path off"]
     x, y = tr.stream.batch(0, 0)
     benchmark.group = GROUP
     benchmark.extra_info.update(role=impl, target="hot-swap step", floor="(reported)")
     if impl == "float model, 4 passes":
-        torch.manual_seed(0)
-        model = build_model("resnet20").to(memory_format=torch.channels_last)
-        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True)
-
-        def step():
-            opt.zero_grad(set_to_none=True)
-            for _ in range(4):
-                F.cross_entropy(model(x), y).backward()
-            opt.step()
+        step = float_four_pass_step(x, y)
     elif impl == "plain PyTorch quantizers":
         def step():
             with use_reference_quantizer():

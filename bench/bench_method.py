@@ -64,21 +64,28 @@ def tag(benchmark, role, target, floor, group):
 GROUP_STEP = f"ResNet-20 training step, batch {BATCH} (4 passes)"
 
 
+def float_four_pass_step(x, y):
+    """The float ResNet-20's 4 forward+backward passes on (x, y) plus one SGD step: E1a's
+    baseline (and the hot-swap step's)."""
+    torch.manual_seed(0)
+    model = build_model("resnet20").to(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        for _ in range(4):
+            F.cross_entropy(model(x), y).backward()
+        opt.step()
+    return step
+
+
 @pytest.mark.parametrize("impl", ["rfq", "float model, 4 passes", "plain PyTorch quantizers"])
 def bench_training_step(benchmark, trainer, impl):
     x, y = trainer.stream.batch(0, 0)
     tag(benchmark, impl, "E1a (float) / E1b (plain quantizers)", "<=1.10x overhead / >=1.3x",
         GROUP_STEP)
     if impl == "float model, 4 passes":
-        torch.manual_seed(0)
-        model = build_model("resnet20").to(memory_format=torch.channels_last)
-        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True)
-
-        def step():
-            opt.zero_grad(set_to_none=True)
-            for _ in range(4):
-                F.cross_entropy(model(x), y).backward()
-            opt.step()
+        step = float_four_pass_step(x, y)
     elif impl == "rfq":
         def step():
             trainer.train_step(x, y)

@@ -45,10 +45,9 @@ def parse_pairs(text: str | None):
 
 
 def main(args) -> int:
-    import torch
-
     from rfq import checkpoint as ckpt
-    from rfq.cli.pipeline import load_run, test_batches, write_json
+    from rfq.cli.main import load_run_arg
+    from rfq.cli.pipeline import test_batches, write_json
     from rfq.deploy import file_sizes
     from rfq.methods.dfmpc import PairingError, compensate, export, quantize_uncompensated
     from rfq.runtime import flush_denormals
@@ -56,12 +55,7 @@ def main(args) -> int:
 
     low, high = parse_bits(args.bits)
     pairs = parse_pairs(args.pairs)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    try:
-        run = load_run(args.checkpoint, data_dir=args.data_dir)
-    except (ckpt.CheckpointError, FileNotFoundError, ValueError) as err:
-        raise SystemExit(f"rfq dfmpc: {err}") from None
+    run = load_run_arg(args)
     if run.costs is not None:
         raise SystemExit(f"rfq dfmpc: {run.path} holds a {run.cfg.mode} model; DF-MPC starts "
                          "from a float model (a float run's checkpoint or the shipped one)")

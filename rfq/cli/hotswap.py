@@ -34,21 +34,21 @@ def cmd_train(args) -> int:
     return train(args)
 
 
-def cmd_eval(args) -> int:
-    import torch
+def load_hotswap(args):
+    from rfq.cli.main import load_run_arg
 
-    from rfq import checkpoint as ckpt
-    from rfq.cli.pipeline import calibration_batches, evaluate_config, load_run, write_json
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    try:
-        run = load_run(args.checkpoint, data_dir=args.data_dir)
-    except (ckpt.CheckpointError, FileNotFoundError, ValueError) as err:
-        raise SystemExit(f"rfq hotswap eval: {err}") from None
+    run = load_run_arg(args)
     if run.cfg.mode != "hotswap":
-        raise SystemExit(f"rfq hotswap eval: {run.path} holds a {run.cfg.mode} run, not a "
-                         f"hot-swap one (train it with rfq hotswap train)")
+        raise SystemExit(f"rfq hotswap {args.hotswap_command}: {run.path} holds a "
+                         f"{run.cfg.mode} run, not a hot-swap one (train it with rfq hotswap "
+                         f"train)")
+    return run
+
+
+def cmd_eval(args) -> int:
+    from rfq.cli.pipeline import calibration_batches, evaluate_config, write_json
+
+    run = load_hotswap(args)
     bad = [b for b in args.bits if b not in run.cfg.bits]
     if bad:
         raise SystemExit(f"rfq hotswap eval: --bits {bad} are not bit-widths of this model "
@@ -71,18 +71,10 @@ def cmd_eval(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from rfq import checkpoint as ckpt
-    from rfq.cli.pipeline import load_run
     from rfq.deploy import file_sizes
     from rfq.methods.hotswap.deploy import export
 
-    try:
-        run = load_run(args.checkpoint, data_dir=args.data_dir)
-    except (ckpt.CheckpointError, FileNotFoundError, ValueError) as err:
-        raise SystemExit(f"rfq hotswap export: {err}") from None
-    if run.cfg.mode != "hotswap":
-        raise SystemExit(f"rfq hotswap export: {run.path} holds a {run.cfg.mode} run, not a "
-                         f"hot-swap one")
+    run = load_hotswap(args)
     if args.bits not in run.cfg.bits:
         raise SystemExit(f"rfq hotswap export: --bits {args.bits} is not a bit-width of this "
                          f"model (it switches among {sorted(run.cfg.bits, reverse=True)})")
@@ -129,4 +121,5 @@ def add_parser(sub) -> None:
     x.add_argument("--bits", type=int, required=True)
     x.add_argument("--out", required=True, help="the .safetensors file to write")
     x.add_argument("--data-dir")
+    x.add_argument("--threads", type=int)
     x.set_defaults(func=cmd_export)

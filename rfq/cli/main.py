@@ -168,7 +168,8 @@ def _parse_budgets(run, texts, metric):
     return out
 
 
-def _load(args):
+def load_run_arg(args):
+    """The run of --checkpoint (threads set first); a bad checkpoint exits with its message."""
     import torch
 
     from rfq import checkpoint as ckpt
@@ -185,7 +186,7 @@ def _load(args):
 def cmd_search(args) -> int:
     from rfq.cli.pipeline import format_table, pareto_plot, search_budgets, uniform_results, write_json
 
-    run = _load(args)
+    run = load_run_arg(args)
     if run.costs is None:
         raise SystemExit("rfq search: the checkpoint holds a float model: nothing to search")
     budgets = _parse_budgets(run, args.budget, args.metric)
@@ -319,7 +320,7 @@ def cmd_eval(args) -> int:
     from rfq.cost import format_bitops
     from rfq.cli.pipeline import calibration_batches, evaluate_config
 
-    run = _load(args)
+    run = load_run_arg(args)
     config = _config_arg(run, args)
     calib = calibration_batches(run, args.calib_images) if config is not None and \
         args.calib_images else []
@@ -336,7 +337,7 @@ def cmd_export(args) -> int:
     from rfq import deploy
     from rfq.cli.pipeline import export_config
 
-    run = _load(args)
+    run = load_run_arg(args)
     if run.costs is None:
         raise SystemExit(f"rfq export: {run.path} holds a float model: nothing to pack")
     config = _config_arg(run, args)
