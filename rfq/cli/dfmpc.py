@@ -49,7 +49,8 @@ def main(args) -> int:
     from rfq.cli.main import load_run_arg
     from rfq.cli.pipeline import test_batches, write_json
     from rfq.deploy import file_sizes
-    from rfq.methods.dfmpc import PairingError, compensate, export, quantize_uncompensated
+    from rfq.deploy.methods import export_dfmpc
+    from rfq.methods.dfmpc import PairingError, compensate, quantize_uncompensated
     from rfq.runtime import flush_denormals
     from rfq.training.metrics import evaluate
 
@@ -91,8 +92,8 @@ def main(args) -> int:
     ds = run.dataset
     arch = {"model": run.cfg.model, "in_channels": ds.in_channels, "classes": ds.classes,
             "input_shape": [ds.in_channels, *ds.image_size]}
-    packed = export(model, report, out / "model.safetensors", arch,
-                    {"checkpoint": str(run.path), "dataset": run.cfg.dataset})
+    packed = export_dfmpc(model, report, out / "model.safetensors", arch,
+                          {"checkpoint": str(run.path), "dataset": run.cfg.dataset})
     sizes = file_sizes(packed)
     result["deploy_file_kib"] = sizes["file"] / 1024
     write_json(out / "report.json", result)

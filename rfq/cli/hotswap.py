@@ -72,7 +72,7 @@ def cmd_eval(args) -> int:
 
 def cmd_export(args) -> int:
     from rfq.deploy import file_sizes
-    from rfq.methods.hotswap.deploy import export
+    from rfq.deploy.methods import export_hotswap
 
     run = load_hotswap(args)
     if args.bits not in run.cfg.bits:
@@ -81,7 +81,7 @@ def cmd_export(args) -> int:
     ds = run.dataset
     arch = {"model": run.cfg.model, "in_channels": ds.in_channels, "classes": ds.classes,
             "input_shape": [ds.in_channels, *ds.image_size]}
-    path = export(run.model, args.bits, args.out, arch, {"checkpoint": str(run.path)})
+    path = export_hotswap(run.model, args.bits, args.out, arch, {"checkpoint": str(run.path)})
     sizes = file_sizes(path)
     print(f"exported W{args.bits}A{args.bits} to {path}: {sizes['file'] / 1024:.1f} KiB "
           f"(fp32 {sizes['fp32'] / 1024:.1f} KiB)")

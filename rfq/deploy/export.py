@@ -153,6 +153,18 @@ def lsq_spec(layer) -> LayerSpec:
     return LayerSpec(codes, layer.w_bit, step, "lsq", layer.a_bit, layer.a_signed, a_step)
 
 
+def layer_spec(layer) -> LayerSpec:
+    """Any quantized layer at its current bits: a hot-swap layer's own spec (band codes on its
+    wavelet path), else LSQ."""
+    from rfq.methods.hotswap.modules import _HotSwap
+
+    if isinstance(layer, _HotSwap):
+        from rfq.deploy.methods import hotswap_spec
+
+        return hotswap_spec(layer)
+    return lsq_spec(layer)
+
+
 @torch.no_grad()
 def export_tensors(model: nn.Module, config=None) -> tuple[dict[str, Tensor], dict, dict]:
     """(tensors, layer records, config) of the deploy format for a quantized ``model`` at
@@ -163,7 +175,7 @@ def export_tensors(model: nn.Module, config=None) -> tuple[dict[str, Tensor], di
     layers = quant_layers(model)
     if not layers:
         raise ValueError("rfq.deploy: the model has no quantized layer (call rfq.quantize_ first)")
-    specs = {name: lsq_spec(layer) for name, layer in layers}
+    specs = {name: layer_spec(layer) for name, layer in layers}
     tensors, records = pack_specs(model, specs)
     mixed = set(getattr(model, "rfq_mixed", ()))
     used = {n: [m.w_bit, m.a_bit] for n, m in layers if n in mixed}
@@ -389,6 +401,7 @@ def file_sizes(path: str | os.PathLike) -> dict:
             "fp32": fp32_weights + folded_bn + other}
 
 
-__all__ = ["export", "export_specs", "LayerSpec", "lsq_spec", "pack_specs", "bn_after", "load",
+__all__ = ["export", "export_specs", "LayerSpec", "layer_spec", "lsq_spec", "pack_specs",
+           "bn_after", "load",
            "to_packed", "export_tensors", "assemble", "file_sizes",
            "infer_arch", "keep_dense_weights", "DeployFormatError"]

@@ -8,16 +8,14 @@ per-channel compensation into the BatchNorm between the pair.
     pairing.py     which convs may pair (never across a residual add, concat or shared tensor)
     compensate.py  quantizers per layer, the closed form, folding, the report
     repair.py      the compensation applied to a coupled model's mixed config
-    deploy.py      the compensated model as a deploy file (rfq.deploy's format)
 """
 
 from rfq.methods.dfmpc.compensate import (LayerCodes, PairReport, Report, closed_form_c,
                                           compensate, pair_c, quantize_uncompensated,
                                           quantize_weight)
-from rfq.methods.dfmpc.deploy import export
 from rfq.methods.dfmpc.pairing import (FOLD_BN, FOLD_NEXT, Pair, PairingError, check_pairs,
                                        find_pairs)
 
 __all__ = ["FOLD_BN", "FOLD_NEXT", "LayerCodes", "Pair", "PairReport", "PairingError", "Report",
-           "check_pairs", "closed_form_c", "compensate", "export", "find_pairs", "pair_c",
+           "check_pairs", "closed_form_c", "compensate", "find_pairs", "pair_c",
            "quantize_uncompensated", "quantize_weight"]

@@ -7,6 +7,7 @@ path at 4..8 bits, the Haar wavelet path (each band its own step) at 3, 2 and 1.
     haar.py     the orthonormal Haar transform over channel axes, the Haar-domain conv
     modules.py  HotSwapConv2d / HotSwapLinear and ``hotswap_(model)``
     trainer.py  the sandwich-rule step on the main method's coupled step and the shared trainer
+(a bit-width's deploy file: rfq.deploy.methods.export_hotswap, or rfq export)
 """
 
 from rfq.methods.hotswap.modules import (HOTSWAP_BITS, WAVELET_MAX_BITS, HotSwapConv2d,

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from rfq import deploy
-from rfq.methods.dfmpc import compensate, export
+from rfq.deploy.methods import export_dfmpc as export
+from rfq.methods.dfmpc import compensate
 from rfq.models import build_model
 from rfq.nn.packed import PackedLayer
 

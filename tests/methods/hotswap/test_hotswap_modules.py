@@ -122,7 +122,7 @@ def test_every_bit_exports_and_the_loaded_model_matches(name, tmp_path):
     from pathlib import Path
 
     from rfq import deploy
-    from rfq.methods.hotswap.deploy import export
+    from rfq.deploy.methods import export_hotswap as export
     from rfq.nn import quant_layers
     from rfq.nn.packed import PackedLayer
 

@@ -112,6 +112,14 @@ def test_cli_train_and_eval(tmp_path, float_ckpt, capsys):
         from rfq import deploy
         loaded = deploy.load(tmp_path / "w2.safetensors")
         assert any(getattr(m, "code", None) == "haar" for m in loaded.modules())
+        # the generic `rfq export` (which also recalibrates BN) writes a hot-swap model's
+        # wavelet layers as the same band codes
+        assert main(["export", "--checkpoint", str(out), "--bits", "2", "--calib-images", "0",
+                     "--out", str(tmp_path / "g2.safetensors")]) == 0
+        generic = deploy.load(tmp_path / "g2.safetensors")
+        for (n, a), (_, b) in zip(loaded.named_modules(), generic.named_modules()):
+            if hasattr(a, "packed"):
+                assert a.code == b.code and torch.equal(a.codes(), b.codes()), n
         with pytest.raises(SystemExit, match=r"--bits \[9\] are not bit-widths"):
             main(["hotswap", "eval", "--checkpoint", str(out), "--bits", "9"])
         with pytest.raises(SystemExit, match="not a hot-swap one"):

@@ -1,0 +1,78 @@
+"""The seed methods' layers in the deploy format (the deploy layer calls the methods, never the
+other way round).
+
+- DF-MPC (``export_dfmpc``): each layer's own codes and scale; ternary as "lsq" 2-bit codes
+  -1/0/1 times alpha, DoReFa k-bit as "dorefa" (n in [0, 2^k - 1] stored as q = n - 2^(k-1),
+  w = (q + 1/2) * 2 max|W| / (2^k - 1)); a compensation kept in a layer itself as its per-row
+  scale; the compensated BNs folded. Weights only: DF-MPC leaves activations in float.
+- Hot-swap (``hotswap_spec``, used by ``export`` for any hot-swap layer, and
+  ``export_hotswap``): direct-path layers as LSQ codes, wavelet layers (3..1 bits) as their Haar
+  band codes with one step per band ("haar", flagged 1-D for depthwise convs).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from rfq import ops
+from rfq.deploy.export import LayerSpec, export_specs, lsq_spec
+from rfq.nn import quant_layers
+
+
+def dfmpc_spec(q) -> LayerSpec:
+    """A DF-MPC ``LayerCodes`` as a layer spec."""
+    if q.kind == "ternary":
+        codes, scale, code = q.codes.to(torch.int8), q.scale.reshape(1).float(), "lsq"
+    else:
+        levels = (1 << q.bits) - 1
+        codes = (q.codes.to(torch.int16) - (1 << (q.bits - 1))).to(torch.int8)
+        scale, code = (2 * q.scale / levels).reshape(1).float(), "dorefa"
+    if q.channel_scale is not None:
+        scale = scale * q.channel_scale.float()
+    return LayerSpec(codes.reshape(codes.shape[0], -1), q.bits, scale, code)
+
+
+def export_dfmpc(model: nn.Module, report, path: str | os.PathLike, arch: dict | None = None,
+                 extra: dict | None = None) -> Path:
+    """Write ``rfq.methods.dfmpc.compensate``'s model and report to a deploy file."""
+    specs = {name: dfmpc_spec(q) for name, q in report.layers.items()}
+    info = {"method": "dfmpc", "bits": f"{report.low_bits}/{report.high_bits}",
+            "lam1": report.lam1, "lam2": report.lam2, "rule": report.rule,
+            "compensated": report.compensated}
+    return export_specs(model, specs, path, arch, {**info, **(extra or {})})
+
+
+@torch.no_grad()
+def hotswap_spec(layer) -> LayerSpec:
+    """A hot-swap layer at its current bits: band codes on the wavelet path, else LSQ."""
+    if not layer.uses_wavelet:
+        return lsq_spec(layer)
+    bands = layer.transform(layer.weight.detach().float())
+    steps = layer.band_steps.detach()[layer.wavelet_bits.index(layer.w_bit)].float()
+    codes = torch.stack([ops.quantize_codes(band, steps[j].reshape(1), layer.w_bit, True)
+                         for j, band in enumerate(bands.unbind(0))])
+    a_step = None if layer.a_bit is None else layer.a_steps.detach()[layer.a_index]
+    return LayerSpec(codes, layer.w_bit, torch.ones(1), "haar", layer.a_bit, layer.a_signed,
+                     a_step, band_steps=steps, one_d=layer.one_d)
+
+
+def export_hotswap(model: nn.Module, bits: int, path: str | os.PathLike,
+                   arch: dict | None = None, extra: dict | None = None) -> Path:
+    """Write a hot-swap model (``rfq.methods.hotswap.hotswap_``) at uniform ``bits``; the model
+    is not changed."""
+    from rfq.deploy.export import layer_spec
+
+    model = copy.deepcopy(model).cpu().float().eval()
+    model.set_bits(bits)
+    specs = {name: layer_spec(layer) for name, layer in quant_layers(model)}
+    config = {n: [bits, bits] for n in model.rfq_mixed}
+    return export_specs(model, specs, path, arch, {"method": "hotswap", "bits": bits,
+                                                   **(extra or {})}, config=config)
+
+
+__all__ = ["dfmpc_spec", "export_dfmpc", "hotswap_spec", "export_hotswap"]
