@@ -14,5 +14,19 @@ from rfq.methods.hotswap.modules import (HOTSWAP_BITS, WAVELET_MAX_BITS, HotSwap
                                          HotSwapLinear, freeze, hotswap_, hotswap_config,
                                          unfreeze)
 
+
+
+def _build_run_model(model, cfg):
+    hotswap_(model, tuple(cfg.bits), cfg.wavelet)
+
+
+def _register() -> None:
+    from rfq.methods.rfq.trainer import RUN_MODEL_BUILDERS
+
+    RUN_MODEL_BUILDERS["hotswap"] = _build_run_model
+
+
+_register()
+
 __all__ = ["HOTSWAP_BITS", "WAVELET_MAX_BITS", "HotSwapConv2d", "HotSwapLinear", "freeze",
            "hotswap_", "hotswap_config", "unfreeze"]

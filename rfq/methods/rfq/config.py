@@ -42,10 +42,8 @@ class CandidateSettings:
                     raise ValueError(f"lsq_config[{name!r}] must be [w, a], got {pair!r}")
 
     def quant_config(self) -> QuantConfig:
-        if self.mode == "hotswap":
-            from rfq.methods.hotswap import hotswap_config
-
-            return hotswap_config(tuple(self.bits))
+        if self.mode == "hotswap":  # every mixed layer, depthwise too, at the same candidates
+            return QuantConfig(bits=tuple(self.bits), depthwise_bits=tuple(self.bits))
         if self.mode == "lsq" and self.lsq_config is None:
             b = (self.lsq_bits,)
             return QuantConfig(bits=b, act_bits=b, depthwise_bits=b,

@@ -17,6 +17,7 @@ step reads a device value except the logging at intervals.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import math
 
 import torch
@@ -32,14 +33,19 @@ from rfq.training import EMA, MaskedUpdate, Trainer, build_float_model, place_mo
 from rfq.training.metrics import accuracy
 
 
+OTHER_METHOD_MODES = ("hotswap",)  # modes whose model another method package builds
+RUN_MODEL_BUILDERS: dict = {}  # mode -> fn(float model, cfg) quantizing it in place
+
+
 def build_run_model(cfg: TrainConfig, dataset: Dataset) -> nn.Module:
     """The model of a run: built, loaded from ``init_from`` (float weights), quantized (and set
     to ``lsq_config`` when it trains one mixed config alone)."""
     model = build_float_model(cfg, dataset)
-    if cfg.mode == "hotswap":
-        from rfq.methods.hotswap import hotswap_
-
-        hotswap_(model, tuple(cfg.bits), cfg.wavelet)
+    if cfg.mode in OTHER_METHOD_MODES:
+        # another method's run (its package registers its builder when imported): loading a
+        # checkpoint needs no static import of the methods below this one
+        importlib.import_module(f"rfq.methods.{cfg.mode}")
+        RUN_MODEL_BUILDERS[cfg.mode](model, cfg)
     elif cfg.mode != "float":
         quantize_(model, cfg.quant_config())
         if cfg.lsq_config is not None:
