@@ -71,3 +71,31 @@ def bench_hotswap_step(benchmark, trainers, trainer, impl):  # noqa: F811 (fixtu
     with flush_denormals():
         step()
         benchmark.pedantic(step, rounds=3 if SMOKE else 10, warmup_rounds=1 if SMOKE else 2)
+
+
+GROUP_BANDS = "ResNet-20 weight quantizers of one pass, fwd+bwd (18 mixed layers)"
+
+
+@pytest.mark.parametrize("impl", ["rfq", "direct path at 4 bits"])
+def bench_band_path(benchmark, trainers, impl):
+    """The band path alone: every mixed layer's quantized weight at 2 bits (Haar, 4 band
+    quantizers, inverse; forward and backward) against the direct path at 4 bits. Twice the
+    difference (two wavelet passes per step) over the step's time is the band path's share."""
+    from rfq.nn import mixed_layers
+
+    model = trainers[True].model
+    layers = [m for _, m in mixed_layers(model)]
+    bits = 2 if impl == "rfq" else 4
+    benchmark.group = GROUP_BANDS
+    benchmark.extra_info.update(role=impl, target="hot-swap band path", floor="(reported)")
+
+    def run():
+        for m in layers:
+            m.set_bits(bits, bits)
+        total = sum(m.quantized_weight().sum() for m in layers)
+        total.backward()
+    try:
+        benchmark.pedantic(run, rounds=5 if SMOKE else 30, warmup_rounds=2)
+    finally:
+        model.set_bits(8)
+        model.zero_grad(set_to_none=True)
