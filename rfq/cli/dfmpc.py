@@ -47,7 +47,7 @@ def parse_pairs(text: str | None):
 def main(args) -> int:
     from rfq import checkpoint as ckpt
     from rfq.cli.main import load_run_arg
-    from rfq.cli.pipeline import test_batches, write_json
+    from rfq.cli.pipeline import run_arch, test_batches, write_json
     from rfq.deploy import file_sizes
     from rfq.deploy.methods import export_dfmpc
     from rfq.methods.dfmpc import PairingError, compensate, quantize_uncompensated
@@ -89,10 +89,7 @@ def main(args) -> int:
                       "model": model.state_dict(), "codes": codes,
                       "dfmpc": {k: v for k, v in result.items() if k != "layers"}},
                      out / "model.pt")
-    ds = run.dataset
-    arch = {"model": run.cfg.model, "in_channels": ds.in_channels, "classes": ds.classes,
-            "input_shape": [ds.in_channels, *ds.image_size]}
-    packed = export_dfmpc(model, report, out / "model.safetensors", arch,
+    packed = export_dfmpc(model, report, out / "model.safetensors", run_arch(run),
                           {"checkpoint": str(run.path), "dataset": run.cfg.dataset})
     sizes = file_sizes(packed)
     result["deploy_file_kib"] = sizes["file"] / 1024

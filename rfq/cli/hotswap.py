@@ -58,7 +58,7 @@ def cmd_eval(args) -> int:
     print(f"{run.path}: wavelet path {'on' if run.cfg.wavelet else 'off'}; test top-1 ({how})")
     rows = []
     for b in args.bits:
-        config = {n: (b, b) for n in run.model.rfq_mixed}
+        config = run.costs.uniform(run.model, b)
         acc = evaluate_config(run, config, calib)
         rows.append({"bits": b, "accuracy": acc, "size_kib": run.costs.size_kib(config),
                      "bitops": run.costs.bitops(config)})
@@ -71,6 +71,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_export(args) -> int:
+    from rfq.cli.pipeline import run_arch
     from rfq.deploy import file_sizes
     from rfq.deploy.methods import export_hotswap
 
@@ -78,10 +79,8 @@ def cmd_export(args) -> int:
     if args.bits not in run.cfg.bits:
         raise SystemExit(f"rfq hotswap export: --bits {args.bits} is not a bit-width of this "
                          f"model (it switches among {sorted(run.cfg.bits, reverse=True)})")
-    ds = run.dataset
-    arch = {"model": run.cfg.model, "in_channels": ds.in_channels, "classes": ds.classes,
-            "input_shape": [ds.in_channels, *ds.image_size]}
-    path = export_hotswap(run.model, args.bits, args.out, arch, {"checkpoint": str(run.path)})
+    path = export_hotswap(run.model, args.bits, args.out, run_arch(run),
+                          {"checkpoint": str(run.path)})
     sizes = file_sizes(path)
     print(f"exported W{args.bits}A{args.bits} to {path}: {sizes['file'] / 1024:.1f} KiB "
           f"(fp32 {sizes['fp32'] / 1024:.1f} KiB)")

@@ -275,6 +275,13 @@ __all__ = ["LoadedRun", "load_run", "evaluate_config", "search_budgets", "unifor
            "format_table", "pareto_plot", "budget_levels", "calibration_batches", "score_batches"]
 
 
+def run_arch(run: LoadedRun) -> dict:
+    """A deploy file's ``arch``: build_model's arguments and the dataset's input shape."""
+    ds = run.dataset
+    return {"model": run.cfg.model, "in_channels": ds.in_channels, "classes": ds.classes,
+            "input_shape": [ds.in_channels, *ds.image_size]}
+
+
 def export_config(run: LoadedRun, config, path: str | Path, calib_images: int,
                   source: str) -> Path:
     """Write ``config`` of the one model as a deploy file (rfq.deploy), with BN recalibrated on
@@ -286,12 +293,10 @@ def export_config(run: LoadedRun, config, path: str | Path, calib_images: int,
     with flush_denormals():
         recalibrate_bn(model, calibration_batches(run, calib_images))
     ds = run.dataset
-    arch = {"model": run.cfg.model, "in_channels": ds.in_channels, "classes": ds.classes,
-            "input_shape": [ds.in_channels, *ds.image_size]}
     extra = {"checkpoint": str(run.path), "dataset": run.cfg.dataset,
              "calib_images": calib_images, "config_from": source,
              "normalize": {"mean": ds.mean, "std": ds.std}}
-    return deploy.export(model, path, arch=arch, extra=extra)
+    return deploy.export(model, path, arch=run_arch(run), extra=extra)
 
 
 def deployed_accuracy(run: LoadedRun, path: str | Path, split: str = "test",

@@ -21,12 +21,8 @@ import time
 import torch
 from torch import nn
 
+from rfq.nn import replace_module
 from rfq.nn.packed import PackedLayer
-
-
-def _swap(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, new)
 
 
 @torch.no_grad()
@@ -49,7 +45,7 @@ def float_twin(deployed: nn.Module, skeleton: nn.Module, fold_bn: bool = False) 
             continue
         if fold_bn:
             mod.bias = nn.Parameter(bias)
-            _swap(twin, layer.bn_name, nn.Identity())
+            replace_module(twin, layer.bn_name, nn.Identity())
         else:
             bn = modules[layer.bn_name]
             bn.weight.fill_(1.0)
@@ -170,10 +166,6 @@ def per_layer(deployed: nn.Module, twin: nn.Module, x: torch.Tensor, reps: int =
     return rows
 
 
-__all__ = ["float_twin", "resident_bytes", "without_act_quant", "compare", "profiled_share", "ratio",
-           "per_layer"]
-
-
 def bench_file(path, batches=(1, 64), rounds: int = 3, reps: int = 20, dense: str = "auto",
                layers: bool = False) -> dict:
     """Sizes and speed of a deploy file against its fp32 twin (and the BN-folded twin), plus
@@ -243,4 +235,5 @@ def format_report(report: dict) -> str:
     return "\n".join(lines)
 
 
-__all__ += ["bench_file", "format_report"]
+__all__ = ["float_twin", "resident_bytes", "without_act_quant", "compare", "profiled_share",
+           "ratio", "per_layer", "bench_file", "format_report"]

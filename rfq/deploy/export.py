@@ -11,6 +11,7 @@ layer's function up to float rounding. Other BNs keep their (recalibrated) stati
 from __future__ import annotations
 
 import copy
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,8 @@ from torch import Tensor, nn
 from rfq import ops
 from rfq.deploy import format as fmt
 from rfq.deploy.format import DeployFormatError
-from rfq.nn import QuantConv2d, SwitchableBatchNorm2d, quant_layers, set_bits
+from rfq.nn import (QuantConv2d, QuantLinear, SwitchableBatchNorm2d, quant_layers,
+                    replace_module, set_bits)
 from rfq.nn.packed import PackedLayer
 
 
@@ -42,11 +44,6 @@ def _plain_bn(sbn: SwitchableBatchNorm2d) -> nn.BatchNorm2d:
                             (gamma, beta, mean, var)):
             dst.copy_(src)
     return bn
-
-
-def _swap(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, new)
 
 
 def infer_arch(model: nn.Module) -> dict | None:
@@ -136,7 +133,7 @@ def pack_specs(model: nn.Module, specs: dict[str, LayerSpec]) -> tuple[dict[str,
     replaced = set(records) | folded
     for name, m in list(model.named_modules()):
         if isinstance(m, SwitchableBatchNorm2d) and name not in folded:
-            _swap(model, name, _plain_bn(m))
+            replace_module(model, name, _plain_bn(m))
     for key, value in model.state_dict().items():
         if not any(key.startswith(p + ".") for p in replaced) and \
                 not key.endswith("_extra_state"):
@@ -193,32 +190,22 @@ def _haar_weight(rec: dict, codes: Tensor, band_steps: Tensor) -> Tensor:
 
 def _layer_from_file(name: str, rec: dict, tensors: dict[str, Tensor]) -> PackedLayer:
     shape = rec["weight_shape"]
-    n, k = shape[0], 1
-    for d in shape[1:]:
-        k *= d
-    if rec["code"] == "haar":
-        cs = rec["codes_shape"]
-        numel = 1
-        for d in cs:
-            numel *= d
-        codes = fmt.unpack_fields(tensors[f"{name}.codes"], rec["bits"], 1, numel).reshape(cs)
-    else:
-        codes = fmt.unpack_fields(tensors[f"{name}.codes"], rec["bits"], n, k)
+    # weight rows [N, K] (convs flattened), or a Haar layer's band codes of their own shape
+    codes_shape = rec.get("codes_shape") or [shape[0], math.prod(shape[1:])]
+    codes = fmt.unpack_fields(tensors[f"{name}.codes"], rec["bits"], 1,
+                              math.prod(codes_shape)).reshape(codes_shape)
     fmt.check_codes(codes, rec["bits"], f"layer {name}")
+    conv = {key: tuple(rec[key]) if key != "groups" else rec[key]
+            for key in ("stride", "padding", "dilation", "groups")} if rec["kind"] == "conv" \
+        else {}
     if rec["code"] == "haar":
         dense = _haar_weight(rec, codes, tensors[f"{name}.band_steps"])
         scale = tensors[f"{name}.scale"]
         dense = dense * scale.reshape(-1, *([1] * (dense.dim() - 1)))
-        conv = {key: tuple(rec[key]) if key != "groups" else rec[key]
-                for key in ("stride", "padding", "dilation", "groups")} \
-            if rec["kind"] == "conv" else {}
         return PackedLayer.from_dense(rec["kind"], dense, codes, rec["bits"],
                                       tensors.get(f"{name}.bias"), rec.get("a_bit"),
                                       rec.get("a_signed", False), tensors.get(f"{name}.a_step"),
                                       bn_name=rec.get("bn"), **conv)
-    conv = {key: tuple(rec[key]) if key != "groups" else rec[key]
-            for key in ("stride", "padding", "dilation", "groups")} if rec["kind"] == "conv" \
-        else {}
     return PackedLayer(rec["kind"], codes, rec["bits"], shape, tensors[f"{name}.scale"],
                        tensors.get(f"{name}.bias"), rec.get("a_bit"), rec.get("a_signed", False),
                        tensors.get(f"{name}.a_step"), bn_name=rec.get("bn"), code=rec["code"],
@@ -228,8 +215,7 @@ def _layer_from_file(name: str, rec: dict, tensors: dict[str, Tensor]) -> Packed
 def _layer_matches(module: nn.Module, rec: dict) -> str:
     """Why ``module`` (float or quantized) cannot hold the layer ``rec``, or ''."""
     is_conv = isinstance(module, (nn.Conv2d, QuantConv2d))
-    is_linear = isinstance(module, nn.Linear) or (hasattr(module, "in_features")
-                                                   and hasattr(module, "w_bits"))
+    is_linear = isinstance(module, (nn.Linear, QuantLinear))
     if rec["kind"] == "conv" and not is_conv or rec["kind"] == "linear" and not is_linear:
         return f"is a {type(module).__name__}, the file has a {rec['kind']}"
     if list(module.weight.shape) != rec["weight_shape"]:
@@ -266,12 +252,12 @@ def assemble(skeleton: nn.Module, records: dict, tensors: dict[str, Tensor],
     built = {name: _layer_from_file(name, rec, tensors) for name, rec in records.items()}
     model = copy.deepcopy(skeleton).cpu()
     for name, layer in built.items():
-        _swap(model, name, layer)
+        replace_module(model, name, layer)
         if records[name].get("bn") is not None:
-            _swap(model, records[name]["bn"], nn.Identity())
+            replace_module(model, records[name]["bn"], nn.Identity())
     for name, m in list(model.named_modules()):
         if isinstance(m, SwitchableBatchNorm2d):
-            _swap(model, name, nn.BatchNorm2d(m.num_features, eps=m.eps))
+            replace_module(model, name, nn.BatchNorm2d(m.num_features, eps=m.eps))
     leftovers = [n for n, m in model.named_modules() if hasattr(m, "w_bits")]
     if leftovers:
         raise DeployFormatError(f"{source} has no packed weights for the model's quantized "
@@ -383,9 +369,7 @@ def file_sizes(path: str | os.PathLike) -> dict:
     codes = sum(t.numel() for k, t in tensors.items() if k.endswith(".codes"))
     ideal = fp32_weights = folded_bn = 0
     for rec in meta["layers"].values():
-        numel = 1
-        for d in rec["weight_shape"]:
-            numel *= d
+        numel = math.prod(rec["weight_shape"])
         ideal += numel * rec["bits"] / 8
         fp32_weights += numel * 4
         if rec["bn"] is not None:  # gamma, beta, mean, var (+ the counter); no conv bias here
@@ -402,6 +386,5 @@ def file_sizes(path: str | os.PathLike) -> dict:
 
 
 __all__ = ["export", "export_specs", "LayerSpec", "layer_spec", "lsq_spec", "pack_specs",
-           "bn_after", "load",
-           "to_packed", "export_tensors", "assemble", "file_sizes",
+           "bn_after", "load", "to_packed", "export_tensors", "assemble", "file_sizes",
            "infer_arch", "keep_dense_weights", "DeployFormatError"]

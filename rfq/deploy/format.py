@@ -33,6 +33,7 @@ without changing the file.
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from pathlib import Path
@@ -191,19 +192,14 @@ def check_layers(layers: dict, tensors: dict[str, Tensor], path) -> None:
         if not isinstance(shape, list) or len(shape) != (4 if rec["kind"] == "conv" else 2):
             raise DeployFormatError(f"{where}: bad weight_shape {shape!r}")
         n = shape[0]
-        k = 1
-        for d in shape[1:]:
-            k *= d
-        numel = n * k
+        numel = math.prod(shape)
         if rec["code"] == "haar":
             cs = rec.get("codes_shape")
             if not isinstance(cs, list) or not cs or cs[0] not in (2, 4):
                 raise DeployFormatError(f"{where}: a haar layer needs codes_shape [bands, ...], "
                                         f"got {cs!r}")
-            numel = 1
-            for d in cs:
-                numel *= d
-        expect = {"codes": (torch.uint8, [-(-numel * container_bits(bits) // 8)]),
+            numel = math.prod(cs)
+        expect = {"codes": (torch.uint8, [dense_bytes(1, numel, bits)]),
                   "scale": (torch.float32, [n] if rec.get("scale") == "row" else [1])}
         if rec["code"] == "haar":
             expect["band_steps"] = (torch.float32, [rec["codes_shape"][0]])

@@ -8,9 +8,10 @@
 """
 
 from rfq.nn.convert import (BitConfig, QuantConfig, UntraceableModelWarning, current_config,
-                            mixed_layers, quant_layers, quantize_, resolve_config, set_bits)
+                            mixed_layers, quant_layers, quantize_, replace_module,
+                            resolve_config, set_bits)
 from rfq.nn.modules import QuantConv2d, QuantLayer, QuantLinear, SwitchableBatchNorm2d
 
 __all__ = ["BitConfig", "QuantConfig", "QuantConv2d", "QuantLayer", "QuantLinear",
            "SwitchableBatchNorm2d", "UntraceableModelWarning", "current_config", "mixed_layers",
-           "quant_layers", "quantize_", "resolve_config", "set_bits"]
+           "quant_layers", "quantize_", "replace_module", "resolve_config", "set_bits"]

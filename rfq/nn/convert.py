@@ -145,7 +145,8 @@ def _fallback_graph(model: nn.Module) -> _Graph:
     return _Graph(order, {n: False for n in order}, bn_after)
 
 
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put ``new`` where the submodule ``name`` (dotted) of ``model`` is."""
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
@@ -209,10 +210,10 @@ def quantize_(model: nn.Module, config: QuantConfig | None = None, *,
             bn_name = graph.bn_after.get(name)
             if bn_name is not None:
                 sbn = SwitchableBatchNorm2d(modules[bn_name], len(w_bits), len(a_bits))
-                _replace(model, bn_name, sbn)
+                replace_module(model, bn_name, sbn)
                 q._bn_ref.append(sbn)
         q.lsq_grad_scale = config.lsq_grad_scale
-        _replace(model, name, q)
+        replace_module(model, name, q)
     model.rfq_mixed = mixed  # names of the mixed layers, execution order
     # conv -> the BN that consumes only its output (every role): deploy folds these
     model.rfq_bn_after = {c: b for c, b in graph.bn_after.items() if c in graph.order}

@@ -4,6 +4,8 @@ LSQ fake quantization at the exported bits."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -88,22 +90,13 @@ class PackedLayer(nn.Module):
         """The integer codes [N, K] (convs flattened); a Haar layer's band codes."""
         if self.code == "haar":
             rows = self.codes_shape[0] * self.codes_shape[1]
-            flat = ops.unpack_weight(self.packed, self.w_bit, (rows, self._band_cols()))
+            flat = ops.unpack_weight(self.packed, self.w_bit, (rows, math.prod(self.codes_shape[2:])))
             return flat.reshape(self.codes_shape)
         n = self.weight_shape[0]
         return ops.unpack_weight(self.packed, self.w_bit, (n, self.packed_k()))
 
     def packed_k(self) -> int:
-        k = 1
-        for d in self.weight_shape[1:]:
-            k *= d
-        return k
-
-    def _band_cols(self) -> int:
-        cols = 1
-        for d in self.codes_shape[2:]:
-            cols *= d
-        return cols
+        return math.prod(self.weight_shape[1:])
 
     def dequantized_weight(self) -> Tensor:
         """fp32 weight of the logical shape (the folded BN gain included)."""

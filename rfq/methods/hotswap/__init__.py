@@ -15,7 +15,6 @@ from rfq.methods.hotswap.modules import (HOTSWAP_BITS, WAVELET_MAX_BITS, HotSwap
                                          unfreeze)
 
 
-
 def _build_run_model(model, cfg):
     hotswap_(model, tuple(cfg.bits), cfg.wavelet)
 

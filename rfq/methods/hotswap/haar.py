@@ -80,7 +80,7 @@ def channel_transform(x: Tensor, dim: int) -> Tensor:
     if x.shape[dim] % 2:
         pad = [0, 0] * (x.dim() - 1 - dim % x.dim()) + [0, 1]
         x = F.pad(x, pad)
-    a, b = x.narrow(dim, 0, x.shape[dim]).unflatten(dim, (-1, 2)).unbind(dim + 1)
+    a, b = x.unflatten(dim, (-1, 2)).unbind(dim + 1)
     r = 1 / math.sqrt(2)
     return torch.stack([(a + b) * r, (a - b) * r], dim + 1).flatten(dim, dim + 1)
 

@@ -110,13 +110,8 @@ class _HotSwap:
         the forward then picks its weight and its input step by the device selectors alone
         (no host value), so a torch.compile'd model switches bits without recompiling. Call
         again after the weights change; ``unfreeze`` drops them."""
-        keep = (self.w_bit, self.a_bit)
-        weights = []
-        for b in self.w_bits:
-            self.set_bits(b, None)
-            weights.append(self.quantized_weight().detach().clone())
-        self.set_bits(*keep)
-        self.frozen = torch.stack(weights)
+        self.fill_weight_cache()
+        self.frozen, self.weight_cache = torch.stack(self.weight_cache), None
 
     def unfreeze(self) -> None:
         self.frozen = None
@@ -130,12 +125,14 @@ class _HotSwap:
 
     @torch.no_grad()
     def fill_weight_cache(self) -> None:
-        weights = []
+        """Every bit's quantized weight, the wavelet bits through their bands (the base class's
+        one multi-bit call knows only the direct path)."""
+        self.weight_cache, weights = None, []
+        keep = self.w_bit
         for b in self.w_bits:
-            keep = (self.w_bit, self.a_bit)
             self.set_bits(b, None)
             weights.append(torch.empty_like(self.weight).copy_(self.quantized_weight()))
-            self.set_bits(*keep)
+        self.set_bits(keep, None)
         self.weight_cache = weights
 
     def extra_repr(self) -> str:

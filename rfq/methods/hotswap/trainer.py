@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from rfq.methods.rfq.trainer import CoupledTrainer
-from rfq.nn import mixed_layers
+from rfq.nn import resolve_config
 from rfq.training import MaskedUpdate
 
 
@@ -31,7 +31,7 @@ class HotSwapTrainer(CoupledTrainer):
         return self._coupled_passes(x, y)
 
     def uniform(self, bits: int) -> dict:
-        return {n: (bits, bits) for n, _ in mixed_layers(self.model)}
+        return resolve_config(self.model, bits)
 
     def step_configs(self) -> list[dict]:
         bits = sorted(self.cfg.bits)
