@@ -10,19 +10,9 @@ from rfq.methods.hotswap.trainer import HotSwapTrainer
 from rfq.methods.rfq import TrainConfig
 from rfq.nn import SwitchableBatchNorm2d
 
-from method_utils import DIGITS, train_float
+from method_utils import DIGITS
 
 BITS = [8, 7, 6, 5, 4, 3, 2, 1]
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_digits_dataset()
-
-
-@pytest.fixture(scope="module")
-def float_ckpt(tmp_path_factory, digits):
-    return train_float(tmp_path_factory.mktemp("hs-float"), digits)
 
 
 def hotswap_config(init_from, **kw) -> TrainConfig:

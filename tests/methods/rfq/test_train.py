@@ -8,7 +8,6 @@ import torch
 import torch.nn.functional as F
 
 from rfq import checkpoint as ckpt
-from rfq.data import load_digits_dataset
 from rfq.nn import SwitchableBatchNorm2d, mixed_layers, set_bits
 from rfq.nn.modules import QuantLayer
 from rfq.methods.rfq.search import recalibrate_bn
@@ -16,17 +15,7 @@ from rfq.training import EMA
 from rfq.methods.rfq import TrainConfig, CoupledTrainer as Trainer
 from rfq.methods.rfq.losses import qe_loss
 
-from method_utils import coupled_config, train_float
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_digits_dataset()
-
-
-@pytest.fixture(scope="module")
-def float_ckpt(tmp_path_factory, digits):
-    return train_float(tmp_path_factory.mktemp("float"), digits)
+from method_utils import coupled_config
 
 
 def batch_losses(model, batches, bits):
