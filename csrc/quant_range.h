@@ -6,6 +6,7 @@
 //   candidates   at most kMaxCandidates (K = 8) per quantizer, one step each
 //   range        signed b >= 2: [-2^(b-1), 2^(b-1) - 1]; unsigned: [0, 2^b - 1];
 //                signed 1-bit: binary, codes {-1, +1} by sign (no zero, not rint)
+//   CSQ planes   a csq_weight has N bit planes, N in kCsqMinPlanes..kCsqMaxPlanes (2..8)
 #pragma once
 
 #include <cstdint>
@@ -22,6 +23,8 @@ namespace rfq {
 constexpr int kMinBits = 1;
 constexpr int kMaxBits = 8;
 constexpr int kMaxCandidates = 8;
+constexpr int kCsqMinPlanes = 2;
+constexpr int kCsqMaxPlanes = 8;
 
 // Integer code range [qn, qp] of one candidate, as T: int64_t for codes, float for the kernels'
 // compares (every bound is exact in fp32). `binary`: signed 1-bit.

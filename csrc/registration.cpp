@@ -40,6 +40,13 @@ TORCH_LIBRARY(rfq, m) {
   m.def("pack_weight(Tensor codes, int bits) -> Tensor", pt2);
   // Exact inverse of pack_weight: int8 codes of the logical shape [N, K].
   m.def("unpack_weight(Tensor packed, int bits, int[] shape) -> Tensor", pt2);
+  // CSQ bit-level weight (spec methods_seeds.md §C.1): w = scale / (2^N - 1) * sum_i
+  // g(beta m_i) (g(beta p_i) - g(beta q_i)) 2^(N-1-i), g the sigmoid; p, q: [N, *shape] (plane i
+  // the i-th most significant bit), m: [N], scale and beta: one value each; fp32 or fp64 -> [*shape].
+  m.def("csq_weight(Tensor p, Tensor q, Tensor m, Tensor scale, Tensor beta) -> Tensor", pt2);
+  // One fused pass: (dp, dq, dm [N], dscale shaped like scale) of csq_weight; beta gets none.
+  m.def("csq_weight_backward(Tensor grad_w, Tensor p, Tensor q, Tensor m, Tensor scale, "
+        "Tensor beta) -> (Tensor, Tensor, Tensor, Tensor)", pt2);
   // y = x @ dequant(W)^T (+ bias), x [..., K] -> [..., N] in x's dtype, fp32 accumulation.
   // group_size 0: per-tensor LSQ, w = scales * q (scales: one fp32 value, zeros None);
   // group_size 32/64/128: w = (u - zeros) * scales per [N, ceil(K/g)] group, zeros defaulting to

@@ -242,3 +242,37 @@ def dorefa_quant(w: Tensor, bits: int) -> Tensor:
     levels = 2 ** bits - 1
     n = torch.clamp(torch.round(levels * (w / (2 * s) + 0.5)), 0, levels)
     return s * (2 * n / levels - 1)
+
+
+# ---- CSQ's bit-level weight (spec methods_seeds.md §C.1) ------------------------------------------
+
+
+def csq_plane_coefs(m: Tensor, scale: Tensor, beta: Tensor) -> Tensor:
+    """coef_i = (scale g(beta m_i)) 2^(N-1-i) / (2^N - 1), in m's dtype."""
+    n = m.shape[0]
+    place = torch.tensor([2.0 ** (n - 1 - i) / (2 ** n - 1) for i in range(n)],
+                         dtype=torch.float64).to(m.dtype)
+    return (scale.reshape(()) * torch.sigmoid(beta.reshape(()) * m)) * place
+
+
+def csq_weight(p: Tensor, q: Tensor, m: Tensor, scale: Tensor, beta: Tensor) -> Tensor:
+    """w = sum_i coef_i (g(beta p_i) - g(beta q_i)), summed in plane order; differentiable in
+    p, q, m and scale through autograd (the oracle of csq_weight and its backward)."""
+    coef = csq_plane_coefs(m, scale, beta)
+    b = beta.reshape(())
+    w = torch.zeros(p.shape[1:], dtype=p.dtype, device=p.device)
+    for i in range(p.shape[0]):
+        w = w + coef[i] * (torch.sigmoid(b * p[i]) - torch.sigmoid(b * q[i]))
+    return w
+
+
+def csq_codes(p: Tensor, q: Tensor, m: Tensor) -> Tensor:
+    """The hardened weight's integer codes (spec §C.1 "Export"): n = sum_i 1[m_i > 0]
+    (1[p_i > 0] - 1[q_i > 0]) 2^(N-1-i), int32; the weight is scale n / (2^N - 1)."""
+    n = p.shape[0]
+    codes = torch.zeros(p.shape[1:], dtype=torch.int32, device=p.device)
+    for i in range(n):
+        if bool(m[i] > 0):
+            digit = (p[i] > 0).to(torch.int32) - (q[i] > 0).to(torch.int32)
+            codes += digit * (1 << (n - 1 - i))
+    return codes

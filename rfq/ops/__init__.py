@@ -11,6 +11,7 @@ kernels' internals. Semantics: ../shared/spec/kernels.md §1-3; oracle: rfq/refe
     lsq.py       LSQ-family wrappers         packed.py    packed-weight wrappers, packed conv
     backend.py   GPU backend switch          triton_ops.py  torch.ops.rfq_triton (Triton kernels)
     weight_codes.py  DF-MPC's data-free ternary / DoReFa weight codes (plain PyTorch)
+    csq.py       CSQ's bit-level weight (csq_weight, fused forward and backward)
 
 Conventions shared by the LSQ family:
     x      fp32 / bf16 / fp16 tensor of any shape and strides
@@ -29,6 +30,7 @@ from rfq import _C  # noqa: F401  (registers the schemas and kernels)
 from rfq.ops import autograd, fakes  # noqa: F401,E402  (register fake kernels and autograd)
 from rfq.ops.backend import (GPU_BACKENDS, GPU_FAMILIES, get_gpu_backend,  # noqa: E402
                              gpu_backend, set_gpu_backend)
+from rfq.ops.csq import csq_weight  # noqa: E402
 from rfq.ops.layout import (MAX_CANDIDATES, code_offset, container_bits,  # noqa: E402
                             packed_row_bytes, qrange)
 from rfq.ops.lsq import (coupled_quant, coupled_quant_multi, quant_stats,  # noqa: E402
@@ -47,7 +49,7 @@ def cpu_capability() -> str:
 __all__ = [
     "set_gpu_backend", "get_gpu_backend", "gpu_backend", "GPU_BACKENDS", "GPU_FAMILIES",
     "pack_weight", "unpack_weight", "dequantize_weight", "packed_linear", "packed_conv2d",
-    "conv_reads_packed",    "packed_row_bytes", "container_bits", "code_offset", "qrange", "MAX_CANDIDATES",
+    "conv_reads_packed", "packed_row_bytes", "container_bits", "code_offset", "qrange", "MAX_CANDIDATES",
     "coupled_quant", "coupled_quant_multi", "quant_stats", "quantize_codes", "cpu_capability",
-    "ternary_codes", "dorefa_codes", "dequantize_ternary", "dequantize_dorefa",
+    "ternary_codes", "dorefa_codes", "dequantize_ternary", "dequantize_dorefa", "csq_weight",
 ]

@@ -49,6 +49,22 @@ torch.library.register_autograd(
 # quant_stats, quantize_codes, pack_weight, unpack_weight: non-differentiable (C++ fallthrough).
 
 
+def _csq_weight_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)  # p, q, m, scale, beta: no weight-sized intermediate
+
+
+def _csq_weight_backward(ctx, grad_w):
+    p, q, m, scale, beta = ctx.saved_tensors
+    dp, dq, dm, dscale = _ops.csq_weight_backward.default(grad_w.contiguous(), p, q, m, scale,
+                                                          beta)
+    return dp, dq, dm, dscale, None
+
+
+torch.library.register_autograd(
+    "rfq::csq_weight", _csq_weight_backward, setup_context=_csq_weight_setup
+)
+
+
 def _packed_linear_setup(ctx, inputs, output):
     x, packed, scales, zeros, bits, group_size, bias = inputs
     ctx.save_for_backward(packed, scales, zeros)

@@ -75,3 +75,22 @@ def _packed_linear_fake(x, packed, scales, zeros, bits, group_size, bias=None):
         others["bias"] = bias
     _check_devices("packed_linear", x, **others)
     return x.new_empty((*x.shape[:-1], packed.shape[0]))
+
+
+def _check_csq(op: str, p: Tensor, **others: Tensor) -> None:
+    for name, t in others.items():
+        if t.device != p.device:
+            raise RuntimeError(f"rfq.{op}: {name} must be on p's device ({p.device}), got {t.device}")
+
+
+@torch.library.register_fake("rfq::csq_weight")
+def _csq_weight_fake(p, q, m, scale, beta):
+    _check_csq("csq_weight", p, q=q, m=m, scale=scale, beta=beta)
+    return p.new_empty(p.shape[1:])
+
+
+@torch.library.register_fake("rfq::csq_weight_backward")
+def _csq_weight_backward_fake(grad_w, p, q, m, scale, beta):
+    _check_csq("csq_weight_backward", p, grad_w=grad_w, q=q, m=m, scale=scale, beta=beta)
+    return p.new_empty(p.shape), p.new_empty(p.shape), m.new_empty(m.shape), \
+        scale.new_empty(scale.shape)

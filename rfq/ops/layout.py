@@ -9,6 +9,7 @@ from __future__ import annotations
 
 MIN_BITS, MAX_BITS = 1, 8  # every candidate bit-width lies in MIN_BITS..MAX_BITS
 MAX_CANDIDATES = 8  # K: candidate bit-widths per quantizer (one step each)
+CSQ_MIN_PLANES, CSQ_MAX_PLANES = 2, 8  # N: bit planes of a CSQ weight (csq_weight)
 
 BLOCK_K = 128  # packed rows are runs of 128-element K-blocks (one g128 group each)
 ROW_ALIGN = 64  # packed rows are padded to 64 bytes

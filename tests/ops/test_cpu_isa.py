@@ -57,6 +57,17 @@ CHECK = textwrap.dedent(
             want = ref.packed_linear(x, packed, scales, zeros, bits, 64)
             w = ref.dequantize_weight(packed, scales, bits, (37, 300), 64, zeros)
             assert_linear_close(y, want, x, w)
+    for dtype in (torch.float32, torch.float64):  # CSQ: the vector sigmoid of every level
+        p, q = (torch.randn(6, 4_099, generator=g).to(dtype) for _ in range(2))
+        m, s, b = torch.randn(6).to(dtype), torch.tensor(0.4, dtype=dtype), torch.tensor(7.0, dtype=dtype)
+        tol = dict(rtol=1e-6, atol=1e-6) if dtype == torch.float32 else {}
+        torch.testing.assert_close(ops.csq_weight(p, q, m, s, b), ref.csq_weight(p, q, m, s, b), **tol)
+        gw = torch.randn(4_099, generator=g).to(dtype)
+        dp, dq, dm, ds = torch.ops.rfq.csq_weight_backward(gw, p, q, m, s, b)
+        leaves = [t.clone().requires_grad_(True) for t in (p, q, m, s)]
+        ref.csq_weight(*leaves, b).backward(gw)
+        for got, leaf in zip((dp, dq, dm, ds), leaves):
+            torch.testing.assert_close(got, leaf.grad, rtol=1e-5, atol=1e-6)
     print("ok")
     """
 )

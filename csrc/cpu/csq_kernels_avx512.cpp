@@ -1,0 +1,2 @@
+// CPU kernels compiled for the avx512 ISA level (flags: setup.py ISA_FLAGS).
+#include "cpu/csq_kernels_impl.h"

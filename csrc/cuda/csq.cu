@@ -1,0 +1,367 @@
+// CUDA implementations of the CSQ bit-level weight (spec methods_seeds.md §C.1): csq_weight and
+// csq_weight_backward. Same checks as the CPU wrappers (csq_checks.h), kernels on the current
+// stream, zero host syncs: m, scale and beta are read by the kernels.
+//
+// g is the sigmoid 1 / (1 + exp(-x)) (expf / exp, never __expf). Everything is computed in p's
+// dtype (fp32 or fp64) with explicit _rn arithmetic, so nvcc's FMA contraction cannot change the
+// evaluation order written below:
+//   coef_i = scale * g(beta m_i) * 2^(N-1-i) / L,  L = 2^N - 1
+//   w_e    = sum_i (i = 0..N-1 in order) coef_i * (g(beta p_ie) - g(beta q_ie))
+//   dp_ie  = gw_e * coef_i * beta * sp * (1 - sp),  dq_ie = -(gw_e * coef_i * beta * sq * (1 - sq))
+//   T_i    = sum_e gw_e * (sp - sq)   (fp64: the term is double(gw) * double(sp - sq))
+//   dm_i   = [beta * G_i * (1 - G_i) * 2^(N-1-i) * scale / L] * T_i   (bracket in p's dtype, the
+//            product in fp64, rounded once)
+//   dscale = sum_i [G_i * 2^(N-1-i) / L] * T_i   (fp64 sum in i order, rounded once)
+//
+// p and q are [N, E] planes (E = numel / N), read once per element and plane; each thread owns
+// the same element indices in every plane. Reductions: each block reduces whole tiles of kTile
+// elements into one fp64 partial per plane and tile (fixed-order warp/block trees); a one-block
+// finalize kernel sums the partials in tile order. No atomics, and the result depends on E only
+// (not on the grid). When the planes fit in one tile the main kernel finalizes itself: one launch.
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <tuple>
+
+#include "csq_checks.h"
+#include "cuda/common.cuh"
+#include "quant_range.h"
+
+namespace rfq::cuda {
+namespace {
+
+// ---- device arithmetic: correctly rounded, never contracted into an FMA ----------------------------
+__device__ __forceinline__ float rn_add(float a, float b) { return __fadd_rn(a, b); }
+__device__ __forceinline__ float rn_sub(float a, float b) { return __fsub_rn(a, b); }
+__device__ __forceinline__ float rn_mul(float a, float b) { return __fmul_rn(a, b); }
+__device__ __forceinline__ float rn_div(float a, float b) { return __fdiv_rn(a, b); }
+__device__ __forceinline__ double rn_add(double a, double b) { return __dadd_rn(a, b); }
+__device__ __forceinline__ double rn_sub(double a, double b) { return __dsub_rn(a, b); }
+__device__ __forceinline__ double rn_mul(double a, double b) { return __dmul_rn(a, b); }
+__device__ __forceinline__ double rn_div(double a, double b) { return __ddiv_rn(a, b); }
+
+// g(x) = 1 / (1 + exp(-x)): 0 for a large negative x (exp overflows to inf), 1 for a large one.
+__device__ __forceinline__ float sigmoid(float x) {
+  return __fdiv_rn(1.f, __fadd_rn(1.f, expf(-x)));
+}
+__device__ __forceinline__ double sigmoid(double x) {
+  return __ddiv_rn(1.0, __dadd_rn(1.0, exp(-x)));
+}
+
+// 2^(N-1-i), the weight of plane i (plane 0 is the most significant bit), and L = 2^N - 1.
+template <typename T>
+__device__ __forceinline__ T plane_weight(int n, int i) {
+  return static_cast<T>(int64_t{1} << (n - 1 - i));
+}
+template <typename T>
+__device__ __forceinline__ T levels(int n) {
+  return static_cast<T>((int64_t{1} << n) - 1);
+}
+
+// coef[i] = scale * g(beta m_i) * 2^(N-1-i) / L for i < n (registers: the loop over planes is
+// unrolled, so coef is never indexed at run time).
+template <typename T>
+__device__ __forceinline__ void plane_coefs(const T* __restrict__ m, int64_t m_stride, T scale,
+                                            T beta, int n, T (&coef)[kCsqMaxPlanes]) {
+  const T big_l = levels<T>(n);
+#pragma unroll
+  for (int i = 0; i < kCsqMaxPlanes; ++i) {
+    coef[i] = T(0);
+    if (i >= n) continue;
+    const T gate = sigmoid(rn_mul(beta, m[i * m_stride]));
+    coef[i] = rn_div(rn_mul(rn_mul(scale, gate), plane_weight<T>(n, i)), big_l);
+  }
+}
+
+// W elements of p starting at i (i a multiple of W), kept in T (fp64 must not pass through fp32);
+// elements at or past n read as 0. kVec: p is 16-byte aligned, so a full group is one 128-bit load.
+template <typename T, int W, bool kVec>
+__device__ __forceinline__ void load_vec(const T* __restrict__ p, int64_t i, int64_t n,
+                                         T (&out)[W]) {
+  if (kVec && i + W <= n) {
+    const Pack<T, W> pk = *reinterpret_cast<const Pack<T, W>*>(p + i);
+#pragma unroll
+    for (int e = 0; e < W; ++e) out[e] = pk.v[e];
+  } else {
+#pragma unroll
+    for (int e = 0; e < W; ++e) out[e] = i + e < n ? p[i + e] : T(0);
+  }
+}
+
+// Stores W values of T; elements at or past n are not written.
+template <typename T, int W, bool kVec>
+__device__ __forceinline__ void store_vec(T* __restrict__ p, int64_t i, int64_t n,
+                                          const T (&in)[W]) {
+  if (kVec && i + W <= n) {
+    Pack<T, W> pk;
+#pragma unroll
+    for (int e = 0; e < W; ++e) pk.v[e] = in[e];
+    *reinterpret_cast<Pack<T, W>*>(p + i) = pk;
+  } else {
+#pragma unroll
+    for (int e = 0; e < W; ++e) {
+      if (i + e < n) p[i + e] = in[e];
+    }
+  }
+}
+
+// Element index of group g of this thread in a tile (a warp's groups are contiguous).
+template <int W>
+__device__ __forceinline__ int64_t group_start(int64_t tile, int g) {
+  return tile * kTile + (static_cast<int64_t>(g) * kThreads + threadIdx.x) * W;
+}
+
+// dm[0..n) and dscale from the plane totals T_i (one thread): see the header comment.
+template <typename T>
+__device__ __forceinline__ void write_param_grads(const double* totals, int n,
+                                                  const T* __restrict__ m, int64_t m_stride,
+                                                  const T* __restrict__ scale_p,
+                                                  const T* __restrict__ beta_p,
+                                                  T* __restrict__ dm, T* __restrict__ dscale) {
+  const T beta = *beta_p, scale = *scale_p;
+  const T big_l = levels<T>(n);
+  double ds = 0.0;
+  for (int i = 0; i < n; ++i) {
+    const T gate = sigmoid(rn_mul(beta, m[i * m_stride]));
+    const T pw = plane_weight<T>(n, i);
+    const T dgate = rn_mul(rn_mul(beta, gate), rn_sub(T(1), gate));
+    const T fm = rn_div(rn_mul(rn_mul(dgate, pw), scale), big_l);
+    dm[i] = static_cast<T>(__dmul_rn(static_cast<double>(fm), totals[i]));
+    const T fs = rn_div(rn_mul(gate, pw), big_l);
+    ds = __dadd_rn(ds, __dmul_rn(static_cast<double>(fs), totals[i]));
+  }
+  *dscale = static_cast<T>(ds);
+}
+
+// ---- csq_weight: w[e] from N planes of p and q ---------------------------------------------------
+template <typename T, bool kVec>
+__global__ void __launch_bounds__(kThreads)
+    forward_kernel(const T* __restrict__ p, const T* __restrict__ q, T* __restrict__ w, int n,
+                   int64_t numel_e, const T* __restrict__ m, int64_t m_stride,
+                   const T* __restrict__ scale_p, const T* __restrict__ beta_p) {
+  constexpr int W = VecWidth<T>::value;
+  const T beta = *beta_p;
+  T coef[kCsqMaxPlanes];
+  plane_coefs(m, m_stride, *scale_p, beta, n, coef);
+  const int64_t tiles = (numel_e + kTile - 1) / kTile;
+  for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+#pragma unroll
+    for (int g = 0; g < kPerThread / W; ++g) {
+      const int64_t i = group_start<W>(tile, g);
+      if (i >= numel_e) break;
+      T acc[W];
+#pragma unroll
+      for (int e = 0; e < W; ++e) acc[e] = T(0);
+#pragma unroll
+      for (int j = 0; j < kCsqMaxPlanes; ++j) {
+        if (j >= n) continue;
+        T pv[W], qv[W];
+        load_vec<T, W, kVec>(p + j * numel_e, i, numel_e, pv);
+        load_vec<T, W, kVec>(q + j * numel_e, i, numel_e, qv);
+#pragma unroll
+        for (int e = 0; e < W; ++e) {
+          const T d = rn_sub(sigmoid(rn_mul(beta, pv[e])), sigmoid(rn_mul(beta, qv[e])));
+          acc[e] = rn_add(acc[e], rn_mul(coef[j], d));
+        }
+      }
+      store_vec<T, W, kVec>(w, i, numel_e, acc);
+    }
+  }
+}
+
+// ---- csq_weight_backward: dp, dq and the per-tile plane sums T_i ----------------------------------
+// partial: [n][tiles] fp64, or nullptr when there is at most one tile (then this single block
+// writes dm and dscale itself).
+template <typename T, bool kVec>
+__global__ void __launch_bounds__(kThreads)
+    backward_kernel(const T* __restrict__ gw, const T* __restrict__ p, const T* __restrict__ q,
+                    T* __restrict__ dp, T* __restrict__ dq, int n, int64_t numel_e,
+                    const T* __restrict__ m, int64_t m_stride, const T* __restrict__ scale_p,
+                    const T* __restrict__ beta_p, double* __restrict__ partial,
+                    T* __restrict__ dm, T* __restrict__ dscale) {
+  constexpr int W = VecWidth<T>::value;
+  __shared__ double smem[kCsqMaxPlanes * kWarps];
+  __shared__ double totals[kCsqMaxPlanes];
+  const T beta = *beta_p;
+  T coef[kCsqMaxPlanes];
+  plane_coefs(m, m_stride, *scale_p, beta, n, coef);
+  const int64_t tiles = (numel_e + kTile - 1) / kTile;
+  const bool finalize_here = partial == nullptr;  // host passes none when tiles <= 1
+  double only_tile = 0.0;  // thread j holds plane j's total
+  for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+    double acc[kCsqMaxPlanes];
+#pragma unroll
+    for (int j = 0; j < kCsqMaxPlanes; ++j) acc[j] = 0.0;
+#pragma unroll
+    for (int g = 0; g < kPerThread / W; ++g) {
+      const int64_t i = group_start<W>(tile, g);
+      if (i >= numel_e) break;
+      T gv[W];
+      load_vec<T, W, kVec>(gw, i, numel_e, gv);
+#pragma unroll
+      for (int j = 0; j < kCsqMaxPlanes; ++j) {
+        if (j >= n) continue;
+        T pv[W], qv[W], dpv[W], dqv[W];
+        load_vec<T, W, kVec>(p + j * numel_e, i, numel_e, pv);
+        load_vec<T, W, kVec>(q + j * numel_e, i, numel_e, qv);
+#pragma unroll
+        for (int e = 0; e < W; ++e) {
+          const T sp = sigmoid(rn_mul(beta, pv[e]));
+          const T sq = sigmoid(rn_mul(beta, qv[e]));
+          const T gcb = rn_mul(rn_mul(gv[e], coef[j]), beta);
+          dpv[e] = rn_mul(rn_mul(gcb, sp), rn_sub(T(1), sp));
+          dqv[e] = -rn_mul(rn_mul(gcb, sq), rn_sub(T(1), sq));
+          if (i + e < numel_e) {
+            const double term =
+                __dmul_rn(static_cast<double>(gv[e]), static_cast<double>(rn_sub(sp, sq)));
+            acc[j] = __dadd_rn(acc[j], term);
+          }
+        }
+        store_vec<T, W, kVec>(dp + j * numel_e, i, numel_e, dpv);
+        store_vec<T, W, kVec>(dq + j * numel_e, i, numel_e, dqv);
+      }
+    }
+    const double total = block_sum_each<double, kCsqMaxPlanes>(acc, n, smem);
+    if (static_cast<int>(threadIdx.x) < n) {
+      if (finalize_here) {
+        only_tile = total;
+      } else {
+        partial[threadIdx.x * tiles + tile] = total;
+      }
+    }
+  }
+  if (finalize_here) {  // uniform over the (single) block
+    if (static_cast<int>(threadIdx.x) < n) totals[threadIdx.x] = only_tile;
+    __syncthreads();
+    if (threadIdx.x == 0) write_param_grads(totals, n, m, m_stride, scale_p, beta_p, dm, dscale);
+  }
+}
+
+// T_i = sum of partial[i][0..tiles) in a fixed order (fp64), then dm and dscale.
+template <typename T>
+__global__ void __launch_bounds__(kFinalizeThreads)
+    finalize_kernel(const double* __restrict__ partial, int64_t tiles, int n,
+                    const T* __restrict__ m, int64_t m_stride, const T* __restrict__ scale_p,
+                    const T* __restrict__ beta_p, T* __restrict__ dm, T* __restrict__ dscale) {
+  __shared__ double smem[kCsqMaxPlanes * (kFinalizeThreads / 32)];
+  __shared__ double totals[kCsqMaxPlanes];
+  double acc[kCsqMaxPlanes];
+#pragma unroll
+  for (int j = 0; j < kCsqMaxPlanes; ++j) {
+    acc[j] = 0.0;
+    if (j >= n) continue;
+    for (int64_t t = threadIdx.x; t < tiles; t += blockDim.x) {
+      acc[j] = __dadd_rn(acc[j], partial[j * tiles + t]);
+    }
+  }
+  const double total = block_sum_each<double, kCsqMaxPlanes>(acc, n, smem);
+  if (static_cast<int>(threadIdx.x) < n) totals[threadIdx.x] = total;
+  __syncthreads();
+  if (threadIdx.x == 0) write_param_grads(totals, n, m, m_stride, scale_p, beta_p, dm, dscale);
+}
+
+// ---- host wrappers --------------------------------------------------------------------------------
+
+cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream(); }
+
+// fp32 or fp64 (check_csq_args has rejected every other dtype).
+template <typename F>
+void dispatch_csq_types(c10::ScalarType dtype, const F& fn) {
+  switch (dtype) {
+    case c10::ScalarType::Float: return fn(float{});
+    case c10::ScalarType::Double: return fn(double{});
+    default: TORCH_CHECK(false, "rfq: unsupported dtype ", dtype);  // the op wrappers check first
+  }
+}
+
+at::Tensor csq_weight(const at::Tensor& p, const at::Tensor& q, const at::Tensor& m,
+                      const at::Tensor& scale, const at::Tensor& beta) {
+  constexpr const char* op = "rfq.csq_weight";
+  check_csq_args(op, p, q, m, scale, beta);
+  const c10::cuda::CUDAGuard guard(p.device());
+  const at::Tensor pc = p.contiguous();
+  const at::Tensor qc = q.contiguous();
+  const int n = static_cast<int>(p.size(0));
+  const int64_t numel_e = p.numel() / n;
+  at::Tensor w = at::empty(p.sizes().slice(1), p.options());
+  if (numel_e == 0) return w;
+  dispatch_csq_types(p.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    constexpr int W = VecWidth<T>::value;
+    const T* pp = pc.const_data_ptr<T>();
+    const T* qp = qc.const_data_ptr<T>();
+    T* wp = w.mutable_data_ptr<T>();
+    // every plane p + j*E, q + j*E must be aligned too
+    const bool vec =
+        aligned_to(pp, 16) && aligned_to(qp, 16) && aligned_to(wp, 16) && numel_e % W == 0;
+    auto kernel = vec ? forward_kernel<T, true> : forward_kernel<T, false>;
+    kernel<<<grid_for(num_tiles(numel_e)), kThreads, 0, stream()>>>(
+        pp, qp, wp, n, numel_e, m.const_data_ptr<T>(), m.stride(0), scale.const_data_ptr<T>(),
+        beta.const_data_ptr<T>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return w;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> csq_weight_backward(
+    const at::Tensor& grad_w, const at::Tensor& p, const at::Tensor& q, const at::Tensor& m,
+    const at::Tensor& scale, const at::Tensor& beta) {
+  constexpr const char* op = "rfq.csq_weight_backward";
+  check_csq_args(op, p, q, m, scale, beta);
+  check_csq_grad(op, grad_w, p);
+  const c10::cuda::CUDAGuard guard(p.device());
+  const at::Tensor pc = p.contiguous();
+  const at::Tensor qc = q.contiguous();
+  const at::Tensor gc = grad_w.contiguous();
+  const int n = static_cast<int>(p.size(0));
+  const int64_t numel_e = p.numel() / n, tiles = num_tiles(numel_e);
+  at::Tensor dp = at::empty(p.sizes(), p.options());
+  at::Tensor dq = at::empty(p.sizes(), p.options());
+  at::Tensor dm = at::empty({n}, p.options());                 // every slot is written
+  at::Tensor dscale = at::empty(scale.sizes(), p.options());  // one value
+  // fp64 partials [n][tiles], only when there is more than one tile to combine. E == 0 still
+  // launches the main kernel once: it writes dm and dscale from T_i = 0.
+  at::Tensor partial;
+  if (tiles > 1) partial = at::empty({n * tiles}, p.options().dtype(at::kDouble));
+  dispatch_csq_types(p.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    constexpr int W = VecWidth<T>::value;
+    const T* gp = gc.const_data_ptr<T>();
+    const T* pp = pc.const_data_ptr<T>();
+    const T* qp = qc.const_data_ptr<T>();
+    T* dpp = dp.mutable_data_ptr<T>();
+    T* dqp = dq.mutable_data_ptr<T>();
+    const bool vec = aligned_to(gp, 16) && aligned_to(pp, 16) && aligned_to(qp, 16) &&
+                     aligned_to(dpp, 16) && aligned_to(dqp, 16) && numel_e % W == 0;
+    const T* mp = m.const_data_ptr<T>();
+    const T* sp = scale.const_data_ptr<T>();
+    const T* bp = beta.const_data_ptr<T>();
+    auto kernel = vec ? backward_kernel<T, true> : backward_kernel<T, false>;
+    kernel<<<grid_for(tiles), kThreads, 0, stream()>>>(
+        gp, pp, qp, dpp, dqp, n, numel_e, mp, m.stride(0), sp, bp,
+        partial.defined() ? partial.mutable_data_ptr<double>() : nullptr,
+        dm.mutable_data_ptr<T>(), dscale.mutable_data_ptr<T>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (partial.defined()) {
+      finalize_kernel<T><<<1, kFinalizeThreads, 0, stream()>>>(
+          partial.const_data_ptr<double>(), tiles, n, mp, m.stride(0), sp, bp,
+          dm.mutable_data_ptr<T>(), dscale.mutable_data_ptr<T>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  });
+  return {dp, dq, dm, dscale};
+}
+
+}  // namespace
+}  // namespace rfq::cuda
+
+TORCH_LIBRARY_IMPL(rfq, CUDA, m) {
+  m.impl("csq_weight", &rfq::cuda::csq_weight);
+  m.impl("csq_weight_backward", &rfq::cuda::csq_weight_backward);
+}
