@@ -2,16 +2,16 @@
 // csq_weight_backward. Same checks as the CPU wrappers (csq_checks.h), kernels on the current
 // stream, zero host syncs: m, scale and beta are read by the kernels.
 //
-// g is the sigmoid 1 / (1 + exp(-x)) (expf / exp, never __expf). Everything is computed in p's
-// dtype (fp32 or fp64) with explicit _rn arithmetic, so nvcc's FMA contraction cannot change the
-// evaluation order written below:
-//   coef_i = scale * g(beta m_i) * 2^(N-1-i) / L,  L = 2^N - 1
-//   w_e    = sum_i (i = 0..N-1 in order) coef_i * (g(beta p_ie) - g(beta q_ie))
-//   dp_ie  = gw_e * coef_i * beta * sp * (1 - sp),  dq_ie = -(gw_e * coef_i * beta * sq * (1 - sq))
-//   T_i    = sum_e gw_e * (sp - sq)   (fp64: the term is double(gw) * double(sp - sq))
-//   dm_i   = [beta * G_i * (1 - G_i) * 2^(N-1-i) * scale / L] * T_i   (bracket in p's dtype, the
-//            product in fp64, rounded once)
-//   dscale = sum_i [G_i * 2^(N-1-i) / L] * T_i   (fp64 sum in i order, rounded once)
+// g is the sigmoid 1 / (1 + exp(-x)) (expf / exp, never __expf). The elementwise math is in p's
+// dtype T (fp32 or fp64) with explicit _rn arithmetic, so nvcc's FMA contraction cannot change the
+// evaluation order, which is that of the CPU kernels (cpu/csq.cpp) and rfq/reference.py:
+//   G_i     = g(beta m_i),  place_i = T(2^(N-1-i) / L) (quotient in fp64),  L = 2^N - 1
+//   coef_i  = (scale G_i) place_i,  cb_i = coef_i beta
+//   w_e     = sum_i (i = 0..N-1 in order) coef_i (g(beta p_ie) - g(beta q_ie))
+//   dp_ie   = (gw_e cb_i) (sp (1 - sp)),  dq_ie = -((gw_e cb_i) (sq (1 - sq)))
+//   T_i     = sum_e gw_e (sp - sq)   (fp64: each term is double(gw) * double(sp - sq), exact)
+//   dm_i    = beta G_i (1 - G_i) place_i scale T_i   (fp64 from the T values, rounded once)
+//   dscale  = sum_i G_i place_i T_i                   (fp64 in i order, rounded once)
 //
 // p and q are [N, E] planes (E = numel / N), read once per element and plane; each thread owns
 // the same element indices in every plane. Reductions: each block reduces whole tiles of kTile
@@ -40,11 +40,9 @@ namespace {
 __device__ __forceinline__ float rn_add(float a, float b) { return __fadd_rn(a, b); }
 __device__ __forceinline__ float rn_sub(float a, float b) { return __fsub_rn(a, b); }
 __device__ __forceinline__ float rn_mul(float a, float b) { return __fmul_rn(a, b); }
-__device__ __forceinline__ float rn_div(float a, float b) { return __fdiv_rn(a, b); }
 __device__ __forceinline__ double rn_add(double a, double b) { return __dadd_rn(a, b); }
 __device__ __forceinline__ double rn_sub(double a, double b) { return __dsub_rn(a, b); }
 __device__ __forceinline__ double rn_mul(double a, double b) { return __dmul_rn(a, b); }
-__device__ __forceinline__ double rn_div(double a, double b) { return __ddiv_rn(a, b); }
 
 // g(x) = 1 / (1 + exp(-x)): 0 for a large negative x (exp overflows to inf), 1 for a large one.
 __device__ __forceinline__ float sigmoid(float x) {
@@ -54,29 +52,28 @@ __device__ __forceinline__ double sigmoid(double x) {
   return __ddiv_rn(1.0, __dadd_rn(1.0, exp(-x)));
 }
 
-// 2^(N-1-i), the weight of plane i (plane 0 is the most significant bit), and L = 2^N - 1.
+// place_i = 2^(N-1-i) / (2^N - 1) (plane 0 is the most significant bit): the quotient in fp64,
+// rounded once to T, as the reference's fp64 table cast to m's dtype.
 template <typename T>
-__device__ __forceinline__ T plane_weight(int n, int i) {
-  return static_cast<T>(int64_t{1} << (n - 1 - i));
-}
-template <typename T>
-__device__ __forceinline__ T levels(int n) {
-  return static_cast<T>((int64_t{1} << n) - 1);
+__device__ __forceinline__ T plane_place(int n, int i) {
+  const double levels = static_cast<double>((int64_t{1} << n) - 1);
+  return static_cast<T>(__ddiv_rn(static_cast<double>(int64_t{1} << (n - 1 - i)), levels));
 }
 
-// coef[i] = scale * g(beta m_i) * 2^(N-1-i) / L for i < n (registers: the loop over planes is
-// unrolled, so coef is never indexed at run time).
+// coef[i] = (scale g(beta m_i)) place_i and cb[i] = coef[i] beta for i < n, into shared memory
+// (the plane loops index them at run time; a register array would go to local memory). Ends with
+// a barrier.
 template <typename T>
 __device__ __forceinline__ void plane_coefs(const T* __restrict__ m, int64_t m_stride, T scale,
-                                            T beta, int n, T (&coef)[kCsqMaxPlanes]) {
-  const T big_l = levels<T>(n);
-#pragma unroll
-  for (int i = 0; i < kCsqMaxPlanes; ++i) {
-    coef[i] = T(0);
-    if (i >= n) continue;
+                                            T beta, int n, T* coef, T* cb) {
+  const int i = static_cast<int>(threadIdx.x);
+  if (i < n) {
     const T gate = sigmoid(rn_mul(beta, m[i * m_stride]));
-    coef[i] = rn_div(rn_mul(rn_mul(scale, gate), plane_weight<T>(n, i)), big_l);
+    const T c = rn_mul(rn_mul(scale, gate), plane_place<T>(n, i));
+    coef[i] = c;
+    if (cb != nullptr) cb[i] = rn_mul(c, beta);
   }
+  __syncthreads();
 }
 
 // W elements of p starting at i (i a multiple of W), kept in T (fp64 must not pass through fp32);
@@ -124,60 +121,71 @@ __device__ __forceinline__ void write_param_grads(const double* totals, int n,
                                                   const T* __restrict__ scale_p,
                                                   const T* __restrict__ beta_p,
                                                   T* __restrict__ dm, T* __restrict__ dscale) {
-  const T beta = *beta_p, scale = *scale_p;
-  const T big_l = levels<T>(n);
+  const T beta = *beta_p;
+  const double beta_d = static_cast<double>(beta), scale_d = static_cast<double>(*scale_p);
   double ds = 0.0;
   for (int i = 0; i < n; ++i) {
-    const T gate = sigmoid(rn_mul(beta, m[i * m_stride]));
-    const T pw = plane_weight<T>(n, i);
-    const T dgate = rn_mul(rn_mul(beta, gate), rn_sub(T(1), gate));
-    const T fm = rn_div(rn_mul(rn_mul(dgate, pw), scale), big_l);
-    dm[i] = static_cast<T>(__dmul_rn(static_cast<double>(fm), totals[i]));
-    const T fs = rn_div(rn_mul(gate, pw), big_l);
-    ds = __dadd_rn(ds, __dmul_rn(static_cast<double>(fs), totals[i]));
+    const double gate = static_cast<double>(sigmoid(rn_mul(beta, m[i * m_stride])));
+    const double place = static_cast<double>(plane_place<T>(n, i));
+    double v = __dmul_rn(__dmul_rn(beta_d, gate), __dsub_rn(1.0, gate));
+    v = __dmul_rn(__dmul_rn(__dmul_rn(v, place), scale_d), totals[i]);
+    dm[i] = static_cast<T>(v);
+    ds = __dadd_rn(ds, __dmul_rn(__dmul_rn(gate, place), totals[i]));
   }
   *dscale = static_cast<T>(ds);
 }
 
 // ---- csq_weight: w[e] from N planes of p and q ---------------------------------------------------
+// Planes outermost (not unrolled), this thread's kPerThread elements of the tile innermost: the
+// element accumulators stay in registers across planes and each plane's loads are independent.
 template <typename T, bool kVec>
 __global__ void __launch_bounds__(kThreads)
     forward_kernel(const T* __restrict__ p, const T* __restrict__ q, T* __restrict__ w, int n,
                    int64_t numel_e, const T* __restrict__ m, int64_t m_stride,
                    const T* __restrict__ scale_p, const T* __restrict__ beta_p) {
   constexpr int W = VecWidth<T>::value;
+  constexpr int kGroups = kPerThread / W;
+  __shared__ T coef[kCsqMaxPlanes];
   const T beta = *beta_p;
-  T coef[kCsqMaxPlanes];
-  plane_coefs(m, m_stride, *scale_p, beta, n, coef);
+  plane_coefs<T>(m, m_stride, *scale_p, beta, n, coef, nullptr);
   const int64_t tiles = (numel_e + kTile - 1) / kTile;
   for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+    T acc[kGroups][W];
 #pragma unroll
-    for (int g = 0; g < kPerThread / W; ++g) {
-      const int64_t i = group_start<W>(tile, g);
-      if (i >= numel_e) break;
-      T acc[W];
+    for (int g = 0; g < kGroups; ++g) {
 #pragma unroll
-      for (int e = 0; e < W; ++e) acc[e] = T(0);
+      for (int e = 0; e < W; ++e) acc[g][e] = T(0);
+    }
+#pragma unroll 1
+    for (int j = 0; j < n; ++j) {
+      const T c = coef[j];
+      const T* pj = p + j * numel_e;
+      const T* qj = q + j * numel_e;
 #pragma unroll
-      for (int j = 0; j < kCsqMaxPlanes; ++j) {
-        if (j >= n) continue;
+      for (int g = 0; g < kGroups; ++g) {
+        const int64_t i = group_start<W>(tile, g);
+        if (i >= numel_e) continue;
         T pv[W], qv[W];
-        load_vec<T, W, kVec>(p + j * numel_e, i, numel_e, pv);
-        load_vec<T, W, kVec>(q + j * numel_e, i, numel_e, qv);
+        load_vec<T, W, kVec>(pj, i, numel_e, pv);
+        load_vec<T, W, kVec>(qj, i, numel_e, qv);
 #pragma unroll
         for (int e = 0; e < W; ++e) {
           const T d = rn_sub(sigmoid(rn_mul(beta, pv[e])), sigmoid(rn_mul(beta, qv[e])));
-          acc[e] = rn_add(acc[e], rn_mul(coef[j], d));
+          acc[g][e] = rn_add(acc[g][e], rn_mul(c, d));
         }
       }
-      store_vec<T, W, kVec>(w, i, numel_e, acc);
+    }
+#pragma unroll
+    for (int g = 0; g < kGroups; ++g) {
+      const int64_t i = group_start<W>(tile, g);
+      if (i < numel_e) store_vec<T, W, kVec>(w, i, numel_e, acc[g]);
     }
   }
 }
 
 // ---- csq_weight_backward: dp, dq and the per-tile plane sums T_i ----------------------------------
 // partial: [n][tiles] fp64, or nullptr when there is at most one tile (then this single block
-// writes dm and dscale itself).
+// writes dm and dscale itself). grad_w is read once per tile and kept in registers for all planes.
 template <typename T, bool kVec>
 __global__ void __launch_bounds__(kThreads)
     backward_kernel(const T* __restrict__ gw, const T* __restrict__ p, const T* __restrict__ q,
@@ -186,45 +194,56 @@ __global__ void __launch_bounds__(kThreads)
                     const T* __restrict__ beta_p, double* __restrict__ partial,
                     T* __restrict__ dm, T* __restrict__ dscale) {
   constexpr int W = VecWidth<T>::value;
+  constexpr int kGroups = kPerThread / W;
+  __shared__ T coef[kCsqMaxPlanes], cbs[kCsqMaxPlanes];
   __shared__ double smem[kCsqMaxPlanes * kWarps];
   __shared__ double totals[kCsqMaxPlanes];
   const T beta = *beta_p;
-  T coef[kCsqMaxPlanes];
-  plane_coefs(m, m_stride, *scale_p, beta, n, coef);
+  plane_coefs<T>(m, m_stride, *scale_p, beta, n, coef, cbs);
   const int64_t tiles = (numel_e + kTile - 1) / kTile;
   const bool finalize_here = partial == nullptr;  // host passes none when tiles <= 1
   double only_tile = 0.0;  // thread j holds plane j's total
   for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+    T gv[kGroups][W];
+#pragma unroll
+    for (int g = 0; g < kGroups; ++g) {
+      load_vec<T, W, kVec>(gw, group_start<W>(tile, g), numel_e, gv[g]);  // 0 past the end
+    }
     double acc[kCsqMaxPlanes];
 #pragma unroll
     for (int j = 0; j < kCsqMaxPlanes; ++j) acc[j] = 0.0;
+#pragma unroll 1
+    for (int j = 0; j < n; ++j) {
+      const T cb = cbs[j];
+      const T* pj = p + j * numel_e;
+      const T* qj = q + j * numel_e;
+      double sum = 0.0;  // this thread's share of T_j in this tile, in element order
 #pragma unroll
-    for (int g = 0; g < kPerThread / W; ++g) {
-      const int64_t i = group_start<W>(tile, g);
-      if (i >= numel_e) break;
-      T gv[W];
-      load_vec<T, W, kVec>(gw, i, numel_e, gv);
-#pragma unroll
-      for (int j = 0; j < kCsqMaxPlanes; ++j) {
-        if (j >= n) continue;
+      for (int g = 0; g < kGroups; ++g) {
+        const int64_t i = group_start<W>(tile, g);
+        if (i >= numel_e) continue;
         T pv[W], qv[W], dpv[W], dqv[W];
-        load_vec<T, W, kVec>(p + j * numel_e, i, numel_e, pv);
-        load_vec<T, W, kVec>(q + j * numel_e, i, numel_e, qv);
+        load_vec<T, W, kVec>(pj, i, numel_e, pv);
+        load_vec<T, W, kVec>(qj, i, numel_e, qv);
 #pragma unroll
         for (int e = 0; e < W; ++e) {
           const T sp = sigmoid(rn_mul(beta, pv[e]));
           const T sq = sigmoid(rn_mul(beta, qv[e]));
-          const T gcb = rn_mul(rn_mul(gv[e], coef[j]), beta);
-          dpv[e] = rn_mul(rn_mul(gcb, sp), rn_sub(T(1), sp));
-          dqv[e] = -rn_mul(rn_mul(gcb, sq), rn_sub(T(1), sq));
+          const T gcb = rn_mul(gv[g][e], cb);
+          dpv[e] = rn_mul(gcb, rn_mul(sp, rn_sub(T(1), sp)));
+          dqv[e] = -rn_mul(gcb, rn_mul(sq, rn_sub(T(1), sq)));
           if (i + e < numel_e) {
-            const double term =
-                __dmul_rn(static_cast<double>(gv[e]), static_cast<double>(rn_sub(sp, sq)));
-            acc[j] = __dadd_rn(acc[j], term);
+            sum = __dadd_rn(sum, __dmul_rn(static_cast<double>(gv[g][e]),
+                                           static_cast<double>(rn_sub(sp, sq))));
           }
         }
         store_vec<T, W, kVec>(dp + j * numel_e, i, numel_e, dpv);
         store_vec<T, W, kVec>(dq + j * numel_e, i, numel_e, dqv);
+      }
+      // acc[j] = sum without a run-time index into acc (that would put it in local memory)
+#pragma unroll
+      for (int slot = 0; slot < kCsqMaxPlanes; ++slot) {
+        if (slot == j) acc[slot] = sum;
       }
     }
     const double total = block_sum_each<double, kCsqMaxPlanes>(acc, n, smem);

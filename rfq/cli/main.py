@@ -1,5 +1,5 @@
 """``python -m rfq train | search | eval | export | deploy | demo | study | dfmpc | hotswap |
-showcase`` (also the
+csq | showcase`` (also the
 ``rfq`` script).
 
 Settings come from a profile (``--profile``), then a config file (``--config``, JSON or TOML,
@@ -505,11 +505,12 @@ def make_parser() -> argparse.ArgumentParser:
     d.add_argument("--threads", type=int)
     d.set_defaults(func=cmd_demo)
 
-    from rfq.cli import dfmpc, hotswap, study
+    from rfq.cli import csq, dfmpc, hotswap, study
 
     study.add_parser(sub)
     dfmpc.add_parser(sub)
     hotswap.add_parser(sub)
+    csq.add_parser(sub)
 
     w = sub.add_parser("showcase", help="a few-second tour of the fused ops on digits")
     w.add_argument("--steps", type=int, default=400)

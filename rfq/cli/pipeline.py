@@ -275,11 +275,14 @@ __all__ = ["LoadedRun", "load_run", "evaluate_config", "search_budgets", "unifor
            "format_table", "pareto_plot", "budget_levels", "calibration_batches", "score_batches"]
 
 
-def run_arch(run: LoadedRun) -> dict:
+def dataset_arch(model: str, ds: Dataset) -> dict:
     """A deploy file's ``arch``: build_model's arguments and the dataset's input shape."""
-    ds = run.dataset
-    return {"model": run.cfg.model, "in_channels": ds.in_channels, "classes": ds.classes,
+    return {"model": model, "in_channels": ds.in_channels, "classes": ds.classes,
             "input_shape": [ds.in_channels, *ds.image_size]}
+
+
+def run_arch(run: LoadedRun) -> dict:
+    return dataset_arch(run.cfg.model, run.dataset)
 
 
 def export_config(run: LoadedRun, config, path: str | Path, calib_images: int,

@@ -8,6 +8,10 @@ other way round).
 - Hot-swap (``hotswap_spec``, used by ``export`` for any hot-swap layer, and
   ``export_hotswap``): direct-path layers as LSQ codes, wavelet layers (3..1 bits) as their Haar
   band codes with one step per band ("haar", flagged 1-D for depthwise convs).
+- CSQ (``csq_spec``, ``export_csq``): the hardened layer's signed-digit codes n (|n| <= 2^N - 1)
+  as "lsq" codes: the pruned least significant planes shift into the step, n >> shift times
+  s 2^shift / (2^N - 1). The record's ``bits`` is the storage the codes need, sign included:
+  b contiguous bits on give up to 2^(b+1) - 1 levels (signed digits), so up to b + 1 bits.
 """
 
 from __future__ import annotations
@@ -75,4 +79,40 @@ def export_hotswap(model: nn.Module, bits: int, path: str | os.PathLike,
                                                    **(extra or {})}, config=config)
 
 
-__all__ = ["dfmpc_spec", "export_dfmpc", "hotswap_spec", "export_hotswap"]
+@torch.no_grad()
+def csq_spec(layer) -> LayerSpec:
+    """A hardened CSQ layer (rfq.methods.csq) as "lsq" codes at their storage bit-width."""
+    planes = layer.planes
+    on = [i for i in range(planes) if bool(layer.m[i] > 0)]
+    shift = planes - 1 - on[-1] if on else 0
+    codes = layer.hard_codes() >> shift  # exact: the pruned low planes are zero
+    largest = int(codes.abs().max()) if codes.numel() else 0
+    bits = max(largest.bit_length() + 1, 2)
+    if bits > 8:
+        raise ValueError(f"rfq.deploy: a CSQ layer with bits {on} on has codes up to "
+                         f"|{largest}|, which need {bits}-bit signed storage; the deploy format "
+                         f"stores at most 8 (train with N <= 7 planes)")
+    step = (layer.scale.detach().float() / ((1 << planes) - 1)) * (1 << shift)
+    a_step = layer.a_steps.detach()[0] if layer.a_bits else None
+    return LayerSpec(codes.reshape(codes.shape[0], -1), bits, step.reshape(1),
+                     "lsq", layer.a_bits[0] if layer.a_bits else None, layer.a_signed, a_step)
+
+
+def export_csq(model: nn.Module, path: str | os.PathLike, arch: dict | None = None,
+               extra: dict | None = None) -> Path:
+    """Write a hardened CSQ model (``rfq.methods.csq.harden``) to a deploy file."""
+    from rfq.methods.csq import csq_layers
+
+    model = copy.deepcopy(model).cpu().float().eval()
+    layers = csq_layers(model)
+    if any(layer.gate_mode != "hard" for _, layer in layers):
+        raise ValueError("export_csq: harden the model first (rfq.methods.csq.harden)")
+    specs = {name: csq_spec(layer) for name, layer in layers}
+    config = {name: [layer.precision(), layer.a_bits[0] if layer.a_bits else None]
+              for name, layer in layers}
+    return export_specs(model, specs, path, arch, {"method": "csq", **(extra or {})},
+                        config=config)
+
+
+__all__ = ["csq_spec", "dfmpc_spec", "export_csq", "export_dfmpc", "hotswap_spec",
+           "export_hotswap"]

@@ -152,13 +152,15 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def quantize_(model: nn.Module, config: QuantConfig | None = None, *,
-              conv_type=QuantConv2d, linear_type=QuantLinear) -> nn.Module:
+              conv_type=QuantConv2d, linear_type=QuantLinear,
+              fixed_too: bool = False) -> nn.Module:
     """Swap ``model``'s Conv2d/Linear layers for weight-coupled quantized ones, in place.
 
     Returns the model, which also gains ``model.set_bits(config)`` (see ``set_bits``).
     Build optimizers after this call: the steps and BN copies are new parameters.
     ``conv_type`` / ``linear_type``: the mixed layers' classes (a method's subclasses of
-    QuantConv2d / QuantLinear, same constructor arguments); the stem and FC stay plain.
+    QuantConv2d / QuantLinear, same constructor arguments); the stem and FC stay plain unless
+    ``fixed_too`` (a method that quantizes them its own way, e.g. CSQ's bit-level weights).
     """
     config = config or QuantConfig()
     if any(isinstance(m, QuantLayer) for m in model.modules()):
@@ -194,6 +196,8 @@ def quantize_(model: nn.Module, config: QuantConfig | None = None, *,
         else:
             signed = not graph.nonneg_input.get(name, True)
         cls = QuantConv2d if isinstance(mod, nn.Conv2d) else QuantLinear
+        if fixed_too:
+            cls = conv_type if isinstance(mod, nn.Conv2d) else linear_type
         if name == first:
             q = cls(mod, [config.first_bits], (), role="stem")
         elif name == last:

@@ -158,8 +158,8 @@ class Trainer:
         pass
 
     # -- optimizers and schedules --
-    def _build_optimizers(self):
-        cfg = self.cfg
+    def optimizer_groups(self) -> tuple[list, list, list]:
+        """(SGD with weight decay, SGD without, Adam) parameter lists."""
         decay, no_decay, steps = [], [], []
         for name, p in self.model.named_parameters():
             if not p.requires_grad:
@@ -170,6 +170,11 @@ class Trainer:
                 decay.append(p)
             else:  # BN copies, FC, biases
                 no_decay.append(p)
+        return decay, no_decay, steps
+
+    def _build_optimizers(self):
+        cfg = self.cfg
+        decay, no_decay, steps = self.optimizer_groups()
         wd = cfg.weight_decay
         self.sgd = torch.optim.SGD([{"params": decay, "weight_decay": wd},
                                     {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr,
