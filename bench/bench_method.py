@@ -64,16 +64,18 @@ def tag(benchmark, role, target, floor, group):
 GROUP_STEP = f"ResNet-20 training step, batch {BATCH} (4 passes)"
 
 
-def float_four_pass_step(x, y):
+def float_four_pass_step(x, y, passes=4, channels_last=True):
     """The float ResNet-20's 4 forward+backward passes on (x, y) plus one SGD step: E1a's
-    baseline (and the hot-swap step's)."""
+    baseline (and the hot-swap step's; one NCHW pass: the CSQ step's)."""
     torch.manual_seed(0)
-    model = build_model("resnet20").to(memory_format=torch.channels_last)
+    model = build_model("resnet20")
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True)
 
     def step():
         opt.zero_grad(set_to_none=True)
-        for _ in range(4):
+        for _ in range(passes):
             F.cross_entropy(model(x), y).backward()
         opt.step()
     return step

@@ -276,3 +276,12 @@ def csq_codes(p: Tensor, q: Tensor, m: Tensor) -> Tensor:
             digit = (p[i] > 0).to(torch.int32) - (q[i] > 0).to(torch.int32)
             codes += digit * (1 << (n - 1 - i))
     return codes
+
+
+def csq_weight_composed(p: Tensor, q: Tensor, m: Tensor, scale: Tensor, beta: Tensor) -> Tensor:
+    """CSQ's weight as the official code builds it, in eager PyTorch over all planes at once
+    (the baseline of the fused op's benchmarks): gates, differences, per-plane factors, sum."""
+    n = p.shape[0]
+    place = (2.0 ** torch.arange(n - 1, -1, -1, dtype=p.dtype, device=p.device)) / (2 ** n - 1)
+    gates = (torch.sigmoid(beta * m) * place).view(n, *[1] * (p.dim() - 1))
+    return scale * ((torch.sigmoid(beta * p) - torch.sigmoid(beta * q)) * gates).sum(0)

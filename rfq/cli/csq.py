@@ -154,7 +154,7 @@ def add_parser(sub) -> None:
                    help="average bits to reach (default 3)")
     p.add_argument("--act-bits", dest="act_bits", type=int, help="input bits (default 4)")
     p.add_argument("--budget-mode", dest="budget_mode", choices=["size", "bitops", "layer"])
-    p.add_argument("--planes", type=int, help="N bit planes per weight, 2..8 (default 8)")
+    p.add_argument("--planes", type=int, help="N bit planes per weight, 2..8 (default 6; 8 may need 9-bit codes to export)")
     p.add_argument("--reg-strength", dest="reg_strength", type=float, help="lambda")
     p.add_argument("--rounds", type=int, help="soft rounds (default 1)")
     p.add_argument("--round-epochs", dest="round_epochs", type=int)

@@ -17,6 +17,7 @@ clamp(round(x / s), 0, q_p) s: ReLU6 then the max-scaled quantizer when s = 6 / 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -32,8 +33,24 @@ M_INIT = 1.0  # selection logits start on [ours]
 RELU6_MAX = 6.0
 PACT_MAX_BITS = 3  # inputs at <= 3 bits learn their clip (PACT), above: ReLU6, max-scaled
 PACT_CLIP_INIT = 10.0
+ONE_BIT_LOGIT = 1e-3  # a layer's last gate on is held at least here (keep_one_bit)
 TICKET_LOGIT = 1e4  # |m| in ticket mode: g(beta * 1e4) is exactly 0 or 1 for every beta >= 1
 GATE_MODES = ("soft", "ticket", "hard")
+
+# The weight builder every CSQ layer calls. Only the benchmarks swap in the eager composition
+# (use_composed_weight), to time the same training step built the official code's way.
+_weight_op = [ops.csq_weight]
+
+
+@contextlib.contextmanager
+def use_composed_weight():
+    from rfq import reference
+
+    _weight_op[0] = reference.csq_weight_composed
+    try:
+        yield
+    finally:
+        _weight_op[0] = ops.csq_weight
 
 
 def check_planes(planes: int) -> None:
@@ -62,7 +79,7 @@ class _Csq:
     """The bit-level weight, mixed into QuantConv2d / QuantLinear (the float ``weight`` stays,
     frozen, as the layer's shape and its float twin for cost probes)."""
 
-    def _setup_csq(self, planes: int, act_bits: int) -> None:
+    def _setup_csq(self, planes: int, act_bits: int) -> None:  # noqa: C901
         check_planes(planes)
         if not MIN_BITS <= act_bits <= MAX_BITS:
             raise ValueError(f"act_bits must be in {MIN_BITS}..{MAX_BITS}, got {act_bits}")
@@ -77,6 +94,7 @@ class _Csq:
         # with the temperature of its epoch
         self.register_buffer("beta", torch.ones(()))
         self.gate_mode = "soft"
+        self.keep_one_bit = True  # the trainer's zero_layers="prune" turns it off
         if self.a_bits:  # one fixed input bit-width; its step per §C.4
             self.a_bits = [act_bits]
             self.a_ready = [True]
@@ -121,12 +139,18 @@ class _Csq:
     def quantized_weight(self) -> Tensor:
         if self.gate_mode == "hard":
             return self.hard_weight().to(memory_format=torch.contiguous_format)
-        return ops.csq_weight(self.p, self.q, self.selection_logits(), self.scale, self.beta)
+        return _weight_op[0](self.p, self.q, self.selection_logits(), self.scale, self.beta)
 
     def clamp_steps_(self) -> None:
         super().clamp_steps_()
         with torch.no_grad():
             self.scale.clamp_(min=MIN_STEP)
+            if self.keep_one_bit and self.gate_mode == "soft":
+                # the layer's best gate stays on (device-side: no host read), so the network
+                # never trains around a zero layer that export would have to bring back
+                best = self.m.argmax().view(1)
+                top = self.m.index_select(0, best)
+                self.m.index_copy_(0, best, torch.where(top > 0, top, ONE_BIT_LOGIT))
 
     def get_extra_state(self):
         return {**super().get_extra_state(), "gate_mode": self.gate_mode}
@@ -142,7 +166,7 @@ class _Csq:
 
 class CsqConv2d(_Csq, QuantConv2d):
     def __init__(self, conv: nn.Conv2d, w_bits, a_bits=(), a_signed: bool = False,
-                 role: str = "mixed", lsq_grad_scale: bool = False, planes: int = 8,
+                 role: str = "mixed", lsq_grad_scale: bool = False, planes: int = 6,
                  act_bits: int = 4):
         super().__init__(conv, [planes], a_bits, a_signed, role, lsq_grad_scale)
         self._setup_csq(planes, act_bits)
@@ -150,7 +174,7 @@ class CsqConv2d(_Csq, QuantConv2d):
 
 class CsqLinear(_Csq, QuantLinear):
     def __init__(self, linear: nn.Linear, w_bits, a_bits=(), a_signed: bool = False,
-                 role: str = "mixed", lsq_grad_scale: bool = False, planes: int = 8,
+                 role: str = "mixed", lsq_grad_scale: bool = False, planes: int = 6,
                  act_bits: int = 4):
         super().__init__(linear, [planes], a_bits, a_signed, role, lsq_grad_scale)
         self._setup_csq(planes, act_bits)
@@ -161,7 +185,7 @@ def csq_layers(model: nn.Module) -> list[tuple[str, _Csq]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, _Csq)]
 
 
-def csq_(model: nn.Module, planes: int = 8, act_bits: int = 4) -> nn.Module:
+def csq_(model: nn.Module, planes: int = 6, act_bits: int = 4) -> nn.Module:
     """Every Conv2d/Linear of ``model`` (stem and FC too) as a CSQ layer of ``planes`` bit
     planes, inputs quantized at ``act_bits`` (the image excepted), in place."""
     check_planes(planes)

@@ -34,17 +34,17 @@ ZERO_LAYER_RULES = ("clamp", "prune")
 
 @dataclass
 class CsqSettings:
-    planes: int = 8  # N bit planes per weight (2..8)
+    planes: int = 6  # N bit planes per weight (2..8); 8 can need 9-bit codes to export
     target_bits: float = 3.0  # the budget: average bits (R* = target / N)
     act_bits: int = 4
     budget_mode: str = "size"
-    reg_strength: float = 0.01  # lambda
+    reg_strength: float = 0.1  # lambda (the official 0.01 is for 300-600 epochs; ours are short)
     rounds: int = 1  # soft rounds
     round_epochs: int = 20
     ticket_epochs: int = 6
     rewind: bool = False
     rewind_epoch: int = 2
-    zero_layers: str = "clamp"  # a layer left with no bit: keep its best bit, or prune it
+    zero_layers: str = "clamp"  # "clamp": every layer keeps >= 1 bit; "prune": it may reach 0
 
     def check(self):
         check_planes(self.planes)
@@ -77,7 +77,7 @@ class CsqConfig(CsqSettings, TrainSettings):
 
 # Fashion-MNIST ResNet-20 from the shipped float model: 1,300 steps of 128 images, pseudo-epochs
 # of 50 steps so that beta rises in 20 steps per round; SGD lr 0.05 (the CIFAR N=6 recipe),
-# weight decay 5e-4 on everything, lambda 0.01. NCHW: the digit logits [N, C_out, C_in, kh, kw]
+# weight decay 5e-4 on everything, lambda 0.1. NCHW: the digit logits [N, C_out, C_in, kh, kw]
 # are 5-D, which channels_last does not cover.
 CSQ_DEFAULTS = dict(lr=0.05, weight_decay=5e-4, warmup_epochs=0.0, min_lr=0.0, momentum=0.9,
                     steps_per_epoch=50, checkpoint_every=100, ema_decay=0.0,
@@ -101,6 +101,8 @@ class CsqTrainer(Trainer):
 
     def setup(self) -> None:
         cfg = self.cfg
+        for _, layer in csq_layers(self.model):
+            layer.keep_one_bit = cfg.zero_layers == "clamp"
         self.costs = CostModel(self.model, (self.ds.in_channels, *self.ds.image_size))
         self.regulariser = BudgetRegulariser(self.model, self.costs, cfg.target_bits,
                                              cfg.budget_mode, cfg.reg_strength)
