@@ -19,9 +19,8 @@ import pytest
 from rfq.nn.modules import use_reference_quantizer
 from rfq.methods.hotswap.trainer import HotSwapTrainer
 from rfq.methods.rfq import TrainConfig
-from rfq.runtime import flush_denormals
 
-from bench_method import float_four_pass_step, synthetic_dataset, trainer  # noqa: F401
+from bench_method import float_four_pass_step, synthetic_dataset, time_step, trainer  # noqa: F401
 
 SMOKE = bool(os.environ.get("RFQ_BENCH_SMOKE"))
 BATCH = 16 if SMOKE else 128
@@ -68,9 +67,7 @@ def bench_hotswap_step(benchmark, trainers, trainer, impl):  # noqa: F811 (fixtu
     else:
         def step():
             tr.train_step(x, y)
-    with flush_denormals():
-        step()
-        benchmark.pedantic(step, rounds=3 if SMOKE else 10, warmup_rounds=1 if SMOKE else 2)
+    time_step(benchmark, step)
 
 
 GROUP_BANDS = "ResNet-20 weight quantizers of one pass, fwd+bwd (18 mixed layers)"

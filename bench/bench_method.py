@@ -64,6 +64,15 @@ def tag(benchmark, role, target, floor, group):
 GROUP_STEP = f"ResNet-20 training step, batch {BATCH} (4 passes)"
 
 
+def time_step(benchmark, step) -> None:
+    """A whole training step, timed with denormals flushed (as the trainers run)."""
+    from rfq.runtime import flush_denormals
+
+    with flush_denormals():
+        step()
+        benchmark.pedantic(step, rounds=3 if SMOKE else 10, warmup_rounds=1 if SMOKE else 2)
+
+
 def float_four_pass_step(x, y, passes=4, channels_last=True):
     """The float ResNet-20's 4 forward+backward passes on (x, y) plus one SGD step: E1a's
     baseline (and the hot-swap step's; one NCHW pass: the CSQ step's)."""

@@ -5,7 +5,8 @@ Reads what the methods' results scripts wrote: a `rfq study` folder of the main 
 (uniform levels at A5 and the frontier search's size budgets; scripts/results_search.sh) and a
 folder of `rfq dfmpc` runs (scripts/results_dfmpc.sh), and optionally the folder of
 scripts/results_hotswap.sh (its *-eval.json files). Prints the markdown table and writes the
-plot. Usage: python scripts/compare_methods.py STUDY_DIR DFMPC_DIR OUT.png [HOTSWAP_DIR]
+plot. Usage: python scripts/compare_methods.py STUDY_DIR DFMPC_DIR OUT.png [HOTSWAP_DIR [CSQ_DIR]]
+(CSQ_DIR: the folder of scripts/results_csq.sh, its csq-t*/report.json files).
 """
 
 from __future__ import annotations
@@ -72,10 +73,30 @@ def rows_hotswap(folder: Path) -> list[dict]:
     return rows
 
 
-def main(study: str, dfmpc: str, out_png: str, hotswap: str | None = None) -> int:
+CSQ = "CSQ (bit-level continuous sparsification)"
+
+
+def rows_csq(folder: Path) -> list[dict]:
+    """One row per target: weight size as stored (signed digits: up to b + 1 bits for b bits
+    on), CSQ's own count (b bits) in the config column."""
+    rows = []
+    for path in sorted(folder.glob("csq-t*/report.json")):
+        r = json.loads(path.read_text())
+        rows.append({"method": CSQ, "config": f"target {r['target_bits']:g}: "
+                     f"{r['average_bits']:.2f} bits counted, {r['storage_average_bits']:.2f} "
+                     f"stored", "data": "training set", "size_kib": r["storage_kib"],
+                     "top1": 100 * r["top1"], "spread": None,
+                     "acts": f"{r['act_bits']} bits (ReLU6, max-scaled)"})
+    return rows
+
+
+def main(study: str, dfmpc: str, out_png: str, hotswap: str | None = None,
+         csq: str | None = None) -> int:
     rows = rows_rfq(Path(study)) + rows_dfmpc(Path(dfmpc))
     if hotswap:
         rows += rows_hotswap(Path(hotswap))
+    if csq:
+        rows += rows_csq(Path(csq))
     floats = [r for r in rows if r["method"] == "float"]
     rows = [r for r in rows if r["method"] != "float"] + floats[:1]
     print("| method | config | data used | weight KiB | activations | test top-1 % |")
@@ -94,7 +115,8 @@ def main(study: str, dfmpc: str, out_png: str, hotswap: str | None = None) -> in
     for method, marker in (("RFQ, coupled model, uniform", "o-"),
                            ("RFQ, coupled model, frontier search", "s"),
                            ("DF-MPC's quantizers, uncompensated", "x--"), ("DF-MPC", "^-"),
-                           (HOTSWAP["hotswap"], "D-"), (HOTSWAP["hotswap-direct"], "d:")):
+                           (HOTSWAP["hotswap"], "D-"), (HOTSWAP["hotswap-direct"], "d:"),
+                           (CSQ, "*-")):
         pts = sorted((r["size_kib"], r["top1"]) for r in rows if r["method"] == method)
         if pts:
             ax.plot(*zip(*pts), marker, label=method)

@@ -12,7 +12,13 @@
 
 #include <algorithm>
 #include <array>
+#include <cstdint>
+#include <type_traits>
 #include <vector>
+
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+#include <immintrin.h>
+#endif
 
 #include "cpu/csq_kernels.h"
 #include "quant_range.h"
@@ -55,6 +61,34 @@ void forward_typed(const T* p, const T* q, T* w, int64_t planes, int64_t n, cons
   });
 }
 
+// Gradients of planes larger than the caches are written with streaming (non-temporal) stores:
+// no read-for-ownership of lines that are only written, a third less memory traffic.
+constexpr int64_t kStreamBytes = int64_t{8} << 20;
+
+template <typename T>
+inline void store_grad(const V<T>& v, T* dst, int64_t count, bool stream) {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  if (stream && count == V<T>::size() &&
+      reinterpret_cast<std::uintptr_t>(dst) % sizeof(V<T>) == 0) {
+#if defined(CPU_CAPABILITY_AVX512)
+    if constexpr (std::is_same_v<T, float>) return _mm512_stream_ps(dst, v);
+    else return _mm512_stream_pd(dst, v);
+#else
+    if constexpr (std::is_same_v<T, float>) return _mm256_stream_ps(dst, v);
+    else return _mm256_stream_pd(dst, v);
+#endif
+  }
+#endif
+  (void)stream;
+  v.store(dst, count);
+}
+
+inline void stream_fence() {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  _mm_sfence();
+#endif
+}
+
 template <typename T>
 double lane_sum(const V<T>& v) {
   alignas(64) T lanes[V<T>::size()];
@@ -73,6 +107,7 @@ void backward_typed(const T* gw, const T* p, const T* q, T* dp, T* dq, int64_t p
   std::array<V<T>, kCsqMaxPlanes> cb;  // coef_i * beta: the chain rule's constant factor
   for (int64_t i = 0; i < planes; ++i) cb[i] = V<T>(static_cast<T>(coef[i] * beta_d));
   const int64_t chunks = num_chunks(n);
+  const bool stream = n * planes * static_cast<int64_t>(sizeof(T)) >= kStreamBytes;
   std::vector<double> partial(static_cast<size_t>(chunks * planes), 0.0);
   at::parallel_for(0, chunks, kGrainChunks, [&](int64_t first, int64_t last) {
     for (int64_t ch = first; ch < last; ++ch) {
@@ -86,13 +121,14 @@ void backward_typed(const T* gw, const T* p, const T* q, T* dp, T* dq, int64_t p
           const V<T> sp = gate(beta * V<T>::loadu(p + i * n + e, count));
           const V<T> sq = gate(beta * V<T>::loadu(q + i * n + e, count));
           const V<T> gc = g * cb[i];
-          (gc * (sp * (one - sp))).store(dp + i * n + e, count);
-          (gc * (sq * (one - sq))).neg().store(dq + i * n + e, count);
+          store_grad(gc * (sp * (one - sp)), dp + i * n + e, count, stream);
+          store_grad((gc * (sq * (one - sq))).neg(), dq + i * n + e, count, stream);
           sums[i] = sums[i] + g * (sp - sq);
         }
       }
       for (int64_t i = 0; i < planes; ++i) partial[ch * planes + i] = lane_sum(sums[i]);
     }
+    if (stream) stream_fence();
   });
   for (int64_t i = 0; i < planes; ++i) plane_sums[i] = 0.0;
   for (int64_t ch = 0; ch < chunks; ++ch) {

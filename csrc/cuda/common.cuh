@@ -43,25 +43,26 @@ inline bool aligned_to(const void* p, size_t bytes) {
   return reinterpret_cast<uintptr_t>(p) % bytes == 0;
 }
 
-// W elements of p starting at i (i a multiple of W) as fp32; elements at or past n read as 0.
-// kVec: p is 16-byte aligned, so a full group is one 128-bit load.
-template <typename T, int W, bool kVec>
+// W elements of p starting at i (i a multiple of W), converted once to U (fp32 for the half
+// types; fp64 stays fp64); elements at or past n read as 0. kVec: p is 16-byte aligned, so a
+// full group is one 128-bit load.
+template <typename T, int W, bool kVec, typename U>
 __device__ __forceinline__ void load_group(const T* __restrict__ p, int64_t i, int64_t n,
-                                           float (&out)[W]) {
+                                           U (&out)[W]) {
   if (kVec && i + W <= n) {
     const Pack<T, W> pk = *reinterpret_cast<const Pack<T, W>*>(p + i);
 #pragma unroll
-    for (int e = 0; e < W; ++e) out[e] = static_cast<float>(pk.v[e]);
+    for (int e = 0; e < W; ++e) out[e] = static_cast<U>(pk.v[e]);
   } else {
 #pragma unroll
-    for (int e = 0; e < W; ++e) out[e] = i + e < n ? static_cast<float>(p[i + e]) : 0.f;
+    for (int e = 0; e < W; ++e) out[e] = i + e < n ? static_cast<U>(p[i + e]) : U(0);
   }
 }
 
-// Stores W fp32 values rounded once to T; elements at or past n are not written.
-template <typename T, int W, bool kVec>
+// Stores W values (fp32 or T) rounded once to T; elements at or past n are not written.
+template <typename T, int W, bool kVec, typename U>
 __device__ __forceinline__ void store_group(T* __restrict__ p, int64_t i, int64_t n,
-                                            const float (&in)[W]) {
+                                            const U (&in)[W]) {
   if (kVec && i + W <= n) {
     Pack<T, W> pk;
 #pragma unroll

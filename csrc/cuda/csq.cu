@@ -76,38 +76,6 @@ __device__ __forceinline__ void plane_coefs(const T* __restrict__ m, int64_t m_s
   __syncthreads();
 }
 
-// W elements of p starting at i (i a multiple of W), kept in T (fp64 must not pass through fp32);
-// elements at or past n read as 0. kVec: p is 16-byte aligned, so a full group is one 128-bit load.
-template <typename T, int W, bool kVec>
-__device__ __forceinline__ void load_vec(const T* __restrict__ p, int64_t i, int64_t n,
-                                         T (&out)[W]) {
-  if (kVec && i + W <= n) {
-    const Pack<T, W> pk = *reinterpret_cast<const Pack<T, W>*>(p + i);
-#pragma unroll
-    for (int e = 0; e < W; ++e) out[e] = pk.v[e];
-  } else {
-#pragma unroll
-    for (int e = 0; e < W; ++e) out[e] = i + e < n ? p[i + e] : T(0);
-  }
-}
-
-// Stores W values of T; elements at or past n are not written.
-template <typename T, int W, bool kVec>
-__device__ __forceinline__ void store_vec(T* __restrict__ p, int64_t i, int64_t n,
-                                          const T (&in)[W]) {
-  if (kVec && i + W <= n) {
-    Pack<T, W> pk;
-#pragma unroll
-    for (int e = 0; e < W; ++e) pk.v[e] = in[e];
-    *reinterpret_cast<Pack<T, W>*>(p + i) = pk;
-  } else {
-#pragma unroll
-    for (int e = 0; e < W; ++e) {
-      if (i + e < n) p[i + e] = in[e];
-    }
-  }
-}
-
 // Element index of group g of this thread in a tile (a warp's groups are contiguous).
 template <int W>
 __device__ __forceinline__ int64_t group_start(int64_t tile, int g) {
@@ -166,8 +134,8 @@ __global__ void __launch_bounds__(kThreads)
         const int64_t i = group_start<W>(tile, g);
         if (i >= numel_e) continue;
         T pv[W], qv[W];
-        load_vec<T, W, kVec>(pj, i, numel_e, pv);
-        load_vec<T, W, kVec>(qj, i, numel_e, qv);
+        load_group<T, W, kVec>(pj, i, numel_e, pv);
+        load_group<T, W, kVec>(qj, i, numel_e, qv);
 #pragma unroll
         for (int e = 0; e < W; ++e) {
           const T d = rn_sub(sigmoid(rn_mul(beta, pv[e])), sigmoid(rn_mul(beta, qv[e])));
@@ -178,7 +146,7 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
     for (int g = 0; g < kGroups; ++g) {
       const int64_t i = group_start<W>(tile, g);
-      if (i < numel_e) store_vec<T, W, kVec>(w, i, numel_e, acc[g]);
+      if (i < numel_e) store_group<T, W, kVec>(w, i, numel_e, acc[g]);
     }
   }
 }
@@ -207,7 +175,7 @@ __global__ void __launch_bounds__(kThreads)
     T gv[kGroups][W];
 #pragma unroll
     for (int g = 0; g < kGroups; ++g) {
-      load_vec<T, W, kVec>(gw, group_start<W>(tile, g), numel_e, gv[g]);  // 0 past the end
+      load_group<T, W, kVec>(gw, group_start<W>(tile, g), numel_e, gv[g]);  // 0 past the end
     }
     double acc[kCsqMaxPlanes];
 #pragma unroll
@@ -223,8 +191,8 @@ __global__ void __launch_bounds__(kThreads)
         const int64_t i = group_start<W>(tile, g);
         if (i >= numel_e) continue;
         T pv[W], qv[W], dpv[W], dqv[W];
-        load_vec<T, W, kVec>(pj, i, numel_e, pv);
-        load_vec<T, W, kVec>(qj, i, numel_e, qv);
+        load_group<T, W, kVec>(pj, i, numel_e, pv);
+        load_group<T, W, kVec>(qj, i, numel_e, qv);
 #pragma unroll
         for (int e = 0; e < W; ++e) {
           const T sp = sigmoid(rn_mul(beta, pv[e]));
@@ -237,8 +205,8 @@ __global__ void __launch_bounds__(kThreads)
                                            static_cast<double>(rn_sub(sp, sq))));
           }
         }
-        store_vec<T, W, kVec>(dp + j * numel_e, i, numel_e, dpv);
-        store_vec<T, W, kVec>(dq + j * numel_e, i, numel_e, dqv);
+        store_group<T, W, kVec>(dp + j * numel_e, i, numel_e, dpv);
+        store_group<T, W, kVec>(dq + j * numel_e, i, numel_e, dqv);
       }
       // acc[j] = sum without a run-time index into acc (that would put it in local memory)
 #pragma unroll

@@ -19,17 +19,10 @@ from pathlib import Path
 
 
 def build_csq_config(args):
-    from rfq.cli.main import _parse_value, load_config_file
+    from rfq.cli.main import merge_settings
     from rfq.methods.csq import CSQ_DEFAULTS, CsqConfig
 
-    values = dict(CSQ_DEFAULTS)
-    if args.config:
-        values.update(load_config_file(args.config))
-    for item in args.set or ():
-        if "=" not in item:
-            raise SystemExit(f"rfq csq: --set expects key=value, got {item!r}")
-        key, text = item.split("=", 1)
-        values[key.strip()] = _parse_value(text.strip())
+    values = merge_settings(dict(CSQ_DEFAULTS), args, "rfq csq")
     for key in ("model", "dataset", "data_dir", "init_from", "planes", "target_bits",
                 "act_bits", "budget_mode", "reg_strength", "rounds", "round_epochs",
                 "ticket_epochs", "rewind", "zero_layers", "steps_per_epoch", "train_limit",
@@ -97,9 +90,11 @@ def cmd_csq(args) -> int:
     model = copy.deepcopy(trainer.model)
     soft_bits = trainer.average_bits()
     precisions = harden(model, cfg.zero_layers)
-    test = eval_batches(ds.test, ds, 256, trainer.device, cfg.channels_last)
+    def test():
+        return eval_batches(ds.test, ds, 256, trainer.device, cfg.channels_last)
+
     with flush_denormals():
-        top1_as_trained = evaluate(model, test)
+        top1_as_trained = evaluate(model, test())
         calib = []
         if args.calib_images:
             stream = BatchStream(ds.train, ds, 128, cfg.seed + 1000, device=trainer.device,
@@ -107,7 +102,7 @@ def cmd_csq(args) -> int:
             n = min(calibration_count(args.calib_images, 128), stream.steps_per_epoch)
             calib = [stream.batch(0, i) for i in range(n)]
             recalibrate_bn(model, calib)
-        top1 = evaluate(model, test)
+        top1 = evaluate(model, test())
     sizes = size_report(model, trainer.costs, cfg.planes)
     try:
         path = export_csq(model, out / "model.safetensors", dataset_arch(cfg.model, ds),
@@ -154,7 +149,8 @@ def add_parser(sub) -> None:
                    help="average bits to reach (default 3)")
     p.add_argument("--act-bits", dest="act_bits", type=int, help="input bits (default 4)")
     p.add_argument("--budget-mode", dest="budget_mode", choices=["size", "bitops", "layer"])
-    p.add_argument("--planes", type=int, help="N bit planes per weight, 2..8 (default 6; 8 may need 9-bit codes to export)")
+    p.add_argument("--planes", type=int,
+                   help="N bit planes per weight, 2..8 (default 6; 8 may need 9-bit codes)")
     p.add_argument("--reg-strength", dest="reg_strength", type=float, help="lambda")
     p.add_argument("--rounds", type=int, help="soft rounds (default 1)")
     p.add_argument("--round-epochs", dest="round_epochs", type=int)

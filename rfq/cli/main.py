@@ -78,19 +78,23 @@ def load_config_file(path: str) -> dict:
     return data
 
 
-def build_train_config(args):
-    from rfq.methods.rfq import TrainConfig
-
-    values = {}
-    if args.profile:
-        values.update(PROFILES[args.profile])
+def merge_settings(values: dict, args, prog: str) -> dict:
+    """``values`` updated with --config's file, then --set's key=value pairs."""
     if args.config:
         values.update(load_config_file(args.config))
     for item in args.set or ():
         if "=" not in item:
-            raise SystemExit(f"rfq: --set expects key=value, got {item!r}")
+            raise SystemExit(f"{prog}: --set expects key=value, got {item!r}")
         key, text = item.split("=", 1)
         values[key.strip()] = _parse_value(text.strip())
+    return values
+
+
+def build_train_config(args):
+    from rfq.methods.rfq import TrainConfig
+
+    values = dict(PROFILES[args.profile]) if args.profile else {}
+    merge_settings(values, args, "rfq")
     for key in FLAG_KEYS:
         v = getattr(args, key, None)
         if v is not None:

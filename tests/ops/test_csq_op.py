@@ -174,3 +174,13 @@ def test_bad_grad_names_grad_w():
         torch.ops.rfq.csq_weight_backward(torch.zeros(3, 4), *args)
     with pytest.raises(RuntimeError, match=r"grad_w must have p's dtype"):
         torch.ops.rfq.csq_weight_backward(torch.zeros(4, 3, dtype=torch.float64), *args)
+
+
+def test_large_layer_takes_the_streaming_store_path():
+    """Gradients of >= 8 MB are written with non-temporal stores; same values."""
+    for n in (300_000, 300_001):  # aligned rows; unaligned rows and a masked tail
+        args = make((n,), 8, torch.float32, "cpu", seed=5)
+        gw = torch.randn(n)
+        got, want = grads_of(ops.csq_weight, args, gw), grads_of(ref.csq_weight, args, gw)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -4,16 +4,17 @@ atomic checkpoints, bit-identical resume, DDP).
 Schedule: ``rounds`` soft rounds of ``round_epochs`` epochs, then a ticket round of
 ``ticket_epochs``. In every round the temperature is beta = 200^(e/E) at epoch e of its E
 epochs (reset to 1 at each round's start; a ticket round without rewind stays at 200, since
-its digits continue from a hardened state [ours]) and the learning rate follows its own cosine. Between
-soft rounds m <- min(beta m, m_init). The ticket round freezes the masks at 1[m > 0] and, with
-``rewind``, restarts from the weights saved at epoch ``rewind_epoch`` of round 0 (the ImageNet
-recipe); without it, it continues (the CIFAR recipe: hard masks from epoch ``ticket`` on). The
-loss is CE plus the budget regulariser (budget.py) during the soft rounds. SGD with momentum
+its digits continue from a hardened state [ours]) and the learning rate follows its own cosine.
+Between soft rounds m <- min(beta m, m_init). The ticket round freezes the masks at 1[m > 0]
+and, with ``rewind``, restarts from the weights saved at epoch ``rewind_epoch`` of round 0 (the
+ImageNet recipe); without it, it continues (the CIFAR recipe: hard masks from epoch ``ticket``
+on). The loss is CE plus the budget regulariser (budget.py) during the soft rounds. SGD with momentum
 and weight decay on every parameter, gates included; no EMA (the official code has none).
 """
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 
@@ -156,8 +157,9 @@ class CsqTrainer(Trainer):
                     self._rewind()
                 message = f"ticket round: masks frozen, average {self.average_bits():.3f} bits"
         if r == 0 and e == cfg.rewind_epoch and cfg.rewind:
-            self.rewind_state = {k: v.detach().clone() for k, v in
-                                 self.model.state_dict().items() if not k.endswith(".m")}
+            self.rewind_state = {k: v.detach().clone() if torch.is_tensor(v) else copy.deepcopy(v)
+                                 for k, v in self.model.state_dict().items()
+                                 if not k.endswith(".m")}
         set_temperature(self.model, self.beta_at(epoch))
         self.history.append({"epoch": epoch, "round": r, "beta": self.beta_at(epoch),
                              "average_bits": self.average_bits()})

@@ -4,11 +4,12 @@ rounds and the ticket, hardening, export and resume, on digits with SmallCNN."""
 import copy
 import json
 import math
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from independent_reader import read_codes
 from method_utils import DIGITS
 from rfq import deploy
 from rfq import reference as ref
@@ -21,6 +22,9 @@ from rfq.methods.csq.modules import digit_logits
 from rfq.models import build_model
 from rfq.training import evaluate
 from rfq.data import eval_batches
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "deploy"))
+from independent_reader import read_codes  # noqa: E402
 
 
 def small_model(planes=8, act_bits=4, seed=0):
@@ -67,9 +71,7 @@ def test_hard_weights_are_exact_integers_times_the_step():
         assert codes.abs().max() <= 63
         step = layer.scale.detach() / 63
         w = layer.quantized_weight()
-        assert torch.equal(w, codes.float() * step), name
-        n = w / step
-        assert torch.equal(n, torch.round(n))
+        assert torch.equal(w, codes.float() * step), name  # integer codes times the step
 
 
 def test_gates_of_a_layer_harden_as_beta_grows():
@@ -82,7 +84,8 @@ def test_gates_of_a_layer_harden_as_beta_grows():
     for beta in (1.0, 10.0, 200.0, 1e4):
         set_temperature(model, beta)
         errors.append((layer.quantized_weight() - want).abs().max().item())
-    assert errors == sorted(errors, reverse=True) and errors[-1] == 0.0 < errors[0]
+    # saturated, only the rounding of the per-plane factors remains
+    assert errors == sorted(errors, reverse=True) and errors[-1] < 1e-6 < errors[0]
 
 
 def test_ticket_mode_freezes_the_masks_exactly():
@@ -180,13 +183,20 @@ def test_schedule_rounds_and_ticket(digits, float_ckpt, tmp_path):
     assert cfg.epochs == 8 and tr.total_steps == 40
     assert [tr.beta_at(e) for e in range(8)] == pytest.approx(
         [1, 200 ** (1 / 3), 200 ** (2 / 3)] * 2 + [1, 200 ** 0.5])
-    tr.run(max_steps=15)  # through the second round's first epoch: m <- min(beta m, 1)
+    tr.run(max_steps=15)  # the end of round 0
     assert tr.rewind_state is not None
-    assert all(layer.m.max() <= 1.0 for _, layer in csq_layers(tr.model))
+    before = {n: (l.m.detach().clone(), l.beta.item()) for n, l in csq_layers(tr.model)}
+    tr.run(max_steps=1)  # round 1 starts: m <- min(beta m, 1), then one SGD step
+    for name, layer in csq_layers(tr.model):
+        m, beta = before[name]
+        want = torch.clamp(beta * m, max=1.0)
+        assert (layer.m.detach() - want).abs().max() < 0.05, name
+        assert layer.beta.item() == 1.0
+    tr.run(max_steps=15)  # the ticket round starts: masks frozen, weights rewound
     masks = {n: (l.m > 0).clone() for n, l in csq_layers(tr.model)}
-    tr.run()
     assert all(l.gate_mode == "ticket" for _, l in csq_layers(tr.model))
-    assert all(torch.equal(l.m > 0, masks[n]) or True for n, l in csq_layers(tr.model))
+    tr.run()
+    assert all(torch.equal(l.m > 0, masks[n]) for n, l in csq_layers(tr.model))
     assert len(tr.history) == 8 and tr.history[-1]["round"] == 2
 
 
@@ -203,7 +213,7 @@ def test_resume_is_bit_identical(digits, float_ckpt, tmp_path):
     a, b = straight.model.state_dict(), resumed.model.state_dict()
     assert a.keys() == b.keys()
     for k in a:
-        assert torch.equal(a[k], b[k]), k
+        assert (torch.equal(a[k], b[k]) if torch.is_tensor(a[k]) else a[k] == b[k]), k
     assert straight.history == resumed.history
 
 
@@ -264,8 +274,8 @@ def test_zero_layer_rules():
 # ---- bad input --------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("change, match", [
-    (dict(target_bits=9.0), r"target_bits must be in \(0, N=8\]"),
-    (dict(target_bits=0.0), r"target_bits must be in \(0, N=8\]"),
+    (dict(planes=8, target_bits=9.0), r"target_bits must be in \(0, N=8\]"),
+    (dict(target_bits=0.0), r"target_bits must be in \(0, N=6\]"),
     (dict(target_bits=-1.0), r"target_bits must be in"),
     (dict(planes=6, target_bits=7.0), r"target_bits must be in \(0, N=6\]"),
     (dict(budget_mode="energy"), r"budget_mode must be one of \('size', 'bitops', 'layer'\)"),
@@ -279,7 +289,7 @@ def test_bad_settings_are_named(change, match):
 
 
 @pytest.mark.parametrize("argv, match", [
-    (["--target-bits", "9"], r"target_bits must be in \(0, N=8\]"),
+    (["--target-bits", "7"], r"target_bits must be in \(0, N=6\]"),
     (["--target-bits", "0"], r"target_bits must be in"),
     (["--planes", "12"], r"planes \(N\) must be an integer in 2\.\.8, got 12"),
 ])
