@@ -82,7 +82,8 @@ def rows_csq(folder: Path) -> list[dict]:
     rows = []
     for path in sorted(folder.glob("csq-t*/report.json")):
         r = json.loads(path.read_text())
-        rows.append({"method": CSQ, "config": f"target {r['target_bits']:g}: "
+        rows.append({"method": CSQ, "config": f"target {r['target_bits']:g} "
+                     f"(λ {r['reg_strength']:g}): "
                      f"{r['average_bits']:.2f} bits counted, {r['storage_average_bits']:.2f} "
                      f"stored", "data": "training set", "size_kib": r["storage_kib"],
                      "top1": 100 * r["top1"], "spread": None,

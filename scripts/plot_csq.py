@@ -17,14 +17,15 @@ def main(runs: str, out: str) -> int:
     import matplotlib.pyplot as plt
 
     reports = sorted((json.loads(p.read_text()) for p in Path(runs).glob("csq-t*/report.json")),
-                     key=lambda r: r["target_bits"])
+                     key=lambda r: (r["target_bits"], r["reg_strength"]))
     if not reports:
         raise SystemExit(f"plot_csq: no csq-t*/report.json under {runs}")
     fig, ax = plt.subplots(figsize=(6.4, 3.8))
     for r in reports:
         epochs = [h["epoch"] for h in r["history"]]
         line, = ax.plot(epochs, [h["average_bits"] for h in r["history"]], marker=".",
-                        label=f"target {r['target_bits']:g} bits: reached "
+                        label=f"target {r['target_bits']:g} bits, λ {r['reg_strength']:g}: "
+                              f"reached "
                               f"{r['average_bits']:.2f}, top-1 {100 * r['top1']:.2f} %")
         ax.axhline(r["target_bits"], color=line.get_color(), linestyle="--", linewidth=0.8)
         ticket = [h["epoch"] for h in r["history"] if h["round"] == r["config"]["rounds"]]
