@@ -77,7 +77,8 @@ def csq_trainer():
     from rfq.cli.demo import SHIPPED_FLOAT
 
     tmp = tempfile.mkdtemp(prefix="rfq-bench-csq-")
-    cfg = CsqConfig(model="resnet20", dataset="synthetic", batch_size=BATCH, steps_per_epoch=10**6,
+    cfg = CsqConfig(model="resnet20", dataset="synthetic", batch_size=BATCH, planes=PLANES,
+                    steps_per_epoch=10**6,
                     round_epochs=1, ticket_epochs=0, checkpoint_every=10**9, channels_last=False,
                     ema_decay=0.0, init_from=str(SHIPPED_FLOAT))
     tr = CsqTrainer(cfg, tmp, dataset=synthetic_dataset(), progress=False)
