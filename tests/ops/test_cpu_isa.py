@@ -66,8 +66,10 @@ CHECK = textwrap.dedent(
         dp, dq, dm, ds = torch.ops.rfq.csq_weight_backward(gw, p, q, m, s, b)
         leaves = [t.clone().requires_grad_(True) for t in (p, q, m, s)]
         ref.csq_weight(*leaves, b).backward(gw)
-        for got, leaf in zip((dp, dq, dm, ds), leaves):
+        for got, leaf in zip((dp, dq), leaves):
             torch.testing.assert_close(got, leaf.grad, rtol=1e-5, atol=1e-6)
+        for got, leaf in zip((dm, ds), leaves[2:]):  # sums of 24K terms: fp32 orders differ
+            torch.testing.assert_close(got, leaf.grad, rtol=1e-4, atol=1e-5)
     print("ok")
     """
 )

@@ -29,6 +29,18 @@ def tolerances(dtype):
     return dict(rtol=2e-6, atol=2e-7) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-14)
 
 
+def assert_grads_close(got, want, dtype):
+    """dp, dq elementwise; dm and dscale are sums over every weight, whose fp32 summation
+    orders differ (torch's reduction against the op's fixed chunks)."""
+    fp32 = dtype == torch.float32
+    for name, a, b in zip("p q m scale".split(), got, want):
+        assert a.shape == b.shape, name
+        reduction = name in ("m", "scale")
+        torch.testing.assert_close(a, b, rtol=(1e-4 if reduction else 1e-5) if fp32 else 1e-10,
+                                   atol=(1e-5 if reduction else 1e-6) if fp32 else 1e-13,
+                                   msg=name)
+
+
 def grads_of(fn, args, grad_w):
     leaves = [a.detach().clone().requires_grad_(True) for a in args[:4]]
     fn(*leaves, args[4]).backward(grad_w)
@@ -44,11 +56,8 @@ def test_forward_and_backward_match_reference(device, dtype, planes, shape):
     assert w.shape == shape and w.dtype == dtype and w.is_contiguous()
     torch.testing.assert_close(w, ref.csq_weight(*args), **tolerances(dtype))
     gw = torch.randn(shape, dtype=dtype, device=device)
-    got, want = grads_of(ops.csq_weight, args, gw), grads_of(ref.csq_weight, args, gw)
-    for name, a, b in zip("p q m scale".split(), got, want):
-        assert a.shape == b.shape, name
-        torch.testing.assert_close(a, b, rtol=1e-5 if dtype == torch.float32 else 1e-10,
-                                   atol=1e-6 if dtype == torch.float32 else 1e-13, msg=name)
+    assert_grads_close(grads_of(ops.csq_weight, args, gw), grads_of(ref.csq_weight, args, gw),
+                       dtype)
 
 
 def test_gradcheck_fp64(device):
@@ -136,10 +145,8 @@ def test_property_matches_reference(shape, planes, dtype, beta, seed):
     args = make(tuple(shape), planes, dtype, "cpu", beta=beta, seed=seed)
     torch.testing.assert_close(ops.csq_weight(*args), ref.csq_weight(*args), **tolerances(dtype))
     gw = torch.randn(tuple(shape), dtype=dtype)
-    got, want = grads_of(ops.csq_weight, args, gw), grads_of(ref.csq_weight, args, gw)
-    for a, b in zip(got, want):
-        torch.testing.assert_close(a, b, rtol=1e-5 if dtype == torch.float32 else 1e-10,
-                                   atol=1e-6 if dtype == torch.float32 else 1e-13)
+    assert_grads_close(grads_of(ops.csq_weight, args, gw), grads_of(ref.csq_weight, args, gw),
+                       dtype)
 
 
 def _args(**change):
@@ -181,6 +188,5 @@ def test_large_layer_takes_the_streaming_store_path():
     for n in (300_000, 300_001):  # aligned rows; unaligned rows and a masked tail
         args = make((n,), 8, torch.float32, "cpu", seed=5)
         gw = torch.randn(n)
-        got, want = grads_of(ops.csq_weight, args, gw), grads_of(ref.csq_weight, args, gw)
-        for a, b in zip(got, want):
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        assert_grads_close(grads_of(ops.csq_weight, args, gw),
+                           grads_of(ref.csq_weight, args, gw), torch.float32)
