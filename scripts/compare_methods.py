@@ -12,6 +12,7 @@ plot. Usage: python scripts/compare_methods.py STUDY_DIR DFMPC_DIR OUT.png [HOTS
 from __future__ import annotations
 
 import json
+import re
 import statistics
 import sys
 from pathlib import Path
@@ -80,7 +81,8 @@ def rows_csq(folder: Path) -> list[dict]:
     """One row per target: weight size as stored (signed digits: up to b + 1 bits for b bits
     on), CSQ's own count (b bits) in the config column."""
     rows = []
-    for path in sorted(folder.glob("csq-t*/report.json")):
+    for path in sorted(p for p in folder.glob("csq-t*/report.json")
+                       if re.fullmatch(r"csq-t\d+(-l[\d.]+)?", p.parent.name)):
         r = json.loads(path.read_text())
         rows.append({"method": CSQ, "config": f"target {r['target_bits']:g} "
                      f"(λ {r['reg_strength']:g}): "

@@ -1,11 +1,12 @@
 """The average precision of every `rfq csq` run over training (README's CSQ plot): the
 size-weighted average bits at the start of each pseudo-epoch, the target as a dashed line,
 the ticket round shaded. Usage: python scripts/plot_csq.py RUNS_DIR OUT.png
-(reads RUNS_DIR/csq-t*/report.json, written by scripts/results_csq.sh)."""
+(reads RUNS_DIR/csq-tB[-lL]/report.json, written by scripts/results_csq.sh)."""
 
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -16,7 +17,8 @@ def main(runs: str, out: str) -> int:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    reports = sorted((json.loads(p.read_text()) for p in Path(runs).glob("csq-t*/report.json")),
+    reports = sorted((json.loads(p.read_text()) for p in Path(runs).glob("csq-t*/report.json")
+                      if re.fullmatch(r"csq-t\d+(-l[\d.]+)?", p.parent.name)),
                      key=lambda r: (r["target_bits"], r["reg_strength"]))
     if not reports:
         raise SystemExit(f"plot_csq: no csq-t*/report.json under {runs}")
