@@ -24,8 +24,8 @@ def build_csq_config(args):
 
     values = merge_settings(dict(CSQ_DEFAULTS), args, "rfq csq")
     for key in ("model", "dataset", "data_dir", "init_from", "planes", "target_bits",
-                "act_bits", "budget_mode", "reg_strength", "rounds", "round_epochs",
-                "ticket_epochs", "rewind", "zero_layers", "steps_per_epoch", "train_limit",
+                "act_bits", "act_quant", "budget_mode", "reg_strength", "rounds",
+                "round_epochs", "ticket_epochs", "rewind", "zero_layers", "steps_per_epoch", "train_limit",
                 "batch_size", "lr", "seed", "device"):
         v = getattr(args, key, None)
         if v is not None:
@@ -148,6 +148,9 @@ def add_parser(sub) -> None:
     p.add_argument("--target-bits", dest="target_bits", type=float,
                    help="average bits to reach (default 3)")
     p.add_argument("--act-bits", dest="act_bits", type=int, help="input bits (default 4)")
+    p.add_argument("--act-quant", dest="act_quant", choices=["spec", "lsq"],
+                   help="inputs: spec (ReLU6 max-scaled, PACT at <= 3 bits; default) or lsq "
+                        "(learned steps, an ablation)")
     p.add_argument("--budget-mode", dest="budget_mode", choices=["size", "bitops", "layer"])
     p.add_argument("--planes", type=int,
                    help="N bit planes per weight, 2..8 (default 6; 8 may need 9-bit codes)")

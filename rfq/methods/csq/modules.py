@@ -36,6 +36,9 @@ PACT_CLIP_INIT = 10.0
 ONE_BIT_LOGIT = 1e-3  # a layer's last gate on is held at least here (keep_one_bit)
 TICKET_LOGIT = 1e4  # |m| in ticket mode: g(beta * 1e4) is exactly 0 or 1 for every beta >= 1
 GATE_MODES = ("soft", "ticket", "hard")
+# inputs: "spec" is §C.4 (ReLU6 + max-scaled, PACT at <= 3 bits); "lsq" the main method's learned
+# LSQ steps (an ablation of the input quantizer) [ours]
+ACT_QUANTIZERS = ("spec", "lsq")
 
 # The weight builder every CSQ layer calls. Only the benchmarks swap in the eager composition
 # (use_composed_weight), to time the same training step built the official code's way.
@@ -79,10 +82,12 @@ class _Csq:
     """The bit-level weight, mixed into QuantConv2d / QuantLinear (the float ``weight`` stays,
     frozen, as the layer's shape and its float twin for cost probes)."""
 
-    def _setup_csq(self, planes: int, act_bits: int) -> None:  # noqa: C901
+    def _setup_csq(self, planes: int, act_bits: int, act_quant: str = "spec") -> None:
         check_planes(planes)
         if not MIN_BITS <= act_bits <= MAX_BITS:
             raise ValueError(f"act_bits must be in {MIN_BITS}..{MAX_BITS}, got {act_bits}")
+        if act_quant not in ACT_QUANTIZERS:
+            raise ValueError(f"act_quant must be one of {ACT_QUANTIZERS}, got {act_quant!r}")
         self.planes = planes
         p, q, s = digit_logits(self.weight, planes)
         self.p, self.q = nn.Parameter(p), nn.Parameter(q)
@@ -95,8 +100,12 @@ class _Csq:
         self.register_buffer("beta", torch.ones(()))
         self.gate_mode = "soft"
         self.keep_one_bit = True  # the trainer's zero_layers="prune" turns it off
-        if self.a_bits:  # one fixed input bit-width; its step per §C.4
+        if self.a_bits:  # one fixed input bit-width; its step per §C.4 (or LSQ's)
             self.a_bits = [act_bits]
+            if act_quant == "lsq":  # learned like the main method's, set from the first batch
+                self.a_ready = [False]
+                self.a_steps.requires_grad_(True)
+                return
             self.a_ready = [True]
             qp = qrange(act_bits, self.a_signed)[1]
             learned = act_bits <= PACT_MAX_BITS
@@ -167,17 +176,17 @@ class _Csq:
 class CsqConv2d(_Csq, QuantConv2d):
     def __init__(self, conv: nn.Conv2d, w_bits, a_bits=(), a_signed: bool = False,
                  role: str = "mixed", lsq_grad_scale: bool = False, planes: int = 6,
-                 act_bits: int = 4):
+                 act_bits: int = 4, act_quant: str = "spec"):
         super().__init__(conv, [planes], a_bits, a_signed, role, lsq_grad_scale)
-        self._setup_csq(planes, act_bits)
+        self._setup_csq(planes, act_bits, act_quant)
 
 
 class CsqLinear(_Csq, QuantLinear):
     def __init__(self, linear: nn.Linear, w_bits, a_bits=(), a_signed: bool = False,
                  role: str = "mixed", lsq_grad_scale: bool = False, planes: int = 6,
-                 act_bits: int = 4):
+                 act_bits: int = 4, act_quant: str = "spec"):
         super().__init__(linear, [planes], a_bits, a_signed, role, lsq_grad_scale)
-        self._setup_csq(planes, act_bits)
+        self._setup_csq(planes, act_bits, act_quant)
 
 
 def csq_layers(model: nn.Module) -> list[tuple[str, _Csq]]:
@@ -185,18 +194,24 @@ def csq_layers(model: nn.Module) -> list[tuple[str, _Csq]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, _Csq)]
 
 
-def csq_(model: nn.Module, planes: int = 6, act_bits: int = 4) -> nn.Module:
+def csq_(model: nn.Module, planes: int = 6, act_bits: int = 4,
+         act_quant: str = "spec") -> nn.Module:
     """Every Conv2d/Linear of ``model`` (stem and FC too) as a CSQ layer of ``planes`` bit
-    planes, inputs quantized at ``act_bits`` (the image excepted), in place."""
+    planes, inputs quantized at ``act_bits`` (the image excepted) by ``act_quant``'s rule, in
+    place."""
     check_planes(planes)
+    if act_quant not in ACT_QUANTIZERS:
+        raise ValueError(f"act_quant must be one of {ACT_QUANTIZERS}, got {act_quant!r}")
     if not isinstance(act_bits, int) or not MIN_BITS <= act_bits <= MAX_BITS:
         raise ValueError(f"act_bits must be an integer in {MIN_BITS}..{MAX_BITS}, got "
                          f"{act_bits!r}")
     config = QuantConfig(bits=(planes,), act_bits=(act_bits,), depthwise_bits=(planes,),
                          first_bits=planes, last_bits=planes)
     quantize_(model, config, fixed_too=True,
-              conv_type=functools.partial(CsqConv2d, planes=planes, act_bits=act_bits),
-              linear_type=functools.partial(CsqLinear, planes=planes, act_bits=act_bits))
+              conv_type=functools.partial(CsqConv2d, planes=planes, act_bits=act_bits,
+                                          act_quant=act_quant),
+              linear_type=functools.partial(CsqLinear, planes=planes, act_bits=act_bits,
+                                            act_quant=act_quant))
     return model
 
 
@@ -214,5 +229,6 @@ def layer_precisions(model: nn.Module) -> dict[str, int]:
     return {name: layer.precision() for name, layer in csq_layers(model)}
 
 
-__all__ = ["CsqConv2d", "CsqLinear", "GATE_MODES", "KAPPA", "M_INIT", "check_planes", "csq_",
-           "csq_layers", "digit_logits", "layer_precisions", "set_gate_mode", "set_temperature"]
+__all__ = ["ACT_QUANTIZERS", "CsqConv2d", "CsqLinear", "GATE_MODES", "KAPPA", "M_INIT",
+           "check_planes", "csq_", "csq_layers", "digit_logits", "layer_precisions",
+           "set_gate_mode", "set_temperature", "use_composed_weight"]

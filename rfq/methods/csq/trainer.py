@@ -8,8 +8,9 @@ its digits continue from a hardened state [ours]) and the learning rate follows 
 Between soft rounds m <- min(beta m, m_init). The ticket round freezes the masks at 1[m > 0]
 and, with ``rewind``, restarts from the weights saved at epoch ``rewind_epoch`` of round 0 (the
 ImageNet recipe); without it, it continues (the CIFAR recipe: hard masks from epoch ``ticket``
-on). The loss is CE plus the budget regulariser (budget.py) during the soft rounds. SGD with momentum
-and weight decay on every parameter, gates included; no EMA (the official code has none).
+on). The loss is CE plus the budget regulariser (budget.py) during the soft rounds. SGD with
+momentum and weight decay on every parameter, gates included; no EMA (the official code has
+none).
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ from torch import nn
 
 from rfq.cost import CostModel
 from rfq.methods.csq.budget import BUDGET_MODES, BudgetRegulariser, check_target
-from rfq.methods.csq.modules import (M_INIT, check_planes, csq_, csq_layers, set_gate_mode,
-                                     set_temperature)
+from rfq.methods.csq.modules import (ACT_QUANTIZERS, M_INIT, check_planes, csq_, csq_layers,
+                                     set_gate_mode, set_temperature)
 from rfq.training.config import TrainSettings
 from rfq.training.metrics import accuracy
 from rfq.training.trainer import Trainer, build_float_model
@@ -38,6 +39,7 @@ class CsqSettings:
     planes: int = 6  # N bit planes per weight (2..8); 8 can need 9-bit codes to export
     target_bits: float = 3.0  # the budget: average bits (R* = target / N)
     act_bits: int = 4
+    act_quant: str = "spec"  # "lsq": learned LSQ input steps (Adam, step_lr), an ablation
     budget_mode: str = "size"
     reg_strength: float = 0.1  # lambda (the official 0.01 is for 300-600 epochs; ours are short)
     rounds: int = 1  # soft rounds
@@ -50,6 +52,9 @@ class CsqSettings:
     def check(self):
         check_planes(self.planes)
         check_target(self.target_bits, self.planes)
+        if self.act_quant not in ACT_QUANTIZERS:
+            raise ValueError(f"act_quant must be one of {ACT_QUANTIZERS}, got "
+                             f"{self.act_quant!r}")
         if self.budget_mode not in BUDGET_MODES:
             raise ValueError(f"budget_mode must be one of {BUDGET_MODES}, got "
                              f"{self.budget_mode!r}")
@@ -72,7 +77,7 @@ class CsqConfig(CsqSettings, TrainSettings):
     """Every setting of a CSQ run."""
 
     SHAPE_KEYS = ("model", "dataset", "seed", "batch_size", "train_limit", "planes",
-                  "act_bits", "target_bits", "budget_mode", "rounds", "round_epochs",
+                  "act_bits", "act_quant", "target_bits", "budget_mode", "rounds", "round_epochs",
                   "ticket_epochs", "rewind")
 
 
@@ -94,11 +99,16 @@ class CsqTrainer(Trainer):
 
     def build_model(self) -> nn.Module:
         model = build_float_model(self.cfg, self.ds)
-        return csq_(model, self.cfg.planes, self.cfg.act_bits)
+        return csq_(model, self.cfg.planes, self.cfg.act_bits, self.cfg.act_quant)
 
     def optimizer_groups(self):
-        # spec §C.4: SGD with weight decay on every parameter, the gates included
-        return [p for p in self.model.parameters() if p.requires_grad], [], []
+        # spec §C.4: SGD with weight decay on every parameter, the gates included; learned LSQ
+        # input steps (act_quant="lsq") take the shared trainer's Adam, as in the main method
+        params = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        if self.cfg.act_quant == "lsq":
+            return ([p for n, p in params if not n.endswith("a_steps")], [],
+                    [p for n, p in params if n.endswith("a_steps")])
+        return [p for _, p in params], [], []
 
     def setup(self) -> None:
         cfg = self.cfg
@@ -134,8 +144,8 @@ class CsqTrainer(Trainer):
         _, _, length = self.round_of(int(e))
         start = min(int(e) // cfg.round_epochs, cfg.rounds) * cfg.round_epochs
         t = min((e - start) / max(length, 1), 1.0)
-        lr = cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * t))
-        return lr, 0.0
+        cosine = 0.5 * (1 + math.cos(math.pi * t))
+        return cfg.min_lr + (cfg.lr - cfg.min_lr) * cosine, cfg.step_lr * cosine
 
     @property
     def in_ticket(self) -> bool:

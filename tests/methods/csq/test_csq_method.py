@@ -327,3 +327,23 @@ def test_cli_trains_hardens_and_exports(float_ckpt, tmp_path, capsys):
     # a finished run resumes into the report alone
     assert main(argv + ["--resume"]) == 0
     assert json.loads((out / "report.json").read_text())["top1"] == report["top1"]
+
+
+def test_learned_input_steps_ablation(digits, float_ckpt, tmp_path):
+    """act_quant="lsq": the inputs get the main method's LSQ steps, set from the first batch and
+    trained by the shared Adam; the export carries them."""
+    cfg = config(float_ckpt, act_quant="lsq", reg_strength=1.0, target_bits=3)
+    tr = CsqTrainer(cfg, tmp_path / "run", dataset=digits, progress=False)
+    layer = dict(csq_layers(tr.model))["body1.0"]
+    assert layer.a_ready == [False] and layer.a_steps.requires_grad
+    assert any(layer.a_steps is p for p in tr.adam.param_groups[0]["params"])
+    before = layer.a_steps.detach().clone()
+    tr.run()
+    assert layer.a_ready == [True] and not torch.equal(layer.a_steps.detach(), before)
+    model = copy.deepcopy(tr.model)
+    harden(model)
+    path = export_csq(model, tmp_path / "m.safetensors")
+    tensors, _ = deploy.format.read(path)
+    assert torch.equal(tensors["body1.0.a_step"], layer.a_steps.detach().reshape(1))
+    with pytest.raises(ValueError, match=r"act_quant must be one of \('spec', 'lsq'\)"):
+        CsqConfig(**{**DIGITS, "act_quant": "pact"})
