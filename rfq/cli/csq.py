@@ -25,8 +25,8 @@ def build_csq_config(args):
     values = merge_settings(dict(CSQ_DEFAULTS), args, "rfq csq")
     for key in ("model", "dataset", "data_dir", "init_from", "planes", "target_bits",
                 "act_bits", "act_quant", "budget_mode", "reg_strength", "rounds",
-                "round_epochs", "ticket_epochs", "rewind", "zero_layers", "steps_per_epoch", "train_limit",
-                "batch_size", "lr", "seed", "device"):
+                "round_epochs", "ticket_epochs", "rewind", "zero_layers", "steps_per_epoch",
+                "train_limit", "batch_size", "lr", "seed", "device"):
         v = getattr(args, key, None)
         if v is not None:
             values[key] = v
