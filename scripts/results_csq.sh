@@ -2,11 +2,12 @@
 # README's CSQ table: Fashion-MNIST ResNet-20 from the shipped float model, `rfq csq` at target
 # 2, 3 and 4 average bits (size mode, N = 6 planes, 5-bit inputs like the main method's rows in
 # the comparison table), then the plot of the average precision over training. Target 2 also
-# with lambda = 0.5; target 3 also in layer mode and with twice the steps (ablations).
+# with lambda = 0.5; target 3 also in layer mode, with twice the steps and with learned LSQ
+# input steps (ablations).
 # Resumable: finished runs are skipped, interrupted ones continue.
 #   bash scripts/results_csq.sh [OUT=runs] [THREADS=1]
 # Two runs at a time, one thread each: about 6 min per pair on the 2-core machine (12 min),
-# then the two target-3 ablations (12 min).
+# then the target-3 ablations (18 min).
 set -euo pipefail
 OUT=${1:-runs}
 THREADS=${2:-1}
@@ -35,3 +36,4 @@ python scripts/plot_csq.py "$OUT" "$OUT/csq-precision.png"
 csq csq-t3-layer 3 --budget-mode layer &
 csq csq-t3-long 3 --round-epochs 40 --ticket-epochs 12 &
 wait
+csq csq-t3-lsqact 3 --act-quant lsq  # the main method's learned input steps
