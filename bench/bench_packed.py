@@ -175,3 +175,30 @@ def bench_memory_bandwidth(benchmark, impl):
     else:
         tag(benchmark, "sum (read only)", "bandwidth reference", "-", 4 * n)
         benchmark(src.sum)
+
+
+# C8's thread check (issue 17): does one core stream the read roof, or do both cores need to?
+# The M=1 int4 GEMV on the largest LLM shape and the read-only `sum`, each at 1 and 2 threads;
+# the ratio column is 2-thread time over 1-thread time per role group (the GB/s column: rates).
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("impl", ["int4 M=1 11008->4096", "sum (read only)"])
+def bench_thread_bandwidth(benchmark, impl, threads):
+    before = torch.get_num_threads()
+    benchmark.group = f"C8 thread check: {impl}, 1 vs 2 threads"
+    role = "rfq" if threads == 2 else "1 thread"
+    try:
+        torch.set_num_threads(threads)
+        if impl == "sum (read only)":
+            n = (0 if COLD_BYTES == 0 else 64 << 20) or (1 << 20)
+            src = torch.ones(n)
+            tag(benchmark, role, "C8 thread check", "-", 4 * n)
+            benchmark(src.sum)
+        else:
+            n, k = 4096, 11008
+            nbytes = ops.packed_row_bytes(k, 4) * n + n * (k // GROUP) * 2 + io_bytes(1, n, k)
+            tag(benchmark, role, "C8 thread check", "-", nbytes)
+            call = Rotating(run_rfq(4), rfq_weights(n, k, 4), torch.randn(1, k))
+            call()
+            benchmark(call)
+    finally:
+        torch.set_num_threads(before)
