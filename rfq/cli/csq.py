@@ -64,12 +64,12 @@ def cmd_csq(args) -> int:
     import torch
 
     from rfq import checkpoint as ckpt
-    from rfq.cli.pipeline import dataset_arch
-    from rfq.data import BatchStream, eval_batches
+    from rfq.cli.pipeline import dataset_arch, dataset_calibration_batches
+    from rfq.data import eval_batches
     from rfq.deploy import file_sizes, load
     from rfq.deploy.methods import export_csq
     from rfq.methods.csq import CsqTrainer, harden
-    from rfq.methods.rfq.search import calibration_count, recalibrate_bn
+    from rfq.methods.rfq.search import recalibrate_bn
     from rfq.runtime import flush_denormals
     from rfq.training import evaluate
 
@@ -95,13 +95,9 @@ def cmd_csq(args) -> int:
 
     with flush_denormals():
         top1_as_trained = evaluate(model, test())
-        calib = []
         if args.calib_images:
-            stream = BatchStream(ds.train, ds, 128, cfg.seed + 1000, device=trainer.device,
-                                 channels_last=cfg.channels_last)
-            n = min(calibration_count(args.calib_images, 128), stream.steps_per_epoch)
-            calib = [stream.batch(0, i) for i in range(n)]
-            recalibrate_bn(model, calib)
+            recalibrate_bn(model, dataset_calibration_batches(
+                ds, args.calib_images, cfg.seed + 1000, trainer.device, cfg.channels_last))
         top1 = evaluate(model, test())
     sizes = size_report(model, trainer.costs, cfg.planes)
     try:

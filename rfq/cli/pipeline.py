@@ -61,13 +61,20 @@ def load_run(path: str | Path, dataset: Dataset | None = None, data_dir=None,
     return LoadedRun(cfg, model, ds, costs, saved.get("wall", 0.0), path)
 
 
-def calibration_batches(run: LoadedRun, images: int, batch_size: int = 128, seed: int = 1):
-    """Augmented training batches for BN recalibration: floor(images / batch) + 1 of them."""
-    stream = BatchStream(run.dataset.train, run.dataset, batch_size, seed + 1000,
-                         channels_last=run.cfg.channels_last,
-                         device=next(run.model.parameters()).device)
+def dataset_calibration_batches(ds: Dataset, images: int, stream_seed: int, device,
+                                channels_last: bool, batch_size: int = 128) -> list:
+    """Augmented training batches of ``ds`` for BN recalibration: floor(images / batch) + 1."""
+    stream = BatchStream(ds.train, ds, batch_size, stream_seed, channels_last=channels_last,
+                         device=device)
     n = min(calibration_count(images, batch_size), stream.steps_per_epoch)
     return [stream.batch(0, i) for i in range(n)]
+
+
+def calibration_batches(run: LoadedRun, images: int, batch_size: int = 128, seed: int = 1):
+    """A run's BN recalibration batches (dataset_calibration_batches, stream seed seed + 1000)."""
+    return dataset_calibration_batches(run.dataset, images, seed + 1000,
+                                       next(run.model.parameters()).device,
+                                       run.cfg.channels_last, batch_size)
 
 
 def test_batches(run: LoadedRun, split: str = "test", limit: int | None = None):

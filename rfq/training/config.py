@@ -4,7 +4,7 @@ these groups and adds its own (``rfq.methods.rfq.TrainConfig``); every group may
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import MISSING, dataclass, fields
 from typing import Optional
 
 
@@ -77,6 +77,17 @@ class TrainSettings(DataSettings, OptimSettings, EmaSettings, LogSettings):
             check = cls.__dict__.get("check")
             if check is not None:
                 check(self)
+
+    @classmethod
+    def defaults(cls) -> dict:
+        """Every setting's default: what a checkpoint written before a setting existed ran."""
+        out = {}
+        for f in fields(cls):
+            if f.default is not MISSING:
+                out[f.name] = f.default
+            elif f.default_factory is not MISSING:
+                out[f.name] = f.default_factory()
+        return out
 
     @classmethod
     def from_dict(cls, values: dict):

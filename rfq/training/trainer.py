@@ -95,8 +95,8 @@ class Trainer:
                     f"{self.ckpt_path} already exists: pass --resume to continue that run or "
                     f"choose another output folder (it is never overwritten by a new run)")
             saved = ckpt.load(self.ckpt_path, kind=self.kind)
-            ckpt.check_compatible(saved["config"], asdict(cfg), type(cfg).SHAPE_KEYS,
-                                  self.ckpt_path)
+            ckpt.check_compatible({**type(cfg).defaults(), **saved["config"]}, asdict(cfg),
+                                  type(cfg).SHAPE_KEYS, self.ckpt_path)
         torch.manual_seed(cfg.seed)  # model init (and dropout) reproducible
         self.model = place_model(self.build_model(), cfg, self.device)
         self.net = self.model

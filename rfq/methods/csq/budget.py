@@ -70,11 +70,13 @@ class BudgetRegulariser:
     def average_bits(self) -> Tensor:
         return self.ratio() * self.planes
 
-    def loss(self) -> Tensor:
-        """lambda (R - R*) sum_l w~_l sum_i g(beta m_{l,i}); its sign flips at R = R*."""
+    def loss(self, ratio: Tensor | None = None) -> Tensor:
+        """lambda (R - R*) sum_l w~_l sum_i g(beta m_{l,i}); its sign flips at R = R*.
+        ``ratio``: R when the caller has it already (a step logs it too)."""
         gates = torch.stack([torch.sigmoid(layer.beta * layer.m).sum()
                              for _, layer in self.layers])
-        return self.strength * (self.ratio() - self.target) * (self.gate_weight * gates).sum()
+        r = self.ratio() if ratio is None else ratio
+        return self.strength * (r - self.target) * (self.gate_weight * gates).sum()
 
 
 __all__ = ["BUDGET_MODES", "BudgetRegulariser", "check_target", "layer_weights"]

@@ -189,10 +189,11 @@ class CsqTrainer(Trainer):
     def passes(self, x: torch.Tensor, y: torch.Tensor) -> dict:
         logits = self.net(x)
         loss = self.ce(logits, y)
+        ratio = self.regulariser.ratio()
         logs = {"loss": loss.detach(), "acc": accuracy(logits.detach(), y),
-                "avg_bits": self.regulariser.average_bits()}
+                "avg_bits": ratio * self.regulariser.planes}
         if not self.in_ticket and self.cfg.reg_strength > 0:
-            reg = self.regulariser.loss()
+            reg = self.regulariser.loss(ratio)
             loss = loss + reg
             logs["reg"] = reg.detach()
         loss.backward()

@@ -154,6 +154,24 @@ def test_checkpoint_errors_never_overwrite(tmp_path, digits, float_ckpt):
         Trainer(coupled_config(path, epochs=1), tmp_path / "x", dataset=digits, progress=False)
 
 
+def test_checkpoint_older_than_a_setting_resumes_at_its_default(tmp_path, digits, float_ckpt):
+    """A shape setting added after a checkpoint was written compares as its default; a
+    different value is still refused."""
+    cfg = coupled_config(float_ckpt, epochs=2, steps_per_epoch=2)
+    tr = Trainer(cfg, tmp_path / "r", dataset=digits, progress=False)
+    tr.run(max_steps=2)
+    tr.save()
+    path = tmp_path / "r" / "checkpoint.pt"
+    state = ckpt.load(path)
+    del state["config"]["wavelet"]  # as written before the setting existed
+    ckpt.save_atomic(state, path)
+    resumed = Trainer(cfg, tmp_path / "r", resume=True, dataset=digits, progress=False)
+    assert resumed.step == 2
+    other = TrainConfig(**{**cfg.__dict__, "wavelet": False})
+    with pytest.raises(ckpt.CheckpointError, match="different run; wavelet: checkpoint True"):
+        Trainer(other, tmp_path / "r", resume=True, dataset=digits, progress=False)
+
+
 def test_bad_settings_are_named():
     with pytest.raises(ValueError, match="mode must be one of"):
         TrainConfig(mode="fancy")
