@@ -84,6 +84,20 @@ inline LinearDims check_packed_linear(const char* op, const at::Tensor& x,
   return {k ? x.numel() / k : 0, k, n, groups, std::move(out_shape)};
 }
 
+// packed_linear's fused input quantizer: x_step one fp32 value on x's device, x_bits a valid
+// bit-width. Its value is checked where it can be read without a host sync (the CPU wrapper).
+inline void check_input_quant(const char* op, const at::Tensor& x,
+                              const std::optional<at::Tensor>& x_step, int64_t x_bits) {
+  if (!x_step.has_value()) return;
+  check_bit(op, "x_bits", x_bits);
+  TORCH_CHECK(x_step->device() == x.device(), op, ": x_step must be on x's device (", x.device(),
+              "), got ", x_step->device());
+  TORCH_CHECK(x_step->scalar_type() == at::kFloat, op, ": x_step must be float32, got ",
+              x_step->scalar_type());
+  TORCH_CHECK(x_step->numel() == 1, op, ": x_step must hold one value, got shape ",
+              x_step->sizes());
+}
+
 // An empty product (M, N or K = 0): y is the bias broadcast over the rows (zeros without bias).
 inline bool is_empty_product(const LinearDims& d) { return d.m == 0 || d.n == 0 || d.k == 0; }
 

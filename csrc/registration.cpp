@@ -50,9 +50,11 @@ TORCH_LIBRARY(rfq, m) {
   // y = x @ dequant(W)^T (+ bias), x [..., K] -> [..., N] in x's dtype, fp32 accumulation.
   // group_size 0: per-tensor LSQ, w = scales * q (scales: one fp32 value, zeros None);
   // group_size 32/64/128: w = (u - zeros) * scales per [N, ceil(K/g)] group, zeros defaulting to
-  // the container offset (so w = q * scale).
+  // the container offset (so w = q * scale). With x_step, x first passes the deployed layer's LSQ
+  // input quantizer inside the op: y = x_step * (k @ W^T) + bias, k = codes of x at x_bits.
   m.def("packed_linear(Tensor x, Tensor packed, Tensor scales, Tensor? zeros, int bits, "
-        "int group_size, Tensor? bias=None) -> Tensor", pt2);
+        "int group_size, Tensor? bias=None, Tensor? x_step=None, int x_bits=8, "
+        "bool x_signed=False) -> Tensor", pt2);
 }
 
 // Statistics and codes are not differentiable: skipping the Autograd key gives outputs that do

@@ -212,10 +212,16 @@ def dequantize_weight(packed, scales, bits, shape, group_size=0, zeros=None) -> 
     return (q + code_offset(bits) - z) * scale
 
 
-def packed_linear(x, packed, scales, zeros, bits, group_size, bias=None) -> Tensor:
-    """fp32 dequantize, then F.linear in fp32 (spec §3's reference)."""
+def packed_linear(x, packed, scales, zeros, bits, group_size, bias=None, x_step=None, x_bits=8,
+                  x_signed=False) -> Tensor:
+    """fp32 dequantize, then F.linear in fp32 (spec §3's reference); with ``x_step``, x is first
+    LSQ fake-quantized in fp32 (the deployed layer's input quantizer, k * x_step)."""
     w = dequantize_weight(packed, scales, bits, (packed.shape[0], x.shape[-1]), group_size, zeros)
-    y = torch.nn.functional.linear(x.float(), w, None if bias is None else bias.float())
+    xf = x.float()
+    if x_step is not None:
+        step = x_step.reshape(())
+        xf = codes_float(xf / step, x_bits, x_signed) * step
+    y = torch.nn.functional.linear(xf, w, None if bias is None else bias.float())
     return y.to(x.dtype)
 
 

@@ -39,6 +39,8 @@ struct LsqKernels {
                 float near_threshold, float delta, float* mse, float* share);
   // int8 codes for signed ranges, uint8 for unsigned ones ([0, 255] does not fit int8).
   void (*codes)(c10::ScalarType dtype, const void* x, void* codes, int64_t n, QuantSpec q);
+  // The same codes as exact fp32 integers, NaN kept (packed_linear's fused input quantizer).
+  void (*codes_float)(c10::ScalarType dtype, const void* x, float* codes, int64_t n, QuantSpec q);
 };
 
 namespace DEFAULT { extern const LsqKernels kLsqKernels; }

@@ -352,6 +352,21 @@ void codes_typed(const T* x, Code* out, int64_t n, const QuantSpec& q) {
   });
 }
 
+// ---- codes_float: the codes as exact fp32 integers (NaN stays NaN): packed_linear's input stage
+template <typename T>
+void codes_float_typed(const T* x, float* out, int64_t n, const QuantSpec& q) {
+  const VecSpec vq(q);
+  parallel_chunks(n, [&](int64_t, int64_t begin, int64_t end) {
+    int64_t i = begin;
+    for (; i + kBlock <= end; i += kBlock) {
+      Vec a, b;
+      Io<T>::load(x + i, a, b);
+      Io<float>::store(out + i, code(a / vq.s, vq), code(b / vq.s, vq));
+    }
+    for (; i < end; ++i) out[i] = code(float(x[i]) / q.step, q);
+  });
+}
+
 // ---- type-erased entry points --------------------------------------------------------------------
 void forward(c10::ScalarType dt, const void* x, void* y, int64_t n, QuantSpec q) {
   dispatch_dtype(dt, [&](auto tag) {
@@ -408,9 +423,16 @@ void codes(c10::ScalarType dt, const void* x, void* out, int64_t n, QuantSpec q)
   });
 }
 
+void codes_float(c10::ScalarType dt, const void* x, float* out, int64_t n, QuantSpec q) {
+  dispatch_dtype(dt, [&](auto tag) {
+    using T = decltype(tag);
+    codes_float_typed<T>(static_cast<const T*>(x), out, n, q);
+  });
+}
+
 }  // namespace
 
-extern const LsqKernels kLsqKernels = {forward, backward, forward_multi,
-                                       backward_multi, stats, codes};
+extern const LsqKernels kLsqKernels = {forward, backward,       forward_multi, backward_multi,
+                                       stats,   codes,          codes_float};
 
 }  // namespace rfq::cpu::CPU_CAPABILITY

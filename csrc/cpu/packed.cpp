@@ -13,11 +13,13 @@
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
+#include <cmath>
 #include <cstdlib>
 #include <string>
 #include <vector>
 
 #include "cpu/huge_pages.h"
+#include "cpu/lsq_kernels.h"
 #include "cpu/packed_kernels.h"
 #include "packed_checks.h"
 #include "packed_layout.h"
@@ -52,8 +54,9 @@ int64_t gemm_min_m(const PackedKernels& kernels) {
 constexpr int64_t kGemmTileN = 512;  // dequantized rows per MKL call: 512 x 4608 fp32 = 9 MB (L3)
 constexpr int64_t kGemmWholeFloats = int64_t{4} << 20;  // up to 16 MB: dequantize whole, one call
 
-// Per-thread fp32 scratch that only grows: the padded activations and the dequantized weight
-// tiles are rewritten every call, and fresh multi-MB buffers would fault in new pages each time.
+// Per-thread fp32 scratch that only grows: the quantized input codes (slot 0) and the dequantized
+// weight tiles (slot 1) are rewritten every call, and fresh multi-MB buffers would fault in new
+// pages each time.
 float* scratch_floats(int64_t count, int slot) {
   thread_local std::vector<float> buffers[2];
   std::vector<float>& b = buffers[slot];
@@ -152,17 +155,29 @@ at::Tensor unpack_weight(const at::Tensor& packed, int64_t bits, c10::IntArrayRe
 
 at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales,
                          const std::optional<at::Tensor>& zeros, int64_t bits, int64_t group_size,
-                         const std::optional<at::Tensor>& bias) {
+                         const std::optional<at::Tensor>& bias,
+                         const std::optional<at::Tensor>& x_step, int64_t x_bits, bool x_signed) {
   constexpr const char* op = "rfq.packed_linear";
   const LinearDims dims =
       check_packed_linear(op, x, packed, scales, zeros, bits, group_size, bias);
+  check_input_quant(op, x, x_step, x_bits);
+  const float in_step = x_step.has_value() ? *x_step->const_data_ptr<float>() : 1.f;
+  TORCH_CHECK(std::isfinite(in_step) && in_step > 0.f, op,
+              ": x_step must be a finite positive step size, got ", in_step);
   const int64_t m = dims.m, k = dims.k, n = dims.n, groups = dims.groups;
 
   const auto f32 = x.options().dtype(at::kFloat);
   if (is_empty_product(dims)) return empty_product(dims, x, bias);
 
   const int64_t kp = packed::padded_k(k);
-  const at::Tensor x2 = x.reshape({m, k}).contiguous();
+  at::Tensor x2 = x.reshape({m, k}).contiguous();
+  if (x_step.has_value()) {  // the input quantizer as this op's activation stage: exact fp32 codes
+    at::Tensor codes = at::from_blob(scratch_floats(m * k, 0), {m, k}, f32);
+    lsq_kernels().codes_float(x2.scalar_type(), x2.const_data_ptr(),
+                              codes.mutable_data_ptr<float>(), m * k,
+                              make_spec(x_bits, x_signed, in_step));
+    x2 = codes;
+  }
   // fp32, bf16 and fp16 scales are read in place; other float types once converted
   const auto sdt = scales.scalar_type();
   const at::Tensor s = (sdt == at::kFloat || sdt == at::kBFloat16 || sdt == at::kHalf)
@@ -174,7 +189,8 @@ at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& packed, const at
                           packed_c.const_data_ptr<uint8_t>(), packed.size(1),
                           packed::container_bits(bits), n, s.const_data_ptr(),
                           float_kind(s.scalar_type()), group_size ? groups : 0,
-                          group_size ? 1 : 0, groups, group_size ? group_size : packed::kBlockK};
+                          group_size ? 1 : 0, groups, group_size ? group_size : packed::kBlockK,
+                          x_step.has_value()};
 
   at::Tensor y = at::empty({m, n}, f32);
   const PackedKernels& kernels = packed_kernels();
@@ -204,6 +220,7 @@ at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& packed, const at
     xg.narrow(1, 0, k).copy_(x2);
     y.addmm_(xg.view({m, groups, group_size}).sum(-1), zterm.t());
   }
+  if (x_step.has_value()) y.mul_(in_step);  // y = s_x (k @ W^T)
   if (bias.has_value()) y.add_(bias->to(at::kFloat));
   return y.to(x.scalar_type()).reshape(dims.out_shape);
 }

@@ -27,6 +27,7 @@ struct PackedMatmul {
   int64_t scale_group_stride;
   int64_t groups;      // scale columns that exist (per-tensor: 1); later groups are padding
   int64_t group_size;  // 32, 64 or 128 (per-tensor runs as 128 with one scale)
+  bool x_codes;        // x holds integer codes (|k| <= 255): kernels that round x keep them exact
 };
 
 struct PackedKernels {

@@ -236,9 +236,11 @@ inline __m512 load16(const void* base, int64_t offset, __mmask16 mask) {
 
 // Rounds 128 elements of x (from element offset `start` of a row holding `valid` more) to int16
 // with step max|x| / 32767: v[0..3] hold elements 0-31, 32-63, 64-95, 96-127. Returns the step;
-// NaN when the block holds inf or NaN, so that the outputs it touches become NaN.
+// NaN when the block holds inf or NaN, so that the outputs it touches become NaN. Integer codes
+// (`codes`: the fused input quantizer's, |k| <= 255) take step 1: the products stay exact.
 template <FloatKind kKind>
-inline float quantize_block(const void* x, int64_t start, int64_t valid, __m512i v[4]) {
+inline float quantize_block(const void* x, int64_t start, int64_t valid, bool codes,
+                            __m512i v[4]) {
   __m512 f[8];
   __m512 mx = _mm512_setzero_ps();
   __mmask16 bad = 0;
@@ -254,14 +256,14 @@ inline float quantize_block(const void* x, int64_t start, int64_t valid, __m512i
     for (int j = 0; j < 4; ++j) v[j] = _mm512_setzero_si512();
     return std::numeric_limits<float>::quiet_NaN();
   }
-  const __m512 inv = _mm512_set1_ps(maxabs > 0.f ? 32767.f / maxabs : 0.f);
+  const __m512 inv = _mm512_set1_ps(codes ? 1.f : (maxabs > 0.f ? 32767.f / maxabs : 0.f));
   for (int j = 0; j < 4; ++j) {
     const __m256i lo = _mm512_cvtsepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(f[2 * j], inv)));
     const __m256i hi =
         _mm512_cvtsepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(f[2 * j + 1], inv)));
     v[j] = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
   }
-  return maxabs / 32767.f;
+  return codes ? 1.f : maxabs / 32767.f;
 }
 
 // Activation rows per register tile (the tile kernels' kRm).
@@ -290,7 +292,8 @@ void quantize_rows(const PackedMatmul& a, int64_t m0, int64_t m1, int64_t units,
       __m512i v[K::kUnitBlocks][4];
       for (int h = 0; h < K::kUnitBlocks; ++h) {
         const int64_t b = u * K::kUnitBlocks + h, start = b * kB;
-        sx[m * bpad + b] = quantize_block<kKind>(a.x, m * a.k + start, a.k - start, v[h]);
+        sx[m * bpad + b] = quantize_block<kKind>(a.x, m * a.k + start, a.k - start, a.x_codes,
+                                                    v[h]);
       }
       __m512i* out = buf + x_offset(m, u, units, tile_m(a.m)) * K::kUnitVecs;
       if constexpr (C == 2) {

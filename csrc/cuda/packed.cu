@@ -429,18 +429,67 @@ void dispatch_m_tile(int64_t m, const F& fn) {
   return fn(std::integral_constant<int, 16>{});
 }
 
+// packed_linear's fused input quantizer: the codes of x as exact fp32 integers (NaN kept; a bad
+// step gives NaN codes, so no host sync is needed to report it).
+template <typename T>
+__global__ void input_codes_kernel(const T* __restrict__ x, int64_t n,
+                                   const float* __restrict__ step, QuantRange<float> q,
+                                   float* __restrict__ codes) {
+  const float s0 = *step;
+  const float s = step_ok(s0) ? s0 : std::numeric_limits<float>::quiet_NaN();
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n;
+       i += int64_t{blockDim.x} * gridDim.x) {
+    codes[i] = quant_code(div_rn(static_cast<float>(x[i]), s), q);
+  }
+}
+
+at::Tensor packed_linear_codes(const at::Tensor& x2, const at::Tensor& packed_w,
+                               const at::Tensor& scales, const std::optional<at::Tensor>& zeros,
+                               int64_t bits, int64_t group_size,
+                               const std::optional<at::Tensor>& bias, const LinearDims& dims);
+
 at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& packed_w,
                          const at::Tensor& scales, const std::optional<at::Tensor>& zeros,
-                         int64_t bits, int64_t group_size, const std::optional<at::Tensor>& bias) {
+                         int64_t bits, int64_t group_size, const std::optional<at::Tensor>& bias,
+                         const std::optional<at::Tensor>& x_step, int64_t x_bits, bool x_signed) {
   constexpr const char* op = "rfq.packed_linear";
   const LinearDims dims =
       check_packed_linear(op, x, packed_w, scales, zeros, bits, group_size, bias);
-  const int64_t m = dims.m, k = dims.k, n = dims.n, groups = dims.groups;
+  check_input_quant(op, x, x_step, x_bits);
   const c10::cuda::CUDAGuard guard(x.device());
 
   if (is_empty_product(dims)) return empty_product(dims, x, bias);
 
-  const at::Tensor x2 = x.reshape({m, k}).contiguous();
+  const at::Tensor x2 = x.reshape({dims.m, dims.k}).contiguous();
+  if (!x_step.has_value()) {
+    return packed_linear_codes(x2, packed_w, scales, zeros, bits, group_size, bias, dims);
+  }
+  // Input stage: x's codes (fp32), the product on them, then y = s_x (k @ W^T) + bias, all on
+  // the device (the step is read by the kernels, never by the host).
+  at::Tensor codes = at::empty({dims.m, dims.k}, x.options().dtype(at::kFloat));
+  const at::Tensor step = x_step->contiguous();
+  dispatch_float_types(x.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    input_codes_kernel<T><<<grid_1d(codes.numel(), 256), 256, 0, stream()>>>(
+        static_cast<const T*>(x2.const_data_ptr()), codes.numel(), step.const_data_ptr<float>(),
+        quant_range<float>(x_bits, x_signed), codes.mutable_data_ptr<float>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  at::Tensor y = packed_linear_codes(codes, packed_w, scales, zeros, bits, group_size,
+                                     std::nullopt, dims);
+  y.mul_(step.reshape({}));
+  if (bias.has_value()) y.add_(bias->to(at::kFloat));
+  return y.to(x.scalar_type());
+}
+
+// The product on x2 = [M, K] (contiguous; x itself or its input codes), output in x2's dtype.
+at::Tensor packed_linear_codes(const at::Tensor& x2, const at::Tensor& packed_w,
+                               const at::Tensor& scales, const std::optional<at::Tensor>& zeros,
+                               int64_t bits, int64_t group_size,
+                               const std::optional<at::Tensor>& bias, const LinearDims& dims) {
+  constexpr const char* op = "rfq.packed_linear";
+  const int64_t m = dims.m, k = dims.k, n = dims.n, groups = dims.groups;
+  const at::Tensor& x = x2;
   const at::Tensor p = packed_for_kernels(packed_w);
   const at::Tensor s = scales.to(at::kFloat).contiguous();
   at::Tensor z;

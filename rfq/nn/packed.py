@@ -1,6 +1,6 @@
 """Packed inference layers: a conv or linear frozen at one bit-width, its weight held as packed
 integer codes and run through ``rfq.ops.packed_conv2d`` / ``packed_linear``; its input keeps its
-LSQ fake quantization at the exported bits."""
+LSQ fake quantization at the exported bits, fused into the packed kernels where they run."""
 
 from __future__ import annotations
 
@@ -121,9 +121,14 @@ class PackedLayer(nn.Module):
         return ops.conv_reads_packed(x.shape[0], (h, w), self.groups)
 
     def forward(self, x: Tensor) -> Tensor:
+        packed = self.reads_packed(x)
+        quant = (None, 8, False)
         if self.a_bit is not None:
-            x = ops.coupled_quant(x, self.a_step, self._a_bits, self.a_sel, self.a_signed)
-        if self.dense is not None and not self.reads_packed(x):
+            if packed:  # the packed kernels quantize the input themselves: one call, not two
+                quant = (self.a_step, self.a_bit, self.a_signed)
+            else:
+                x = ops.coupled_quant(x, self.a_step, self._a_bits, self.a_sel, self.a_signed)
+        if self.dense is not None and not packed:
             w = self.dense if self.dense.dtype == x.dtype else self.dense.to(x.dtype)
             if not self.is_conv:
                 return F.linear(x, w, self.bias)
@@ -132,9 +137,10 @@ class PackedLayer(nn.Module):
         if self.is_conv:
             return ops.packed_conv2d(x.contiguous(), self.packed, self.scales, self.w_bit,
                                      self.weight_shape, self.group_size, self.zeros, self.bias,
-                                     self.stride, self.padding, self.dilation, self.groups)
+                                     self.stride, self.padding, self.dilation, self.groups,
+                                     *quant)
         return ops.packed_linear(x, self.packed, self.scales, self.w_bit, self.group_size,
-                                 self.zeros, self.bias)
+                                 self.zeros, self.bias, *quant)
 
     def extra_repr(self) -> str:
         a = "input not quantized" if self.a_bit is None else \

@@ -7,8 +7,10 @@ from __future__ import annotations
 import torch
 
 from rfq.ops.packed import dequantize_weight
+from rfq.ops.ste import input_range_mask
 
 _ops = torch.ops.rfq
+
 
 def _coupled_quant_setup(ctx, inputs, output):
     x, steps, bits, sel, signed, grad_scale = inputs
@@ -66,18 +68,23 @@ torch.library.register_autograd(
 
 
 def _packed_linear_setup(ctx, inputs, output):
-    x, packed, scales, zeros, bits, group_size, bias = inputs
-    ctx.save_for_backward(packed, scales, zeros)
+    x, packed, scales, zeros, bits, group_size, bias, x_step, x_bits, x_signed = inputs
+    quantized = x_step is not None  # dx then passes the input quantizer's clipped STE: keep x
+    ctx.save_for_backward(packed, scales, zeros, x if quantized else None, x_step)
     ctx.bits, ctx.group_size, ctx.x_shape, ctx.x_dtype = bits, group_size, x.shape, x.dtype
+    ctx.x_bits, ctx.x_signed = x_bits, x_signed
 
 
 def _packed_linear_backward(ctx, grad_y):
-    # The packed weight is frozen (deployment); only x gets a gradient: dx = dy @ dequant(W).
-    packed, scales, zeros = ctx.saved_tensors
+    # The packed weight is frozen (deployment); only x gets a gradient: dx = dy @ dequant(W),
+    # times the input quantizer's range mask when it is fused (its step is frozen too).
+    packed, scales, zeros, x, x_step = ctx.saved_tensors
     w = dequantize_weight(packed, scales, ctx.bits, (packed.shape[0], ctx.x_shape[-1]),
                           ctx.group_size, zeros)
-    grad_x = (grad_y.float() @ w).to(ctx.x_dtype)
-    return grad_x, None, None, None, None, None, None
+    grad_x = grad_y.float() @ w
+    if x_step is not None:
+        grad_x = grad_x * input_range_mask(x, x_step, ctx.x_bits, ctx.x_signed)
+    return grad_x.to(ctx.x_dtype), None, None, None, None, None, None, None, None, None
 
 
 torch.library.register_autograd(

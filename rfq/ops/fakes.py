@@ -67,12 +67,12 @@ def _unpack_weight_fake(packed, bits, shape):
 
 
 @torch.library.register_fake("rfq::packed_linear")
-def _packed_linear_fake(x, packed, scales, zeros, bits, group_size, bias=None):
+def _packed_linear_fake(x, packed, scales, zeros, bits, group_size, bias=None, x_step=None,
+                        x_bits=8, x_signed=False):
     others = dict(packed=packed, scales=scales)
-    if zeros is not None:
-        others["zeros"] = zeros
-    if bias is not None:
-        others["bias"] = bias
+    for name, t in (("zeros", zeros), ("bias", bias), ("x_step", x_step)):
+        if t is not None:
+            others[name] = t
     _check_devices("packed_linear", x, **others)
     return x.new_empty((*x.shape[:-1], packed.shape[0]))
 

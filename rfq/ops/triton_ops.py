@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from rfq import reference as ref
+from rfq.ops.ste import input_range_mask
 from rfq.triton_kernels import checks
 
 _NAN = float("nan")
@@ -263,20 +264,28 @@ def _quantize_codes_fake(x, step, bits, signed=True):
 @torch.library.custom_op(
     "rfq_triton::packed_linear", mutates_args=(), device_types="cuda", tags=_PT2,
     schema="(Tensor x, Tensor packed, Tensor scales, Tensor? zeros, int bits, int group_size, "
-           "Tensor? bias=None) -> Tensor")
-def packed_linear(x, packed, scales, zeros, bits, group_size, bias=None):
-    return _packed().packed_linear(x, packed, scales, zeros, bits, group_size, bias)
+           "Tensor? bias=None, Tensor? x_step=None, int x_bits=8, bool x_signed=False) -> Tensor")
+def packed_linear(x, packed, scales, zeros, bits, group_size, bias=None, x_step=None, x_bits=8,
+                  x_signed=False):
+    return _packed().packed_linear(x, packed, scales, zeros, bits, group_size, bias, x_step,
+                                   x_bits, x_signed)
 
 
 @packed_linear.register_kernel("cpu")
-def _packed_linear_cpu(x, packed, scales, zeros, bits, group_size, bias=None):
+def _packed_linear_cpu(x, packed, scales, zeros, bits, group_size, bias=None, x_step=None,
+                       x_bits=8, x_signed=False):
     checks.check_linear("packed_linear", x, packed, scales, zeros, bits, group_size, bias)
-    y = ref.packed_linear(x, packed.contiguous(), scales, zeros, bits, group_size, bias)
+    checks.check_input_quant("packed_linear", x, x_step, x_bits)
+    y = ref.packed_linear(x, packed.contiguous(), scales, zeros, bits, group_size, bias, x_step,
+                          x_bits, x_signed)
+    if x_step is not None and not bool(_step_ok(x_step.reshape(()))):
+        y = torch.full_like(y, _NAN)
     return y.contiguous()
 
 
 @packed_linear.register_fake
-def _packed_linear_fake(x, packed, scales, zeros, bits, group_size, bias=None):
+def _packed_linear_fake(x, packed, scales, zeros, bits, group_size, bias=None, x_step=None,
+                        x_bits=8, x_signed=False):
     return x.new_empty((*x.shape[:-1], packed.shape[0]))
 
 
@@ -304,17 +313,21 @@ def _dequantize_weight_fake(packed, scales, zeros, bits, group_size, k):
 
 
 def _packed_linear_setup(ctx, inputs, output):
-    x, packed, scales, zeros, bits, group_size, bias = inputs
-    ctx.save_for_backward(packed, scales, zeros)
+    x, packed, scales, zeros, bits, group_size, bias, x_step, x_bits, x_signed = inputs
+    ctx.save_for_backward(packed, scales, zeros, x if x_step is not None else None, x_step)
     ctx.bits, ctx.group_size, ctx.k, ctx.x_dtype = bits, group_size, x.shape[-1], x.dtype
+    ctx.x_bits, ctx.x_signed = x_bits, x_signed
 
 
 def _packed_linear_grad(ctx, grad_y):
-    # The packed weight is frozen (deployment); only x gets a gradient: dx = dy @ dequant(W).
-    packed, scales, zeros = ctx.saved_tensors
+    # The packed weight is frozen (deployment); only x gets a gradient: dx = dy @ dequant(W),
+    # masked by the fused input quantizer's range (rfq.ops.autograd).
+    packed, scales, zeros, x, x_step = ctx.saved_tensors
     w = dequantize_weight(packed, scales, zeros, ctx.bits, ctx.group_size, ctx.k)
-    grad_x = (grad_y.float() @ w).to(ctx.x_dtype)
-    return grad_x, None, None, None, None, None, None
+    grad_x = grad_y.float() @ w
+    if x_step is not None:
+        grad_x = grad_x * input_range_mask(x, x_step, ctx.x_bits, ctx.x_signed)
+    return grad_x.to(ctx.x_dtype), None, None, None, None, None, None, None, None, None
 
 
 packed_linear.register_autograd(_packed_linear_grad, setup_context=_packed_linear_setup)

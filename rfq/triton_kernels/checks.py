@@ -150,3 +150,16 @@ def check_linear(op: str, x, packed, scales, zeros, bits: int, group_size: int, 
             fail(op, f"bias must be on x's device ({x.device}), got {bias.device}")
         if not bias.is_floating_point():
             fail(op, f"bias must be floating point, got {bias.dtype}")
+
+
+def check_input_quant(op: str, x, x_step, x_bits: int):
+    """packed_linear's fused input quantizer (the C++ check_input_quant)."""
+    if x_step is None:
+        return
+    check_bit(op, "x_bits", x_bits)
+    if x_step.device != x.device:
+        fail(op, f"x_step must be on x's device ({x.device}), got {x_step.device}")
+    if x_step.dtype != torch.float32:
+        fail(op, f"x_step must be float32, got {x_step.dtype}")
+    if x_step.numel() != 1:
+        fail(op, f"x_step must hold one value, got shape {list(x_step.shape)}")

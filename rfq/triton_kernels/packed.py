@@ -34,8 +34,13 @@ import triton
 import triton.language as tl
 
 from rfq.triton_kernels import _interpreter_compat
-from rfq.ops.layout import BLOCK_K, code_offset, container_bits
-from rfq.triton_kernels.checks import check_linear, check_packed, check_scales, fail
+from rfq.ops.layout import BLOCK_K, code_offset, container_bits, is_binary, qrange
+from rfq.reference import codes_float
+from rfq.triton_kernels.checks import (check_input_quant, check_linear, check_packed,
+                                       check_scales, fail)
+from rfq.triton_kernels.lsq import _binary_code, _checked_step, _code
+
+_FLT_MAX = 3.4028234663852886e38
 
 _interpreter_compat.apply()
 
@@ -64,6 +69,17 @@ def _codes(byte, i: tl.constexpr, CB: tl.constexpr, OFFSET: tl.constexpr):
 
 
 @triton.jit
+def _input_codes(xv, x_step, valid, QN: tl.constexpr, QP: tl.constexpr, BINARY: tl.constexpr):
+    # LSQ codes of x (exact fp32 integers); lanes past K stay 0 (binary codes would make them +1)
+    v = tl.div_rn(xv, x_step)
+    if BINARY:
+        k = _binary_code(v)
+    else:
+        k = _code(v, QN, QP)
+    return tl.where(valid, k, 0.0)
+
+
+@triton.jit
 def _group_values(ptr, stride_n, stride_g, rows, row_mask, k0, K, GROUP: tl.constexpr):
     # One scale (or zero) per row for the group holding element k0, as fp32 [BLOCK_N]. Sub-blocks
     # past K (the layout's padding) have no group column: masked, they read 0 instead of past the
@@ -82,10 +98,11 @@ def _group_values(ptr, stride_n, stride_g, rows, row_mask, k0, K, GROUP: tl.cons
 @triton.jit
 def _gemv_kernel(x_ptr, stride_xm, stride_xk, w_ptr, stride_wn, s_ptr, stride_sn, stride_sg,
                  z_ptr, stride_zn, stride_zg, bias_ptr, stride_b, out_ptr, stride_os, stride_om,
-                 N, K, blocks_per_split,
+                 xs_ptr, N, K, blocks_per_split,
                  CB: tl.constexpr, OFFSET: tl.constexpr, GROUP: tl.constexpr,
                  HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, FINAL: tl.constexpr,
-                 BLOCK_N: tl.constexpr):
+                 QUANT_X: tl.constexpr, XQN: tl.constexpr, XQP: tl.constexpr,
+                 X_BINARY: tl.constexpr, BLOCK_N: tl.constexpr):
     PART: tl.constexpr = 128 * CB // 8
     PARTS: tl.constexpr = 8 // CB
     SUB: tl.constexpr = PART if (GROUP == 0 or GROUP >= PART) else GROUP
@@ -100,6 +117,8 @@ def _gemv_kernel(x_ptr, stride_xm, stride_xk, w_ptr, stride_wn, s_ptr, stride_sn
     acc = tl.zeros([BLOCK_N, SUB], dtype=tl.float32)
     first = split * blocks_per_split
     last = tl.minimum(first + blocks_per_split, tl.cdiv(K, 128))
+    if QUANT_X:  # the fused input quantizer: codes of x in registers, its step after the sums
+        x_step, _ = _checked_step(xs_ptr, 0, True)
     for b in range(first, last):
         for t in tl.static_range(PART // SUB):
             byte = tl.load(w_rows + (b * PART + t * SUB + cols)[None, :],
@@ -109,6 +128,8 @@ def _gemv_kernel(x_ptr, stride_xm, stride_xk, w_ptr, stride_wn, s_ptr, stride_sn
                 ks = k0 + cols
                 xv = tl.load(x_row + ks.to(tl.int64) * stride_xk, mask=ks < K,
                              other=0.0).to(tl.float32)
+                if QUANT_X:
+                    xv = _input_codes(xv, x_step, ks < K, XQN, XQP, X_BINARY)
                 q = _codes(byte, i, CB, OFFSET)
                 if GROUP == 0:
                     w = q.to(tl.float32)  # per-tensor: the step multiplies the row sums
@@ -125,6 +146,8 @@ def _gemv_kernel(x_ptr, stride_xm, stride_xk, w_ptr, stride_wn, s_ptr, stride_sn
     y = tl.sum(acc, axis=1)
     if GROUP == 0:
         y = y * tl.load(s_ptr).to(tl.float32)
+    if QUANT_X:
+        y = y * x_step
     if FINAL:  # no split: bias and the cast to x's dtype here
         if HAS_BIAS:
             y += tl.load(bias_ptr + rows * stride_b, mask=row_mask, other=0.0).to(tl.float32)
@@ -156,9 +179,10 @@ def _split_k_finish_kernel(part_ptr, stride_ps, stride_pm, bias_ptr, stride_b, y
 @triton.jit
 def _gemm_kernel(x_ptr, stride_xm, stride_xk, w_ptr, stride_wn, s_ptr, stride_sn, stride_sg,
                  z_ptr, stride_zn, stride_zg, xsum_ptr, stride_xsm, bias_ptr, stride_b, y_ptr,
-                 stride_ym, M, N, K,
+                 stride_ym, xs_ptr, M, N, K,
                  CB: tl.constexpr, OFFSET: tl.constexpr, GROUP: tl.constexpr,
-                 HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_IEEE: tl.constexpr,
+                 HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, SCALE_X: tl.constexpr,
+                 DOT_IEEE: tl.constexpr,
                  KSTEP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  GROUP_M: tl.constexpr):
     # KSTEP: depth of one dot, dividing both the part (PART codes share a bit offset) and the
@@ -218,6 +242,8 @@ def _gemm_kernel(x_ptr, stride_xm, stride_xk, w_ptr, stride_wn, s_ptr, stride_sn
             acc += part * scale[None, :]
     if GROUP == 0:
         acc = acc * tl.load(s_ptr).to(tl.float32)
+    if SCALE_X:  # x holds the fused input quantizer's codes (the launcher's stage): times its step
+        acc = acc * _checked_step(xs_ptr, 0, True)[0]
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rows_n * stride_b, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     y_ptrs = y_ptr + rows_m.to(tl.int64)[:, None] * stride_ym + rows_n[None, :]
@@ -299,10 +325,12 @@ def split_k(m: int, n: int, k: int, device: torch.device, block_n: int = GEMV_BL
     return triton.cdiv(blocks, per_split) if blocks else 1
 
 
-def packed_linear(x, packed, scales, zeros, bits, group_size, bias=None, *, gemv_max_m=None,
-                  splits=None):
-    """y = x @ dequant(W)^T (+ bias), fp32 accumulation, output in x's dtype."""
+def packed_linear(x, packed, scales, zeros, bits, group_size, bias=None, x_step=None, x_bits=8,
+                  x_signed=False, *, gemv_max_m=None, splits=None):
+    """y = x @ dequant(W)^T (+ bias), fp32 accumulation, output in x's dtype; with ``x_step``, x
+    passes the LSQ input quantizer first: y = x_step * (k @ W^T) + bias."""
     check_linear("packed_linear", x, packed, scales, zeros, bits, group_size, bias)
+    check_input_quant("packed_linear", x, x_step, x_bits)
     k, n = x.shape[-1], packed.shape[0]
     out_shape = (*x.shape[:-1], n)
     m = math.prod(x.shape[:-1])
@@ -332,10 +360,13 @@ def packed_linear(x, packed, scales, zeros, bits, group_size, bias=None, *, gemv
         out = y if final else torch.empty((nsplit, m, n), dtype=torch.float32, device=x.device)
         stride_os, stride_om = (0, y.stride(0)) if final else (out.stride(0), out.stride(1))
         grid = (triton.cdiv(n, GEMV_BLOCK_N), m, nsplit)
+        xqn, xqp = qrange(x_bits, x_signed)
         _gemv_kernel[grid](
             x2d, x2d.stride(0), x2d.stride(1), packed, packed.stride(0), *group, *bias_args,
-            out, stride_os, stride_om, n, k, per_split, CB=cb, OFFSET=offset, GROUP=group_size,
-            HAS_ZEROS=zeros is not None, HAS_BIAS=has_bias, FINAL=final, BLOCK_N=GEMV_BLOCK_N,
+            out, stride_os, stride_om, scales if x_step is None else x_step, n, k, per_split,
+            CB=cb, OFFSET=offset, GROUP=group_size, HAS_ZEROS=zeros is not None,
+            HAS_BIAS=has_bias, FINAL=final, QUANT_X=x_step is not None, XQN=float(xqn),
+            XQP=float(xqp), X_BINARY=is_binary(x_bits, x_signed), BLOCK_N=GEMV_BLOCK_N,
             num_warps=GEMV_WARPS)
         if not final:
             _split_k_finish_kernel[(triton.cdiv(n, FINISH_BLOCK_N), m)](
@@ -343,6 +374,8 @@ def packed_linear(x, packed, scales, zeros, bits, group_size, bias=None, *, gemv
                 HAS_BIAS=has_bias, BLOCK_N=FINISH_BLOCK_N, num_warps=4)
         return y.reshape(out_shape)
     block_m, block_n, kstep, warps, stages = gemm_config(m, x.dtype, cb, group_size)
+    if x_step is not None:  # codes in x's dtype (|k| <= 255: exact in fp16 and bf16)
+        x2d = input_codes(x2d, x_step, x_bits, x_signed).to(x.dtype)
     if zeros is not None:
         xsum = step_sums(x2d, kstep)
         xsum_args = (xsum, xsum.stride(0))
@@ -351,8 +384,9 @@ def packed_linear(x, packed, scales, zeros, bits, group_size, bias=None, *, gemv
     grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)
     _gemm_kernel[grid](
         x2d, x2d.stride(0), x2d.stride(1), packed, packed.stride(0), *group, *xsum_args,
-        *bias_args, y, y.stride(0), m, n, k, CB=cb, OFFSET=offset, GROUP=group_size,
-        HAS_ZEROS=zeros is not None, HAS_BIAS=has_bias, DOT_IEEE=x.dtype == torch.float32,
+        *bias_args, y, y.stride(0), scales if x_step is None else x_step, m, n, k, CB=cb,
+        OFFSET=offset, GROUP=group_size, HAS_ZEROS=zeros is not None, HAS_BIAS=has_bias,
+        SCALE_X=x_step is not None, DOT_IEEE=x.dtype == torch.float32,
         KSTEP=kstep, BLOCK_M=block_m, BLOCK_N=block_n, GROUP_M=GEMM_GROUP_M, num_warps=warps,
         num_stages=stages)
     return y.reshape(out_shape)
@@ -369,6 +403,13 @@ def gemm_config(m: int, dtype: torch.dtype, cb: int, group_size: int):
         return (32, 32, kstep, 4, 2) if block_m < 64 else (64, 64, kstep, 8, 2)
     kstep = min(128 * cb // 8, group_size or 128, GEMM_KSTEP)
     return block_m, GEMM_BLOCK_N, kstep, 8 if block_m == 64 else 4, GEMM_STAGES
+
+
+def input_codes(x2d: torch.Tensor, x_step: torch.Tensor, bits: int, signed: bool) -> torch.Tensor:
+    """fp32 codes of x at the input quantizer (the GEMM's stage; a bad step gives NaN codes)."""
+    s = x_step.reshape(())
+    s = torch.where((s > 0) & (s <= _FLT_MAX), s, float("nan"))
+    return codes_float(x2d.float() / s, bits, signed)
 
 
 def step_sums(x2d: torch.Tensor, kstep: int) -> torch.Tensor:

@@ -57,6 +57,11 @@ CHECK = textwrap.dedent(
             want = ref.packed_linear(x, packed, scales, zeros, bits, 64)
             w = ref.dequantize_weight(packed, scales, bits, (37, 300), 64, zeros)
             assert_linear_close(y, want, x, w)
+            # fused input quantizer: power-of-two steps keep every product and sum exact
+            xs, s1 = torch.tensor([0.25]), torch.tensor([2.0 ** -5])
+            y = ops.packed_linear(x * 4, packed, s1, bits, x_step=xs, x_bits=5, x_signed=True)
+            k = ref.codes_float(x * 16, 5, True).double()
+            assert torch.equal(y, ((k @ codes.double().t()) * 2.0 ** -7).float())
     for dtype in (torch.float32, torch.float64):  # CSQ: the vector sigmoid of every level
         p, q = (torch.randn(6, 4_099, generator=g).to(dtype) for _ in range(2))
         m, s, b = torch.randn(6).to(dtype), torch.tensor(0.4, dtype=dtype), torch.tensor(7.0, dtype=dtype)

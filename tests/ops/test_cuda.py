@@ -461,6 +461,12 @@ def test_packed_linear_matches_dequantize_linear(bits, group_size, with_zeros, d
         w = ref.dequantize_weight(packed.cpu(), scales.cpu(), bits, (n, k), group_size,
                                   None if zeros is None else zeros.cpu()).to(DEV)
         assert_packed_close(y, want, x, w, b, matmul_path=m > 16)
+    x_step = torch.tensor([0.3], device=DEV)  # the fused input quantizer (codes stage on CUDA)
+    y = ops.packed_linear(x, packed, scales, bits, group_size, zeros, bias, x_step, 4, False)
+    want = ref.packed_linear(x, packed, scales, zeros, bits, group_size, bias, x_step, 4, False)
+    xq = ref.codes_float(x.float() / 0.3, 4, False) * 0.3
+    assert y.dtype == dtype and y.shape == (m, n)
+    assert_packed_close(y, want, xq.to(dtype), w, bias, matmul_path=m > 16)
 
 
 @pytest.mark.parametrize("shape", [(4096, 4096), (1000, 512), (11, 4608)])

@@ -136,8 +136,8 @@ def test_backward_formulas_use_triton_ops():
         one = triton_ops._coupled_quant_grad(ctx, x)
         ctx.saved_tensors = (x, steps)
         multi = triton_ops._coupled_quant_multi_grad(ctx, grad_multi)
-        ctx = SimpleNamespace(saved_tensors=(packed_w, scale, None), bits=4, group_size=0, k=64,
-                              x_dtype=x.dtype)
+        ctx = SimpleNamespace(saved_tensors=(packed_w, scale, None, None, None), bits=4,
+                              group_size=0, k=64, x_dtype=x.dtype, x_bits=8, x_signed=False)
         lin = triton_ops._packed_linear_grad(ctx, grad_linear)
         return one[:2], multi[:2], lin[0]
 

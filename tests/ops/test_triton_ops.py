@@ -53,6 +53,8 @@ def test_opcheck_rfq_triton_ops(dtype):
         torch.library.opcheck(rt.packed_linear.default, (x, w, scales, zeros, 4, 64, None))
         torch.library.opcheck(rt.packed_linear.default,
                               (x, w, torch.tensor([0.1]), None, 4, 0, torch.randn(6)))
+        torch.library.opcheck(rt.packed_linear.default,  # the fused input quantizer
+                              (x, w, scales, zeros, 4, 64, None, torch.tensor([0.2]), 3, True))
     torch.library.opcheck(rt.dequantize_weight.default, (w, scales, zeros, 4, 64, 150))
 
 
@@ -83,6 +85,12 @@ def test_op_gradients_match_autograd_through_reference(signed):
     x = torch.randn(3, 64, requires_grad=True)
     torch.ops.rfq_triton.packed_linear(x, w, scales, None, 4, 0).sum().backward()
     torch.testing.assert_close(x.grad, (codes.float() * 0.05).sum(0).expand(3, 64))
+    x_step, xr = torch.tensor([0.2]), (x.detach() * 3).requires_grad_()  # some past the range
+    xt = xr.detach().clone().requires_grad_()
+    torch.ops.rfq_triton.packed_linear(xt, w, scales, None, 4, 0, None, x_step, 3, True).sum().backward()
+    wd = ref.dequantize_weight(w, scales, 4, (8, 64))
+    torch.nn.functional.linear(ref.lsq_fake_quant(xr, x_step.reshape(()), 3, True), wd).sum().backward()
+    torch.testing.assert_close(xt.grad, xr.grad)
 
 
 def test_op_cpu_kernels_follow_the_gpu_nan_convention():

@@ -177,6 +177,13 @@ def test_gpu_packed_linear(dtype, bits, group_size, with_zeros):
         assert_linear_close(y.cpu(), want.cpu(), x.cpu(), magnitude, rounding)
         mae = (y.float() - want.float()).abs().mean() / want.float().abs().mean()
         assert mae <= {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 4e-3}[dtype]
+        x_step = torch.tensor([0.25], device="cuda")  # fused input quantizer, 5-bit signed
+        with ops.gpu_backend("triton", "packed"):
+            y = ops.packed_linear(x, w, scales, bits, group_size, zeros, None, x_step, 5, True)
+        want = ref.packed_linear(x.cpu(), w.cpu(), scales.cpu(), zeros if zeros is None
+                                 else zeros.cpu(), bits, group_size, None, x_step.cpu(), 5, True)
+        xq = ref.codes_float(x.cpu().float() / 0.25, 5, True) * 0.25
+        assert_linear_close(y.cpu(), want, xq, magnitude, rounding)
 
 
 @gpu

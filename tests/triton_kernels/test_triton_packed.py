@@ -53,6 +53,31 @@ def test_packed_linear_matches_reference(bits, group_size, with_zeros):
 
 
 @interpreter
+@pytest.mark.parametrize("x_bits, x_signed", [(1, True), (4, False), (8, True)])
+@pytest.mark.parametrize("group_size, with_zeros", [(0, False), (64, True)])
+def test_packed_linear_fused_input_quantizer(x_bits, x_signed, group_size, with_zeros):
+    """x_step: codes in registers (GEMV, direct and split over K) or the launcher's code stage
+    (GEMM), the step after the sums; against the reference; a bad step gives NaN (the GPU
+    convention)."""
+    codes, w, scales, zeros = packed_case(4, group_size, with_zeros, n=19, k=333, seed=x_bits)
+    magnitude = weight_magnitude(codes, scales, zeros, 4, group_size)
+    x_step = torch.tensor([0.25])
+    for i, (dtype, (m, path)) in enumerate(COMBOS):
+        x = torch.randn(m, 333, generator=torch.Generator().manual_seed(i)) * 2 ** x_bits / 8
+        x = x.to(dtype)
+        y = packed.packed_linear(x, w, scales, zeros, 4, group_size, None, x_step, x_bits,
+                                 x_signed, **path)
+        want = ref.packed_linear(x, w, scales, zeros, 4, group_size, None, x_step, x_bits,
+                                 x_signed)
+        xq = ref.codes_float(x.float() / 0.25, x_bits, x_signed) * 0.25
+        assert y.shape == (m, 19) and y.dtype == dtype
+        assert_linear_close(y, want, xq, magnitude)
+    bad = packed.packed_linear(x, w, scales, zeros, 4, group_size, None, torch.tensor([0.0]),
+                               x_bits, x_signed)
+    assert torch.isnan(bad).all()
+
+
+@interpreter
 @pytest.mark.parametrize("bits", [1, 4, 8])  # the three containers
 @pytest.mark.parametrize("group_size, with_zeros", PACKED_MODES)
 def test_dequantize_and_unpack_are_exact(bits, group_size, with_zeros):
