@@ -11,11 +11,8 @@ rounds are reported.
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import os
 import statistics
-import sys
 import time
 
 import torch
@@ -97,47 +94,14 @@ def compare(models: dict[str, nn.Module], x: torch.Tensor, rounds: int = 3, reps
     return out
 
 
-@contextlib.contextmanager
-def _quiet_stderr():
-    """Silence file descriptor 2 (the profiler's C++ start/stop lines on some builds)."""
-    sys.stderr.flush()
-    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, 2)
-    try:
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
-
-
-@torch.inference_mode()
-def profiled_share(model: nn.Module, x: torch.Tensor, op: str = "rfq::coupled_quant",
-                   iters: int = 20) -> float:
-    """The share of ``model``'s CPU time spent in ``op`` (torch.profiler, self times summed):
-    unlike a with/without difference it does not drown in run-to-run noise."""
-    from torch.profiler import profile
-
-    for _ in range(3):
-        model(x)
-    with _quiet_stderr(), profile() as prof:
-        for _ in range(iters):
-            model(x)
-    events = prof.key_averages()
-    total = sum(e.self_cpu_time_total for e in events)
-    return sum(e.cpu_time_total for e in events if e.key == op) / max(total, 1e-9)
-
-
 def ratio(base: list[float], new: list[float]) -> tuple[float, float, float]:
     """(median, min, max) over rounds of base / new."""
     r = [b / n for b, n in zip(base, new)]
     return statistics.median(r), min(r), max(r)
 
 
-@torch.inference_mode()
-def per_layer(deployed: nn.Module, twin: nn.Module, x: torch.Tensor, reps: int = 20) -> list:
-    """Per packed layer on its real input: (name, description, deployed ms, fp32 ms of the conv
-    plus its BN), from one forward's captured inputs."""
+def _layer_inputs(deployed: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """{name: input} of every packed layer in one forward of ``x``."""
     inputs = {}
     hooks = [m.register_forward_pre_hook(lambda mod, a, n=n: inputs.__setitem__(n, a[0]))
              for n, m in deployed.named_modules() if isinstance(m, PackedLayer)]
@@ -146,6 +110,48 @@ def per_layer(deployed: nn.Module, twin: nn.Module, x: torch.Tensor, reps: int =
     finally:
         for h in hooks:
             h.remove()
+    return inputs
+
+
+@torch.inference_mode()
+def input_quant_cost(deployed: nn.Module, x: torch.Tensor, rounds: int = 3,
+                     reps: int = 50) -> dict:
+    """What the input fake quantization costs inside a forward, timed per layer on its captured
+    input: each quantized layer as deployed against a copy without its quantizer fed the
+    already-quantized input (the same output). Layers that read packed codes pay the fused code
+    stage of ``packed_linear``; the others a separate quantizer call. Per round: the sum of the
+    per-layer differences over the forward's median time, interleaved with it."""
+    from rfq.ops.packed import quantize_input
+
+    pairs = []
+    for name, x_in in _layer_inputs(deployed, x).items():
+        layer = deployed.get_submodule(name)
+        if layer.a_bit is None:
+            continue
+        plain = copy.deepcopy(layer)
+        plain.a_bit = None
+        x_q = quantize_input(x_in, layer.a_step, layer.a_bit, layer.a_signed)
+        pairs.append((layer.reads_packed(x_in), layer, x_in, plain, x_q))
+    shares, cost_us = [], {True: [], False: []}
+    for _ in range(rounds):
+        forward_ms = _median_ms(deployed, x, reps)
+        total = 0.0
+        for fused, layer, x_in, plain, x_q in pairs:
+            d = _median_ms(layer, x_in, reps) - _median_ms(plain, x_q, reps)
+            total += d
+            cost_us[fused].append(d * 1e3)
+        shares.append(total / forward_ms)
+    mean = (lambda v: sum(v) / len(v) if v else float("nan"))
+    return {"share": (statistics.median(shares), min(shares), max(shares)),
+            "fused": sum(p[0] for p in pairs), "separate": sum(not p[0] for p in pairs),
+            "fused_us": mean(cost_us[True]), "separate_us": mean(cost_us[False])}
+
+
+@torch.inference_mode()
+def per_layer(deployed: nn.Module, twin: nn.Module, x: torch.Tensor, reps: int = 20) -> list:
+    """Per packed layer on its real input: (name, description, deployed ms, fp32 ms of the conv
+    plus its BN), from one forward's captured inputs."""
+    inputs = _layer_inputs(deployed, x)
     modules = dict(twin.named_modules())
     rows = []
     for name, layer in deployed.named_modules():
@@ -201,7 +207,8 @@ def bench_file(path, batches=(1, 64), rounds: int = 3, reps: int = 20, dense: st
                 "speedup_vs_folded": ratio(times["fp32, BN folded"], times["deployed"]),
                 "act_quant_share": 1 - 1 / ratio(times["deployed"],
                                                  times["deployed, inputs not quantized"])[0],
-                "act_quant_profiled_share": profiled_share(deployed, x)}
+                "act_quant_cost": input_quant_cost(deployed, x, rounds,
+                                                   reps if b < 16 else max(3, reps // 4))}
         if layers:
             x = torch.randn(batches[0], *arch["input_shape"], generator=gen)
             report["layers"] = per_layer(deployed, models["fp32"], x, reps)
@@ -220,14 +227,18 @@ def format_report(report: dict) -> str:
              f"speed on {report['threads']} threads, torch.inference_mode, dense={report['dense']}"
              f" (fp32 ms / deployed ms, median of rounds [min-max]):",
              "| batch | fp32 ms | fp32 BN-folded ms | deployed ms | speedup vs fp32 "
-             "| vs BN-folded fp32 | input fake-quant share: with/without, profiled |",
-             "|---|---|---|---|---|---|---|"]
+             "| vs BN-folded fp32 | input fake-quant share: with/without, per layer "
+             "| quantizers fused / separate, µs each |",
+             "|---|---|---|---|---|---|---|---|"]
     for b, r in report["batches"].items():
         ms, (m, lo, hi), (mf, lof, hif) = r["ms"], r["speedup"], r["speedup_vs_folded"]
+        q = r["act_quant_cost"]
         lines.append(f"| {b} | {ms['fp32']:.2f} | {ms['fp32, BN folded']:.2f} | "
                      f"{ms['deployed']:.2f} | {m:.2f}x [{lo:.2f}-{hi:.2f}] | "
                      f"{mf:.2f}x [{lof:.2f}-{hif:.2f}] | {r['act_quant_share'] * 100:.0f} %, "
-                     f"{r['act_quant_profiled_share'] * 100:.1f} % |")
+                     f"{q['share'][0] * 100:.1f} % [{q['share'][1] * 100:.1f}-"
+                     f"{q['share'][2] * 100:.1f}] | {q['fused']} / {q['separate']}, "
+                     f"{q['fused_us']:.1f} / {q['separate_us']:.1f} |")
     if report.get("layers"):
         lines += ["", "| layer | weight, bits, path | deployed ms | fp32 conv+BN ms |",
                   "|---|---|---|---|"]
@@ -235,5 +246,4 @@ def format_report(report: dict) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["float_twin", "resident_bytes", "without_act_quant", "compare", "profiled_share",
-           "ratio", "per_layer", "bench_file", "format_report"]
+__all__ = ["float_twin", "resident_bytes", "without_act_quant", "compare", "input_quant_cost", "ratio", "per_layer", "bench_file", "format_report"]

@@ -82,6 +82,12 @@ def test_deploy_bench_cli_and_uniform_export(runs, tmp_path, capsys):
     assert "| 1 |" in text and "| 4 |" in text and "| body1.0 |" in text
     data = json.loads(report.read_text())
     assert set(data["batches"]) == {"1", "4"} and data["sizes"]["codes"] > 0
+    # every quantized input is counted once: fused into a packed call or a separate quantizer
+    layers = [m for m in deploy.load(path).modules() if hasattr(m, "packed")]
+    for b in ("1", "4"):
+        cost = data["batches"][b]["act_quant_cost"]
+        assert cost["fused"] + cost["separate"] == sum(m.a_bit is not None for m in layers)
+    assert data["batches"]["1"]["act_quant_cost"]["fused"] >= 1  # the FC reads packed codes
 
 
 def test_export_and_deploy_bad_input(runs, tmp_path):
