@@ -220,8 +220,17 @@ at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& packed, const at
     xg.narrow(1, 0, k).copy_(x2);
     y.addmm_(xg.view({m, groups, group_size}).sum(-1), zterm.t());
   }
-  if (x_step.has_value()) y.mul_(in_step);  // y = s_x (k @ W^T)
-  if (bias.has_value()) y.add_(bias->to(at::kFloat));
+  if (x_step.has_value() || bias.has_value()) {  // y = s_x (k @ W^T) + bias, one pass over y
+    const at::Tensor b = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
+    const float* bp = b.defined() ? b.const_data_ptr<float>() : nullptr;
+    float* yp = y.mutable_data_ptr<float>();
+    at::parallel_for(0, m, std::max<int64_t>(1, (int64_t{1} << 16) / n), [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        float* row = yp + r * n;
+        for (int64_t j = 0; j < n; ++j) row[j] = row[j] * in_step + (bp ? bp[j] : 0.f);
+      }
+    });
+  }
   return y.to(x.scalar_type()).reshape(dims.out_shape);
 }
 

@@ -61,12 +61,24 @@ def resident_bytes(model: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
+class _UnquantizedInput(PackedLayer):
+    """A packed layer with its input quantizer switched off that still reports an input clamped
+    at zero, so the ReLU its quantizer replaced stays skipped: the same ops but the quantizer."""
+
+    @property
+    def input_clamps_at_zero(self) -> bool:
+        return True
+
+
 def without_act_quant(deployed: nn.Module) -> nn.Module:
-    """A copy of ``deployed`` whose inputs are not fake-quantized (to measure what that costs;
-    a ReLU the quantizer replaced comes back)."""
+    """A copy of ``deployed`` whose inputs are not fake-quantized and which otherwise runs the
+    same ops (a ReLU the quantizer replaced stays skipped, so its outputs are not meaningful):
+    the time difference is what the input quantization costs."""
     model = copy.deepcopy(deployed)
     for m in model.modules():
         if isinstance(m, PackedLayer):
+            if m.input_clamps_at_zero:
+                m.__class__ = _UnquantizedInput
             m.a_bit = None
     return model
 
@@ -115,36 +127,35 @@ def _layer_inputs(deployed: nn.Module, x: torch.Tensor) -> dict[str, torch.Tenso
 
 @torch.inference_mode()
 def input_quant_cost(deployed: nn.Module, x: torch.Tensor, rounds: int = 3,
-                     reps: int = 50) -> dict:
-    """What the input fake quantization costs inside a forward, timed per layer on its captured
-    input: each quantized layer as deployed against a copy without its quantizer fed the
-    already-quantized input (the same output). Layers that read packed codes pay the fused code
-    stage of ``packed_linear``; the others a separate quantizer call. Per round: the sum of the
-    per-layer differences over the forward's median time, interleaved with it."""
-    from rfq.ops.packed import quantize_input
-
-    pairs = []
+                     reps: int = 200) -> dict:
+    """What the input fake quantization costs in a forward: ``deployed`` against
+    ``without_act_quant(deployed)`` (the same ops without the quantizers), called alternately;
+    per round the median of the pairs' differences over the median forward (drift cancels within
+    a pair). Also how many quantizers run fused into a packed call and how many separately."""
+    plain = without_act_quant(deployed)
+    fused = separate = 0
     for name, x_in in _layer_inputs(deployed, x).items():
         layer = deployed.get_submodule(name)
-        if layer.a_bit is None:
-            continue
-        plain = copy.deepcopy(layer)
-        plain.a_bit = None
-        x_q = quantize_input(x_in, layer.a_step, layer.a_bit, layer.a_signed)
-        pairs.append((layer.reads_packed(x_in), layer, x_in, plain, x_q))
-    shares, cost_us = [], {True: [], False: []}
+        if layer.a_bit is not None:
+            fused += layer.reads_packed(x_in)
+            separate += not layer.reads_packed(x_in)
+    for _ in range(3):
+        deployed(x)
+        plain(x)
+    shares = []
     for _ in range(rounds):
-        forward_ms = _median_ms(deployed, x, reps)
-        total = 0.0
-        for fused, layer, x_in, plain, x_q in pairs:
-            d = _median_ms(layer, x_in, reps) - _median_ms(plain, x_q, reps)
-            total += d
-            cost_us[fused].append(d * 1e3)
-        shares.append(total / forward_ms)
-    mean = (lambda v: sum(v) / len(v) if v else float("nan"))
+        diffs, forward = [], []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            deployed(x)
+            t1 = time.perf_counter()
+            plain(x)
+            t2 = time.perf_counter()
+            diffs.append((t1 - t0) - (t2 - t1))
+            forward.append(t1 - t0)
+        shares.append(statistics.median(diffs) / statistics.median(forward))
     return {"share": (statistics.median(shares), min(shares), max(shares)),
-            "fused": sum(p[0] for p in pairs), "separate": sum(not p[0] for p in pairs),
-            "fused_us": mean(cost_us[True]), "separate_us": mean(cost_us[False])}
+            "fused": fused, "separate": separate}
 
 
 @torch.inference_mode()
@@ -192,7 +203,7 @@ def bench_file(path, batches=(1, 64), rounds: int = 3, reps: int = 20, dense: st
     skeleton = build_model(arch["model"], arch["in_channels"], arch["classes"])
     models = {"fp32": float_twin(deployed, skeleton),
               "fp32, BN folded": float_twin(deployed, skeleton, fold_bn=True),
-              "deployed": deployed, "deployed, inputs not quantized": without_act_quant(deployed)}
+              "deployed": deployed}
     gen = torch.Generator().manual_seed(0)
     report = {"file": str(path), "dense": dense, "threads": torch.get_num_threads(),
               "sizes": file_sizes(path), "batches": {},
@@ -205,10 +216,8 @@ def bench_file(path, batches=(1, 64), rounds: int = 3, reps: int = 20, dense: st
                 "ms": {k: statistics.median(v) for k, v in times.items()},
                 "speedup": ratio(times["fp32"], times["deployed"]),
                 "speedup_vs_folded": ratio(times["fp32, BN folded"], times["deployed"]),
-                "act_quant_share": 1 - 1 / ratio(times["deployed"],
-                                                 times["deployed, inputs not quantized"])[0],
                 "act_quant_cost": input_quant_cost(deployed, x, rounds,
-                                                   reps if b < 16 else max(3, reps // 4))}
+                                                   10 * reps if b < 16 else max(3, reps // 4))}
         if layers:
             x = torch.randn(batches[0], *arch["input_shape"], generator=gen)
             report["layers"] = per_layer(deployed, models["fp32"], x, reps)
@@ -227,18 +236,17 @@ def format_report(report: dict) -> str:
              f"speed on {report['threads']} threads, torch.inference_mode, dense={report['dense']}"
              f" (fp32 ms / deployed ms, median of rounds [min-max]):",
              "| batch | fp32 ms | fp32 BN-folded ms | deployed ms | speedup vs fp32 "
-             "| vs BN-folded fp32 | input fake-quant share: with/without, per layer "
-             "| quantizers fused / separate, µs each |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| vs BN-folded fp32 | input fake quantization: share of the forward "
+             "| quantizers fused / separate |",
+             "|---|---|---|---|---|---|---|"]
     for b, r in report["batches"].items():
         ms, (m, lo, hi), (mf, lof, hif) = r["ms"], r["speedup"], r["speedup_vs_folded"]
         q = r["act_quant_cost"]
         lines.append(f"| {b} | {ms['fp32']:.2f} | {ms['fp32, BN folded']:.2f} | "
                      f"{ms['deployed']:.2f} | {m:.2f}x [{lo:.2f}-{hi:.2f}] | "
-                     f"{mf:.2f}x [{lof:.2f}-{hif:.2f}] | {r['act_quant_share'] * 100:.0f} %, "
-                     f"{q['share'][0] * 100:.1f} % [{q['share'][1] * 100:.1f}-"
-                     f"{q['share'][2] * 100:.1f}] | {q['fused']} / {q['separate']}, "
-                     f"{q['fused_us']:.1f} / {q['separate_us']:.1f} |")
+                     f"{mf:.2f}x [{lof:.2f}-{hif:.2f}] | {q['share'][0] * 100:.1f} % "
+                     f"[{q['share'][1] * 100:.1f}-{q['share'][2] * 100:.1f}] | "
+                     f"{q['fused']} / {q['separate']} |")
     if report.get("layers"):
         lines += ["", "| layer | weight, bits, path | deployed ms | fp32 conv+BN ms |",
                   "|---|---|---|---|"]
