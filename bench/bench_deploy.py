@@ -13,6 +13,7 @@ setting). All under torch.inference_mode().
 
 import os
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -80,5 +81,10 @@ def bench_deployed_inference(benchmark, models, name, batch, dense, role):
         with torch.inference_mode():
             return model(x)
     with flush_denormals():
+        # half a second of calls first: the first group of the session (ResNet-20, the deployed
+        # role) right after the exports otherwise timed 1.6-2x slow, whichever role came first
+        end = time.perf_counter() + 0.5
+        while time.perf_counter() < end:
+            run()
         benchmark.pedantic(run, rounds=5 if SMOKE else (60 if batch == 1 else 15),
                            iterations=5 if batch == 1 else 1, warmup_rounds=3)
