@@ -141,17 +141,28 @@ void dispatch_dtype(c10::ScalarType dtype, const F& fn) {
 }
 
 // ---- coupled_quant: one bit ---------------------------------------------------------------------
-template <typename T>
-void forward_typed(const T* x, T* y, int64_t n, const QuantSpec& q) {
+// y = k * s in Out (forward: x's dtype), or k itself as fp32 (kScaled false: packed_linear's
+// input stage), k the code of x / s.
+template <typename T, typename Out, bool kScaled>
+void code_pass(const T* x, Out* y, int64_t n, const QuantSpec& q) {
   const VecSpec vq(q);
   parallel_chunks(n, [&](int64_t, int64_t begin, int64_t end) {
     int64_t i = begin;
     for (; i + kBlock <= end; i += kBlock) {
       Vec a, b;
       Io<T>::load(x + i, a, b);
-      Io<T>::store(y + i, code(a / vq.s, vq) * vq.s, code(b / vq.s, vq) * vq.s);
+      a = code(a / vq.s, vq);
+      b = code(b / vq.s, vq);
+      if constexpr (kScaled) {
+        a = a * vq.s;
+        b = b * vq.s;
+      }
+      Io<Out>::store(y + i, a, b);
     }
-    for (; i < end; ++i) y[i] = static_cast<T>(code(float(x[i]) / q.step, q) * q.step);
+    for (; i < end; ++i) {
+      const float k = code(float(x[i]) / q.step, q);
+      y[i] = static_cast<Out>(kScaled ? k * q.step : k);
+    }
   });
 }
 
@@ -352,26 +363,11 @@ void codes_typed(const T* x, Code* out, int64_t n, const QuantSpec& q) {
   });
 }
 
-// ---- codes_float: the codes as exact fp32 integers (NaN stays NaN): packed_linear's input stage
-template <typename T>
-void codes_float_typed(const T* x, float* out, int64_t n, const QuantSpec& q) {
-  const VecSpec vq(q);
-  parallel_chunks(n, [&](int64_t, int64_t begin, int64_t end) {
-    int64_t i = begin;
-    for (; i + kBlock <= end; i += kBlock) {
-      Vec a, b;
-      Io<T>::load(x + i, a, b);
-      Io<float>::store(out + i, code(a / vq.s, vq), code(b / vq.s, vq));
-    }
-    for (; i < end; ++i) out[i] = code(float(x[i]) / q.step, q);
-  });
-}
-
 // ---- type-erased entry points --------------------------------------------------------------------
 void forward(c10::ScalarType dt, const void* x, void* y, int64_t n, QuantSpec q) {
   dispatch_dtype(dt, [&](auto tag) {
     using T = decltype(tag);
-    forward_typed<T>(static_cast<const T*>(x), static_cast<T*>(y), n, q);
+    code_pass<T, T, true>(static_cast<const T*>(x), static_cast<T*>(y), n, q);
   });
 }
 
@@ -426,7 +422,7 @@ void codes(c10::ScalarType dt, const void* x, void* out, int64_t n, QuantSpec q)
 void codes_float(c10::ScalarType dt, const void* x, float* out, int64_t n, QuantSpec q) {
   dispatch_dtype(dt, [&](auto tag) {
     using T = decltype(tag);
-    codes_float_typed<T>(static_cast<const T*>(x), out, n, q);
+    code_pass<T, float, false>(static_cast<const T*>(x), out, n, q);  // NaN kept
   });
 }
 
