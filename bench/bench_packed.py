@@ -160,6 +160,41 @@ def bench_int4_rfq_suite(benchmark, impl, name, m):
     benchmark(call)
 
 
+# Deployed 1x1 convs at batch 1 (issue 17, C8's "rfq-suite conv shapes through the packed conv
+# path"): MobileNetV2's small weights at 4x4, 2x2 and 1x1 pixels (M = positions). Warm weights,
+# as in a deployed model's forward (they fit in L2); the per-call fixed cost decides here.
+DEPLOY_1X1 = {"MobileNetV2 1x1 32->192": (192, 32), "MobileNetV2 1x1 192->64": (64, 192),
+              "MobileNetV2 1x1 64->384": (384, 64), "MobileNetV2 1x1 576->160": (160, 576)}
+
+
+@pytest.mark.parametrize("m", [1, 4, 16])
+@pytest.mark.parametrize("name", list(DEPLOY_1X1))
+@pytest.mark.parametrize("impl", ["rfq", "fp32 F.linear"])
+def bench_int4_deploy_1x1(benchmark, impl, name, m):
+    n, k = DEPLOY_1X1[name]
+    benchmark.group = f"int4 g128 warm {name} M={m}"
+    g = torch.Generator().manual_seed(0)
+    x, bias = torch.randn(m, k, generator=g), torch.randn(n, generator=g)
+    if impl == "rfq":
+        codes = torch.randint(-8, 8, (n, k), generator=g, dtype=torch.int8)
+        packed = ops.pack_weight(codes, 4)
+        scales = torch.rand(n, -(-k // GROUP), generator=g) + 0.5
+
+        def call():
+            return ops.packed_linear(x, packed, scales, 4, GROUP, None, bias)
+        nbytes = ops.packed_row_bytes(k, 4) * n + io_bytes(m, n, k)
+    else:
+        w = torch.randn(n, k, generator=g) * 0.02
+
+        def call():
+            return F.linear(x, w, bias)
+        nbytes = n * k * 4
+    tag(benchmark, impl, "deploy 1x1 (warm)", "(reported)", nbytes)
+    with torch.inference_mode():
+        call()
+        benchmark(call)
+
+
 # Reference for the GB/s columns: this machine's memory bandwidth, measured in the same run
 # (256 MB, far past L3). Its row's "rfq GB/s" is the copy's (bytes read + written); the ratio
 # column means nothing here.

@@ -217,7 +217,8 @@ void run_tiles(const PackedMatmul& a, const __m512i* xbuf, const float* sx, int6
   const int64_t tiles = (a.n + kRn - 1) / kRn;
   // the last block holds at most kB / 2 real elements: its second half is padding
   const bool half_tail = a.k - (a.kp - kB) <= kB / 2;
-  at::parallel_for(0, tiles, std::max(1, 16 / kRn), [&](int64_t t0, int64_t t1) {
+  at::parallel_for(0, tiles, task_grain(std::max(1, 16 / kRn), kRn * a.kp * a.m),
+                   [&](int64_t t0, int64_t t1) {
     const int64_t gn_max = chunk * kGroupsPerUnit;
     const int64_t rows_max = std::min(t1 - t0, block_tiles) * kRn;
     float* swf = tile_scratch(rows_max * gn_max);

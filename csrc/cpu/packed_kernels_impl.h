@@ -36,6 +36,15 @@ using Vec = at::vec::Vectorized<float>;
 constexpr int64_t kVF = Vec::size();
 constexpr int64_t kB = packed::kBlockK;
 constexpr int64_t kTileM = 4;  // activation rows sharing one decoded block
+
+// Parallel tasks hold at least this many multiply-adds: an OpenMP fork and join costs a few
+// microseconds, which a small call (a 1x1 conv at batch 1) would otherwise spend waiting.
+constexpr int64_t kMinTaskMacs = int64_t{1} << 17;
+
+// at::parallel_for grain over items of `macs_per_item` multiply-adds each, at least `min_items`.
+inline int64_t task_grain(int64_t min_items, int64_t macs_per_item) {
+  return std::max(min_items, (kMinTaskMacs + macs_per_item - 1) / std::max<int64_t>(1, macs_per_item));
+}
 static_assert(32 % kVF == 0, "a 32-element group must be whole vectors");
 
 inline float load_float(const void* p, FloatKind kind, int64_t i) {
@@ -133,7 +142,7 @@ void matmul_generic(const PackedMatmul& a, float* y) {
   const float* xs = xp.data();
   const float* ss = sp.data();
   // rows in tasks of >= 16: a row is one K-long dot per activation row
-  at::parallel_for(0, a.n, 16, [&](int64_t n0, int64_t n1) {
+  at::parallel_for(0, a.n, task_grain(16, a.kp * a.m), [&](int64_t n0, int64_t n1) {
     switch (a.container_bits) {
       case 2: return matmul_rows<2>(a, xs, ss, n0, n1, y);
       case 4: return matmul_rows<4>(a, xs, ss, n0, n1, y);
