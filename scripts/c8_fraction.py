@@ -9,7 +9,10 @@ and aten's int4 CPU op on the same shape (bf16 x, its own packed copies); a roun
 the median over its steps of rfq's rate over `sum`'s, and its aten ratio the median of aten's
 time over rfq's.
 
-    python scripts/c8_fraction.py [--rounds 5] [--pairs 200] [--threads 2]
+    python scripts/c8_fraction.py [--rounds 5] [--pairs 200] [--threads 2] [--per-tensor]
+
+--per-tensor runs rfq on the same codes with one scale (group_size 0): no scale stream, the
+upper bound of putting the scales inline (the byte count still includes the g128 scales).
 """
 
 from __future__ import annotations
@@ -56,10 +59,19 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--pairs", type=int, default=200)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--per-tensor", action="store_true",
+                   help="rfq with one scale: no scale stream (the inline-scale upper bound)")
     args = p.parse_args()
     retain_freed_memory()
     torch.set_num_threads(args.threads)
     roof_buffer = torch.ones(COLD_BYTES // 4)
+    one = torch.tensor([0.01])
+
+    def rfq(x, packed, scales):
+        if args.per_tensor:
+            return ops.packed_linear(x, packed, one, 4, 0)
+        return ops.packed_linear(x, packed, scales, 4, GROUP)
+
     print(f"torch {torch.__version__}, {args.threads} threads, CPU kernels "
           f"{ops.cpu_capability()}; {args.rounds} rounds of {args.pairs} interleaved pairs")
     print("| shape (K→N) | rfq GB/s | `sum` GB/s | fraction of `sum`, median of rounds | range "
@@ -73,7 +85,7 @@ def main() -> None:
         elems = nbytes // 4
         slices = [roof_buffer[i * elems:(i + 1) * elems] for i in range(len(roof_buffer) // elems)]
         for i in range(10):  # warm: threads up, pages touched
-            ops.packed_linear(x, *weights[i % len(weights)], 4, GROUP)
+            rfq(x, *weights[i % len(weights)])
             slices[i % len(slices)].sum()
             torch.ops.aten._weight_int4pack_mm_for_cpu(xb, *aten[i % len(aten)][:1], GROUP,
                                                        aten[i % len(aten)][1])
@@ -84,7 +96,7 @@ def main() -> None:
                 w = weights[j % len(weights)]
                 s = slices[(j * 7) % len(slices)]
                 t0 = time.perf_counter()
-                ops.packed_linear(x, *w, 4, GROUP)
+                rfq(x, *w)
                 t1 = time.perf_counter()
                 s.sum()
                 t2 = time.perf_counter()
