@@ -120,6 +120,10 @@ def _packed_launches(quick=False):
                 x = torch.randn(m, k).to(dtype)
                 packed.packed_linear(x, w, scales, zeros, bits, group_size, torch.ones(n))
                 packed.packed_linear(x, w, scales, zeros, bits, group_size, None, splits=1)
+                # the fused input quantizer: codes in the GEMV's registers (binary and not)
+                for x_bits, x_signed in ((1, True), (4, False)):
+                    packed.packed_linear(x, w, scales, zeros, bits, group_size, torch.ones(n),
+                                         torch.tensor([0.5]), x_bits, x_signed)
         packed.dequantize_weight(w, scales, zeros, bits, group_size, k)
         packed.unpack_weight(w, bits, (n, k))
 

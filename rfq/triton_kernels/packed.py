@@ -38,7 +38,7 @@ from rfq.ops.layout import BLOCK_K, code_offset, container_bits, is_binary, qran
 from rfq.reference import codes_float
 from rfq.triton_kernels.checks import (check_input_quant, check_linear, check_packed,
                                        check_scales, fail)
-from rfq.triton_kernels.lsq import _binary_code, _checked_step, _code
+from rfq.triton_kernels.lsq import FLT_MAX, _binary_code, _code
 
 _FLT_MAX = 3.4028234663852886e38
 
@@ -66,6 +66,13 @@ def _codes(byte, i: tl.constexpr, CB: tl.constexpr, OFFSET: tl.constexpr):
         return tl.where(byte >= 128, byte - 256, byte)  # int8 stores q two's complement
     else:
         return ((byte >> (i * CB)) & ((1 << CB) - 1)) - OFFSET
+
+
+@triton.jit
+def _input_step(xs_ptr):
+    # The fused input quantizer's step, NaN when unusable (!(s > 0), inf, NaN): the GPU convention
+    s = tl.load(xs_ptr).to(tl.float32)
+    return tl.where((s > 0.0) & (s <= FLT_MAX), s, float("nan"))
 
 
 @triton.jit
@@ -118,7 +125,7 @@ def _gemv_kernel(x_ptr, stride_xm, stride_xk, w_ptr, stride_wn, s_ptr, stride_sn
     first = split * blocks_per_split
     last = tl.minimum(first + blocks_per_split, tl.cdiv(K, 128))
     if QUANT_X:  # the fused input quantizer: codes of x in registers, its step after the sums
-        x_step, _ = _checked_step(xs_ptr, 0, True)
+        x_step = _input_step(xs_ptr)
     for b in range(first, last):
         for t in tl.static_range(PART // SUB):
             byte = tl.load(w_rows + (b * PART + t * SUB + cols)[None, :],
@@ -243,7 +250,7 @@ def _gemm_kernel(x_ptr, stride_xm, stride_xk, w_ptr, stride_wn, s_ptr, stride_sn
     if GROUP == 0:
         acc = acc * tl.load(s_ptr).to(tl.float32)
     if SCALE_X:  # x holds the fused input quantizer's codes (the launcher's stage): times its step
-        acc = acc * _checked_step(xs_ptr, 0, True)[0]
+        acc = acc * _input_step(xs_ptr)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rows_n * stride_b, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     y_ptrs = y_ptr + rows_m.to(tl.int64)[:, None] * stride_ym + rows_n[None, :]
