@@ -6,6 +6,9 @@
 #include <ATen/ops/empty_like.h>
 #include <c10/util/Exception.h>
 
+#include <cmath>
+#include <utility>
+
 #include "cpu/lsq_kernels.h"
 #include "quant_range.h"
 
@@ -93,6 +96,56 @@ inline at::Tensor dense_layout(const at::Tensor& x) {
 inline at::Tensor in_layout_of(const at::Tensor& t, const at::Tensor& like) {
   if (t.strides() == like.strides() && t.is_non_overlapping_and_dense()) return t;
   return at::empty_like(like).copy_(t);
+}
+
+// batch_norm_quant's x [N, C, ...] (fp32) and its per-channel weight and bias (fp32 [C]).
+inline void check_bn_args(const char* op, const at::Tensor& x, const at::Tensor& weight,
+                          const at::Tensor& bias, double eps) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat, op, ": x must be float32, got ", x.scalar_type());
+  TORCH_CHECK(x.dim() >= 2, op, ": x must be [N, C, ...] (at least 2 dims), got shape ",
+              x.sizes());
+  const int64_t c = x.size(1);
+  TORCH_CHECK(c > 0 && x.numel() / c > 1, op,
+              ": x needs more than one value per channel for batch statistics, got shape ",
+              x.sizes());
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"weight", weight},
+                                std::pair<const char*, const at::Tensor&>{"bias", bias}}) {
+    TORCH_CHECK(t.device() == x.device(), op, ": ", name, " must be on x's device (", x.device(),
+                "), got ", t.device());
+    TORCH_CHECK(t.scalar_type() == at::kFloat, op, ": ", name, " must be float32, got ",
+                t.scalar_type());
+    TORCH_CHECK(t.dim() == 1 && t.size(0) == c, op, ": ", name, " must be [C] = [", c,
+                "], got shape ", t.sizes());
+  }
+  TORCH_CHECK(std::isfinite(eps) && eps >= 0.0, op, ": eps must be finite and >= 0, got ", eps);
+}
+
+// batch_norm_quant_backward's saved statistics: fp32 [C] on x's device.
+inline void check_bn_stats(const char* op, const at::Tensor& x, const at::Tensor& mean,
+                           const at::Tensor& var) {
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"mean", mean},
+                                std::pair<const char*, const at::Tensor&>{"var", var}}) {
+    TORCH_CHECK(t.device() == x.device() && t.scalar_type() == at::kFloat && t.dim() == 1 &&
+                    t.size(0) == x.size(1),
+                op, ": ", name, " must be float32 [C] = [", x.size(1), "] on x's device, got ",
+                t.scalar_type(), " ", t.sizes(), " on ", t.device());
+  }
+}
+
+// The layout batch_norm_quant computes in (and returns): 4-D channels_last stays channels_last
+// (channels innermost); anything else becomes contiguous [N, C, inner].
+inline at::Tensor bn_layout(const at::Tensor& x) {
+  if (x.dim() == 4 && x.is_contiguous(at::MemoryFormat::ChannelsLast)) return x;
+  return x.contiguous();
+}
+
+inline cpu::ChannelShape bn_shape(const at::Tensor& xd) {
+  const int64_t c = xd.size(1), n = xd.size(0);
+  if (xd.dim() == 4 && !xd.is_contiguous() && xd.is_contiguous(at::MemoryFormat::ChannelsLast)) {
+    return {xd.numel() / c, c, 1};
+  }
+  const int64_t inner = n == 0 ? 1 : xd.numel() / (n * c);
+  return inner == 1 ? cpu::ChannelShape{n, c, 1} : cpu::ChannelShape{n, c, inner};
 }
 
 }  // namespace rfq

@@ -32,6 +32,16 @@ TORCH_LIBRARY(rfq, m) {
   // within delta of a rounding boundary (the bit-width scheduler's turbulence).
   m.def("quant_stats(Tensor x, Tensor steps, int[] bits, bool signed=True, float delta=0.125) "
         "-> (Tensor, Tensor)", pt2);
+  // Training-mode BatchNorm fused with the next layer's input quantizer, fp32 x [N, C, ...]:
+  // (coupled_quant(x * alpha + beta, ...), batch mean, biased batch variance), alpha = weight /
+  // sqrt(var + eps), beta = bias - mean * alpha per channel; running statistics are the caller's.
+  m.def("batch_norm_quant(Tensor x, Tensor weight, Tensor bias, float eps, Tensor steps, "
+        "int[] bits, Tensor sel, bool signed=False, float grad_scale=1.0) "
+        "-> (Tensor, Tensor, Tensor)", pt2);
+  // Two passes: (dx, dweight, dbias, dsteps[K]) from x and the saved batch statistics.
+  m.def("batch_norm_quant_backward(Tensor grad_y, Tensor x, Tensor weight, Tensor bias, "
+        "Tensor mean, Tensor var, float eps, Tensor steps, int[] bits, Tensor sel, bool signed, "
+        "float grad_scale) -> (Tensor, Tensor, Tensor, Tensor)", pt2);
   // Integer codes of x at one bit-width (step: one fp32 value): int8 when signed, uint8 when
   // unsigned (codes up to 255); the input of pack_weight.
   m.def("quantize_codes(Tensor x, Tensor step, int bits, bool signed=True) -> Tensor", pt2);

@@ -47,6 +47,13 @@ def input_clamps_at_zero(layer: nn.Module) -> bool:
     return bool(getattr(layer, "input_clamps_at_zero", False))
 
 
+def norm_into(layer: nn.Module, bn: nn.Module, x):
+    """``layer(bn(x))`` for a layer that clamps its input at zero itself (a ReLU between them
+    was dropped): quantized layers run BN and their input quantizer as one fused op."""
+    fused = getattr(layer, "forward_after_norm", None)
+    return fused(bn, x) if fused is not None else layer(bn(x))
+
+
 def conv_bn_relu(c_in, c_out, kernel=3, stride=1, groups=1, relu=nn.ReLU):
     layers = [nn.Conv2d(c_in, c_out, kernel, stride, kernel // 2, groups=groups, bias=False),
               nn.BatchNorm2d(c_out)]
@@ -86,10 +93,12 @@ class BasicBlock(nn.Module):
                                           nn.BatchNorm2d(c_out))
 
     def forward(self, x):
-        out = self.bn1(self.conv1(x))
-        if not input_clamps_at_zero(self.conv2):  # else conv2's quantizer is this ReLU
-            out = F.relu(out)
-        out = self.bn2(self.conv2(out))
+        out = self.conv1(x)
+        if input_clamps_at_zero(self.conv2):  # conv2's quantizer is this ReLU
+            out = norm_into(self.conv2, self.bn1, out)
+        else:
+            out = self.conv2(F.relu(self.bn1(out)))
+        out = self.bn2(out)
         return F.relu(out + self.shortcut(x))
 
 

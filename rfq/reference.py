@@ -91,6 +91,41 @@ def coupled_quant_backward(
     return grad_x, grad_steps
 
 
+def batch_norm_quant(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    eps: float,
+    steps: Tensor,
+    bits: Sequence[int],
+    sel: Tensor,
+    signed: bool = False,
+    grad_scale: float = 1.0,
+    stats: tuple[Tensor, Tensor] | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Twin of ``rfq.ops.batch_norm_quant``, differentiable in x, weight, bias and steps.
+
+    The batch mean and biased variance are taken in fp64 and rounded to fp32; ``stats`` (e.g. an
+    op's own mean and var) replaces their values while the gradients still flow through x's
+    batch statistics, so the outputs can be compared exactly with the op's for those statistics.
+    """
+    dims = [0, *range(2, x.dim())]
+    shape = [1, x.shape[1]] + [1] * (x.dim() - 2)
+    xd = x.double()
+    mean64 = xd.mean(dims)
+    var64 = ((xd - mean64.view(shape)) ** 2).mean(dims)
+    mean, var = mean64.float(), var64.float()
+    if stats is not None:
+        mean = mean + (stats[0] - mean).detach()
+        var = var + (stats[1] - var).detach()
+    invstd = 1 / torch.sqrt(var + eps)
+    alpha = weight * invstd
+    beta = bias - mean * alpha
+    z = x * alpha.view(shape) + beta.view(shape)
+    j = int(sel)
+    return lsq_fake_quant(z, steps[j], bits[j], signed, grad_scale), mean.detach(), var.detach()
+
+
 def coupled_quant_multi(
     x: Tensor,
     steps: Tensor,
@@ -291,3 +326,10 @@ def csq_weight_composed(p: Tensor, q: Tensor, m: Tensor, scale: Tensor, beta: Te
     place = (2.0 ** torch.arange(n - 1, -1, -1, dtype=p.dtype, device=p.device)) / (2 ** n - 1)
     gates = (torch.sigmoid(beta * m) * place).view(n, *[1] * (p.dim() - 1))
     return scale * ((torch.sigmoid(beta * p) - torch.sigmoid(beta * q)) * gates).sum(0)
+
+
+def batch_norm_quant_from_stats(x, weight, bias, mean, var, eps, steps, bits, sel,
+                                signed=False, grad_scale=1.0) -> Tensor:
+    """``batch_norm_quant``'s output for given batch statistics (an op's own mean and var)."""
+    return batch_norm_quant(x, weight, bias, eps, steps, bits, sel, signed, grad_scale,
+                            stats=(mean, var))[0]

@@ -172,6 +172,83 @@ at::Tensor quantize_codes(const at::Tensor& x, const at::Tensor& step, int64_t b
   return codes;
 }
 
+// alpha = weight * invstd, beta = bias - mean * alpha, invstd = 1 / sqrt(var + eps): fp32, each
+// operation rounded (the forward and the backward must see the same z = x * alpha + beta).
+struct BnAffine {
+  std::vector<float> alpha, beta, invstd;
+};
+
+BnAffine bn_affine(const at::Tensor& weight, const at::Tensor& bias, const float* mean,
+                   const float* var, double eps) {
+  const int64_t c = weight.numel();
+  const at::Tensor wc = weight.contiguous(), bc = bias.contiguous();
+  const float* w = wc.const_data_ptr<float>();
+  const float* b = bc.const_data_ptr<float>();
+  BnAffine a{std::vector<float>(c), std::vector<float>(c), std::vector<float>(c)};
+  for (int64_t i = 0; i < c; ++i) {
+    a.invstd[i] = 1.f / std::sqrt(var[i] + static_cast<float>(eps));
+    a.alpha[i] = w[i] * a.invstd[i];
+    a.beta[i] = b[i] - mean[i] * a.alpha[i];
+  }
+  return a;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_quant(
+    const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, double eps,
+    const at::Tensor& steps, c10::IntArrayRef bits, const at::Tensor& sel, bool is_signed,
+    double /*grad_scale*/) {
+  constexpr const char* op = "rfq.batch_norm_quant";
+  check_bn_args(op, x, weight, bias, eps);
+  check_steps(op, x, steps, bits);
+  check_sel(op, x, sel);
+  const int64_t j = read_sel(op, sel, steps.numel());
+  const QuantSpec q = make_spec(bits[j], is_signed, read_step(op, steps, j));
+  const at::Tensor xd = bn_layout(x);
+  const ChannelShape shape = bn_shape(xd);
+  at::Tensor mean = at::empty({x.size(1)}, weight.options());
+  at::Tensor var = at::empty({x.size(1)}, weight.options());
+  lsq_kernels().bn_stats(xd.const_data_ptr<float>(), shape, mean.mutable_data_ptr<float>(),
+                         var.mutable_data_ptr<float>());
+  const BnAffine a = bn_affine(weight, bias, mean.const_data_ptr<float>(),
+                               var.const_data_ptr<float>(), eps);
+  at::Tensor y = at::empty_like(xd);
+  lsq_kernels().bn_forward(xd.const_data_ptr<float>(), y.mutable_data_ptr<float>(), shape,
+                           a.alpha.data(), a.beta.data(), q);
+  return {y, mean, var};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_quant_backward(
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight,
+    const at::Tensor& bias, const at::Tensor& mean, const at::Tensor& var, double eps,
+    const at::Tensor& steps, c10::IntArrayRef bits, const at::Tensor& sel, bool is_signed,
+    double grad_scale) {
+  constexpr const char* op = "rfq.batch_norm_quant_backward";
+  check_bn_args(op, x, weight, bias, eps);
+  check_bn_stats(op, x, mean, var);
+  check_steps(op, x, steps, bits);
+  check_sel(op, x, sel);
+  check_grad(op, grad_y, x, x.sizes());
+  check_grad_scale(op, grad_scale);
+  const int64_t j = read_sel(op, sel, steps.numel());
+  const QuantSpec q = make_spec(bits[j], is_signed, read_step(op, steps, j));
+  const at::Tensor xd = bn_layout(x);
+  const at::Tensor gd = in_layout_of(grad_y, xd);
+  const at::Tensor mc = mean.contiguous(), vc = var.contiguous();
+  const BnAffine a = bn_affine(weight, bias, mc.const_data_ptr<float>(),
+                               vc.const_data_ptr<float>(), eps);
+  at::Tensor grad_x = at::empty_like(xd);
+  at::Tensor grad_weight = at::empty({x.size(1)}, weight.options());
+  at::Tensor grad_bias = at::empty({x.size(1)}, weight.options());
+  at::Tensor grad_steps = at::zeros({steps.numel()}, steps.options());
+  lsq_kernels().bn_backward(gd.const_data_ptr<float>(), xd.const_data_ptr<float>(),
+                            grad_x.mutable_data_ptr<float>(), bn_shape(xd), a.alpha.data(),
+                            a.beta.data(), mc.const_data_ptr<float>(), a.invstd.data(), q,
+                            grad_scale, grad_weight.mutable_data_ptr<float>(),
+                            grad_bias.mutable_data_ptr<float>(),
+                            grad_steps.mutable_data_ptr<float>() + j);
+  return {grad_x, grad_weight, grad_bias, grad_steps};
+}
+
 }  // namespace
 }  // namespace rfq::cpu
 
@@ -182,4 +259,6 @@ TORCH_LIBRARY_IMPL(rfq, CPU, m) {
   m.impl("coupled_quant_multi_backward", &rfq::cpu::coupled_quant_multi_backward);
   m.impl("quant_stats", &rfq::cpu::quant_stats);
   m.impl("quantize_codes", &rfq::cpu::quantize_codes);
+  m.impl("batch_norm_quant", &rfq::cpu::batch_norm_quant);
+  m.impl("batch_norm_quant_backward", &rfq::cpu::batch_norm_quant_backward);
 }

@@ -23,6 +23,14 @@ struct QuantSpec {
 // chunk order), so results do not depend on the thread count or the ISA's scheduling.
 constexpr int64_t kReduceChunk = 4096;
 
+// x viewed as [outer, channels, inner] (2-D and channels_last inputs: inner == 1, one row of
+// `channels` values per position).
+struct ChannelShape {
+  int64_t outer;
+  int64_t channels;
+  int64_t inner;
+};
+
 // Elementwise kernels over `n` elements of flat, dense storage. `dtype` is x's (fp32/bf16/fp16);
 // grad_y/grad_x share it. Step gradients come back as fp32, already multiplied by grad_scale.
 struct LsqKernels {
@@ -41,6 +49,15 @@ struct LsqKernels {
   void (*codes)(c10::ScalarType dtype, const void* x, void* codes, int64_t n, QuantSpec q);
   // The same codes as exact fp32 integers, NaN kept (packed_linear's fused input quantizer).
   void (*codes_float)(c10::ScalarType dtype, const void* x, float* codes, int64_t n, QuantSpec q);
+  // batch_norm_quant (fp32): per-channel batch mean and biased variance; y = code(z / s) * s with
+  // z = x * alpha[c] + beta[c]; and the backward's two passes (reductions, then dx).
+  void (*bn_stats)(const float* x, ChannelShape s, float* mean, float* var);
+  void (*bn_forward)(const float* x, float* y, ChannelShape s, const float* alpha,
+                     const float* beta, QuantSpec q);
+  void (*bn_backward)(const float* dy, const float* x, float* dx, ChannelShape s,
+                      const float* alpha, const float* beta, const float* mean,
+                      const float* invstd, QuantSpec q, double grad_scale, float* grad_weight,
+                      float* grad_bias, float* grad_step);
 };
 
 namespace DEFAULT { extern const LsqKernels kLsqKernels; }

@@ -363,6 +363,262 @@ void codes_typed(const T* x, Code* out, int64_t n, const QuantSpec& q) {
   });
 }
 
+// ---- batch_norm_quant: training-mode BatchNorm fused with one quantizer (fp32) -----------------
+// The data is [outer, C, inner]. Reductions run over fixed chunks: with inner == 1, runs of
+// max(1, kReduceChunk / C) rows (every channel); otherwise kReduceChunk-element pieces of one
+// (n, c) plane. Within a chunk fp32, across chunks fp64 in chunk order: the results do not
+// depend on the thread count.
+struct BnChunks {
+  ChannelShape s;
+  int64_t rows;   // inner == 1: rows per chunk
+  int64_t pieces; // inner > 1: chunks per (n, c) plane
+  int64_t count;
+  bool by_rows() const { return s.inner == 1; }
+  int64_t grain() const {  // chunks per task: >= 32K elements, as parallel_chunks
+    const int64_t per = by_rows() ? rows * s.channels : std::min(s.inner, kReduceChunk);
+    return std::max<int64_t>(1, kGrainChunks * kReduceChunk / std::max<int64_t>(per, 1));
+  }
+};
+
+inline BnChunks bn_chunks(const ChannelShape& s) {
+  BnChunks ch{s, 1, 1, 0};
+  if (s.inner == 1) {
+    ch.rows = std::max<int64_t>(1, kReduceChunk / std::max<int64_t>(s.channels, 1));
+    ch.count = (s.outer + ch.rows - 1) / ch.rows;
+  } else {
+    ch.pieces = (s.inner + kReduceChunk - 1) / kReduceChunk;
+    ch.count = s.outer * s.channels * ch.pieces;
+  }
+  return ch;
+}
+
+template <typename F>
+void parallel_bn_chunks(const BnChunks& ch, const F& fn) {
+  at::parallel_for(0, ch.count, ch.grain(), [&](int64_t first, int64_t last) {
+    for (int64_t k = first; k < last; ++k) fn(k);
+  });
+}
+
+// Visits chunk k: vec(i, c, lanes) for kVF elements from flat index i, scalar(i, c) for the
+// rest. `lanes(p)` gives the per-channel parameter array p as the elements' Vec: channels
+// c..c+kVF-1 (rows) or channel c broadcast (planes).
+template <typename VF, typename SF>
+void visit_bn_chunk(const BnChunks& ch, int64_t k, const VF& vec, const SF& scalar) {
+  const ChannelShape& s = ch.s;
+  if (ch.by_rows()) {
+    const int64_t C = s.channels;
+    const int64_t r1 = std::min(s.outer, (k + 1) * ch.rows);
+    for (int64_t r = k * ch.rows; r < r1; ++r) {
+      int64_t c = 0;
+      for (; c + kVF <= C; c += kVF) {
+        vec(r * C + c, c, [c](const float* p) { return Vec::loadu(p + c); });
+      }
+      for (; c < C; ++c) scalar(r * C + c, c);
+    }
+  } else {
+    const int64_t plane = k / ch.pieces, piece = k % ch.pieces, c = plane % s.channels;
+    const int64_t i1 = plane * s.inner + std::min(s.inner, (piece + 1) * kReduceChunk);
+    int64_t i = plane * s.inner + piece * kReduceChunk;
+    for (; i + kVF <= i1; i += kVF) vec(i, c, [c](const float* p) { return Vec(p[c]); });
+    for (; i < i1; ++i) scalar(i, c);
+  }
+}
+
+// Per-chunk, per-channel fp32 sums. Rows: one value per channel in `row`; planes: one channel,
+// kept in a vector register.
+struct BnSums {
+  float* row;  // C floats (rows), per thread
+  Vec acc{0.f};
+  float tail = 0.f;
+  void add(const Vec& v, int64_t c) {
+    if (row) (Vec::loadu(row + c) + v).store(row + c); else acc = acc + v;
+  }
+  void add(float v, int64_t c) {
+    if (row) row[c] += v; else tail += v;
+  }
+  double total(int64_t c) const { return row ? double(row[c]) : lane_sum(acc) + tail; }
+};
+
+// The chunk's channels and how many values each has in it.
+template <typename F>
+void for_chunk_channels(const BnChunks& ch, int64_t k, const F& fn) {
+  const ChannelShape& s = ch.s;
+  if (ch.by_rows()) {
+    const int64_t n = std::min(s.outer, (k + 1) * ch.rows) - k * ch.rows;
+    for (int64_t c = 0; c < s.channels; ++c) fn(c, k * s.channels + c, n);
+  } else {
+    const int64_t plane = k / ch.pieces, piece = k % ch.pieces;
+    const int64_t n = std::min(s.inner, (piece + 1) * kReduceChunk) - piece * kReduceChunk;
+    fn(plane % s.channels, k, n);
+  }
+}
+
+// fn(slot) for every chunk of channel c, in chunk order (the partial slot of that chunk).
+template <typename F>
+void for_channel_slots(const BnChunks& ch, int64_t c, const F& fn) {
+  const ChannelShape& s = ch.s;
+  if (ch.by_rows()) {
+    for (int64_t k = 0; k < ch.count; ++k) fn(k * s.channels + c);
+  } else {
+    for (int64_t n = 0; n < s.outer; ++n) {
+      for (int64_t p = 0; p < ch.pieces; ++p) fn((n * s.channels + c) * ch.pieces + p);
+    }
+  }
+}
+
+// Slots of per-(chunk, channel) partials.
+inline int64_t bn_slots(const BnChunks& ch) {
+  return ch.by_rows() ? ch.count * ch.s.channels : ch.count;
+}
+
+inline float* zeroed_row_sums(const BnChunks& ch, int64_t copies) {
+  if (!ch.by_rows()) return nullptr;
+  float* row = scratch<float>(copies * ch.s.channels);
+  std::fill(row, row + copies * ch.s.channels, 0.f);
+  return row;
+}
+
+// Mean and biased variance per channel: each chunk's own mean and squared deviations (two
+// passes over data in cache), merged in chunk order in fp64 (Chan et al.).
+void bn_stats(const float* x, ChannelShape s, float* mean, float* var) {
+  const BnChunks ch = bn_chunks(s);
+  double* part = scratch<double>(3 * bn_slots(ch));  // [count, mean, m2] per slot
+  const int64_t slots = bn_slots(ch);
+  parallel_bn_chunks(ch, [&](int64_t k) {
+    float* row = zeroed_row_sums(ch, 2);
+    BnSums sum{row}, dev{row ? row + s.channels : nullptr};
+    visit_bn_chunk(ch, k, [&](int64_t i, int64_t c, auto) { sum.add(Vec::loadu(x + i), c); },
+                   [&](int64_t i, int64_t c) { sum.add(x[i], c); });
+    thread_local std::vector<float> means;
+    if (static_cast<int64_t>(means.size()) < s.channels) means.resize(s.channels);
+    for_chunk_channels(ch, k, [&](int64_t c, int64_t slot, int64_t n) {
+      const double m = sum.total(c) / double(n);
+      means[c] = static_cast<float>(m);
+      part[slot] = double(n);
+      part[slots + slot] = double(means[c]);
+    });
+    const float* mp = means.data();
+    visit_bn_chunk(ch, k,
+                   [&](int64_t i, int64_t c, auto lanes) {
+                     const Vec d = Vec::loadu(x + i) - lanes(mp);
+                     dev.add(d * d, c);
+                   },
+                   [&](int64_t i, int64_t c) {
+                     const float d = x[i] - mp[c];
+                     dev.add(d * d, c);
+                   });
+    for_chunk_channels(ch, k, [&](int64_t c, int64_t slot, int64_t) {
+      part[2 * slots + slot] = dev.total(c);
+    });
+  });
+  for (int64_t c = 0; c < s.channels; ++c) {
+    double n = 0.0, m = 0.0, m2 = 0.0;
+    for_channel_slots(ch, c, [&](int64_t slot) {
+      const double nb = part[slot], mb = part[slots + slot], m2b = part[2 * slots + slot];
+      if (nb == 0.0) return;
+      const double total = n + nb, delta = mb - m;
+      m += delta * nb / total;
+      m2 += m2b + delta * delta * n * nb / total;
+      n = total;
+    });
+    mean[c] = static_cast<float>(m);
+    var[c] = static_cast<float>(n > 0.0 ? m2 / n : 0.0);
+  }
+}
+
+void bn_forward(const float* x, float* y, ChannelShape s, const float* alpha, const float* beta,
+                QuantSpec q) {
+  const BnChunks ch = bn_chunks(s);
+  const VecSpec vq(q);
+  parallel_bn_chunks(ch, [&](int64_t k) {
+    visit_bn_chunk(ch, k,
+                   [&](int64_t i, int64_t, auto lanes) {
+                     const Vec z = Vec::loadu(x + i) * lanes(alpha) + lanes(beta);
+                     (code(z / vq.s, vq) * vq.s).store(y + i);
+                   },
+                   [&](int64_t i, int64_t c) {
+                     const float z = x[i] * alpha[c] + beta[c];
+                     y[i] = code(z / q.step, q) * q.step;
+                   });
+  });
+}
+
+// Pass 1: per channel sum(g) and sum(g * xhat) with g = dy inside the range, and the step's
+// sum(dy * h); pass 2: dx = alpha * (g - mean(g) - xhat * mean(g * xhat)).
+void bn_backward(const float* dy, const float* x, float* dx, ChannelShape s, const float* alpha,
+                 const float* beta, const float* mean, const float* invstd, QuantSpec q,
+                 double grad_scale, float* grad_weight, float* grad_bias, float* grad_step) {
+  const BnChunks ch = bn_chunks(s);
+  const VecSpec vq(q);
+  const int64_t slots = bn_slots(ch);
+  double* part = scratch<double>(2 * slots + ch.count);  // [g, g * xhat] per slot, step per chunk
+  parallel_bn_chunks(ch, [&](int64_t k) {
+    float* row = zeroed_row_sums(ch, 2);
+    BnSums sg{row}, sgx{row ? row + s.channels : nullptr};
+    Vec step_acc(0.f);
+    float step_tail = 0.f;
+    visit_bn_chunk(ch, k,
+                   [&](int64_t i, int64_t c, auto lanes) {
+                     const Vec xv = Vec::loadu(x + i), d = Vec::loadu(dy + i);
+                     const Vec v = (xv * lanes(alpha) + lanes(beta)) / vq.s;
+                     const Vec inside = in_range(v, vq);
+                     step_acc = step_acc + d * (code(v, vq) - (v & inside));
+                     const Vec g = d & inside;
+                     sg.add(g, c);
+                     sgx.add(g * ((xv - lanes(mean)) * lanes(invstd)), c);
+                   },
+                   [&](int64_t i, int64_t c) {
+                     const float v = (x[i] * alpha[c] + beta[c]) / q.step;
+                     const bool inside = in_range(v, q);
+                     step_tail += dy[i] * (inside ? code(v, q) - v : code(v, q));
+                     const float g = inside ? dy[i] : 0.f;
+                     sg.add(g, c);
+                     sgx.add(g * ((x[i] - mean[c]) * invstd[c]), c);
+                   });
+    for_chunk_channels(ch, k, [&](int64_t c, int64_t slot, int64_t) {
+      part[slot] = sg.total(c);
+      part[slots + slot] = sgx.total(c);
+    });
+    part[2 * slots + k] = lane_sum(step_acc) + step_tail;
+  });
+  double step = 0.0;
+  for (int64_t k = 0; k < ch.count; ++k) step += part[2 * slots + k];
+  *grad_step = static_cast<float>(grad_scale * step);
+  const double n = double(s.outer) * double(s.inner);
+  thread_local std::vector<float> mg, mgx;
+  mg.resize(s.channels);
+  mgx.resize(s.channels);
+  for (int64_t c = 0; c < s.channels; ++c) {
+    double g = 0.0, gx = 0.0;
+    for_channel_slots(ch, c, [&](int64_t slot) {
+      g += part[slot];
+      gx += part[slots + slot];
+    });
+    grad_bias[c] = static_cast<float>(g);
+    grad_weight[c] = static_cast<float>(gx);
+    mg[c] = static_cast<float>(g / n);
+    mgx[c] = static_cast<float>(gx / n);
+  }
+  const float* mgp = mg.data();
+  const float* mgxp = mgx.data();
+  parallel_bn_chunks(ch, [&](int64_t k) {
+    visit_bn_chunk(ch, k,
+                   [&](int64_t i, int64_t, auto lanes) {
+                     const Vec xv = Vec::loadu(x + i), a = lanes(alpha);
+                     const Vec v = (xv * a + lanes(beta)) / vq.s;
+                     const Vec g = Vec::loadu(dy + i) & in_range(v, vq);
+                     const Vec xhat = (xv - lanes(mean)) * lanes(invstd);
+                     (a * (g - lanes(mgp) - xhat * lanes(mgxp))).store(dx + i);
+                   },
+                   [&](int64_t i, int64_t c) {
+                     const float v = (x[i] * alpha[c] + beta[c]) / q.step;
+                     const float g = in_range(v, q) ? dy[i] : 0.f;
+                     const float xhat = (x[i] - mean[c]) * invstd[c];
+                     dx[i] = alpha[c] * (g - mgp[c] - xhat * mgxp[c]);
+                   });
+  });
+}
+
 // ---- type-erased entry points --------------------------------------------------------------------
 void forward(c10::ScalarType dt, const void* x, void* y, int64_t n, QuantSpec q) {
   dispatch_dtype(dt, [&](auto tag) {
@@ -428,7 +684,8 @@ void codes_float(c10::ScalarType dt, const void* x, float* out, int64_t n, Quant
 
 }  // namespace
 
-extern const LsqKernels kLsqKernels = {forward, backward,       forward_multi, backward_multi,
-                                       stats,   codes,          codes_float};
+extern const LsqKernels kLsqKernels = {forward,     backward,   forward_multi, backward_multi,
+                                       stats,       codes,      codes_float,   bn_stats,
+                                       bn_forward,  bn_backward};
 
 }  // namespace rfq::cpu::CPU_CAPABILITY

@@ -31,6 +31,20 @@ MIN_STEP = 1e-6  # steps are clamped here after every update (the kernels reject
 _quantizer = [ops.coupled_quant]
 
 
+# Whether a training-mode SwitchableBatchNorm2d feeding an unsigned input quantizer runs as one
+# fused op (ops.batch_norm_quant). unfused_norm_quant() turns it off (benchmarks, tests).
+_fuse_norm_quant = [True]
+
+
+@contextlib.contextmanager
+def unfused_norm_quant():
+    _fuse_norm_quant[0] = False
+    try:
+        yield
+    finally:
+        _fuse_norm_quant[0] = True
+
+
 @contextlib.contextmanager
 def use_reference_quantizer():
     from rfq import reference
@@ -161,6 +175,26 @@ class QuantLayer(nn.Module):
         if self.a_bits:
             x = self.quantize_input(x)
         return self.compute(x, self.quantized_weight())
+
+    def forward_after_norm(self, bn: nn.Module, x: Tensor) -> Tensor:
+        """``self(bn(x))``, where the caller has dropped the ReLU between them because this
+        layer clamps its input at zero. A training-mode SwitchableBatchNorm2d and this layer's
+        input quantizer then run as one fused op: the BN output is never written (the outputs
+        and gradients are those of the composition; tests/nn/test_norm_quant.py)."""
+        if not self._fusable_after(bn, x):
+            return self(bn(x))
+        if torch.is_grad_enabled():
+            self._mark_used()
+        gs = self._grad_scale(x.numel(), self.a_bit, self.a_signed)
+        xq = bn.forward_quantized(x, self.a_steps, self.a_bits, self.a_sel, self.a_signed, gs)
+        return self.compute(xq, self.quantized_weight())
+
+    def _fusable_after(self, bn: nn.Module, x: Tensor) -> bool:
+        return (_fuse_norm_quant[0] and _quantizer[0] is ops.coupled_quant
+                and isinstance(bn, SwitchableBatchNorm2d) and bn.training
+                and not (bn._forward_hooks or bn._forward_pre_hooks)  # they want bn's output
+                and self.input_clamps_at_zero and self.training
+                and self.a_ready[self.a_index] and x.dtype == torch.float32)
 
     def _mark_used(self) -> None:
         # device-side marks (a fill on a view: no sync); reset by clear_usage() every step
@@ -305,6 +339,29 @@ class SwitchableBatchNorm2d(nn.Module):
             momentum = 1.0 / self._seen
         return F.batch_norm(x, self.running_mean[i, j], self.running_var[i, j], w, b, True,
                             momentum, self.eps)
+
+    def forward_quantized(self, x: Tensor, steps: Tensor, bits, sel: Tensor, signed: bool,
+                          grad_scale: float) -> Tensor:
+        """Training mode: ``coupled_quant(self(x), steps, bits, sel, signed, grad_scale)`` in
+        one fused op (the BN output is not materialized); running statistics and usage marks
+        are updated as forward() does."""
+        i, j = self.wi, self.ai
+        y, mean, var = ops.batch_norm_quant(x, self.weight[i, j], self.bias[i, j], self.eps,
+                                            steps, bits, sel, signed, grad_scale)
+        if self.batch_stats_only:
+            return y
+        if torch.is_grad_enabled() and self._marked != (i, j):
+            self.used[i, j].fill_(True)
+            self._marked = (i, j)
+        momentum = self.momentum
+        if self.cumulative:
+            self._seen += 1
+            momentum = 1.0 / self._seen
+        n = x.numel() // x.shape[1]
+        with torch.no_grad():  # as F.batch_norm: the running variance is the unbiased one
+            self.running_mean[i, j].mul_(1 - momentum).add_(mean, alpha=momentum)
+            self.running_var[i, j].mul_(1 - momentum).add_(var, alpha=momentum * n / (n - 1))
+        return y
 
     def clear_usage(self) -> None:
         self.used.zero_()

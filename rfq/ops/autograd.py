@@ -48,6 +48,26 @@ torch.library.register_autograd(
     _coupled_quant_multi_backward,
     setup_context=_coupled_quant_multi_setup,
 )
+def _batch_norm_quant_setup(ctx, inputs, output):
+    x, weight, bias, eps, steps, bits, sel, signed, grad_scale = inputs
+    _, mean, var = output
+    ctx.mark_non_differentiable(mean, var)
+    ctx.save_for_backward(x, weight, bias, mean, var, steps, sel)  # no BN-output-sized tensor
+    ctx.eps, ctx.bits, ctx.signed, ctx.grad_scale = eps, bits, signed, grad_scale
+
+
+def _batch_norm_quant_backward(ctx, grad_y, _grad_mean, _grad_var):
+    x, weight, bias, mean, var, steps, sel = ctx.saved_tensors
+    grad_x, grad_weight, grad_bias, grad_steps = _ops.batch_norm_quant_backward.default(
+        grad_y, x, weight, bias, mean, var, ctx.eps, steps, ctx.bits, sel, ctx.signed,
+        ctx.grad_scale
+    )
+    return grad_x, grad_weight, grad_bias, None, grad_steps, None, None, None, None
+
+
+torch.library.register_autograd(
+    "rfq::batch_norm_quant", _batch_norm_quant_backward, setup_context=_batch_norm_quant_setup
+)
 # quant_stats, quantize_codes, pack_weight, unpack_weight: non-differentiable (C++ fallthrough).
 
 

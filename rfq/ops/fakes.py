@@ -49,6 +49,28 @@ def _quant_stats_fake(x, steps, bits, signed=True, delta=0.125):
     return steps.new_empty(steps.shape), steps.new_empty(steps.shape)
 
 
+def _bn_like(x: Tensor) -> Tensor:
+    """batch_norm_quant's output layout: 4-D channels_last stays, the rest is contiguous."""
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.empty_like(x, memory_format=torch.channels_last)
+    return x.new_empty(x.shape)
+
+
+@torch.library.register_fake("rfq::batch_norm_quant")
+def _batch_norm_quant_fake(x, weight, bias, eps, steps, bits, sel, signed=False, grad_scale=1.0):
+    _check_devices("batch_norm_quant", x, weight=weight, bias=bias, steps=steps, sel=sel)
+    return _bn_like(x), weight.new_empty(weight.shape), weight.new_empty(weight.shape)
+
+
+@torch.library.register_fake("rfq::batch_norm_quant_backward")
+def _batch_norm_quant_backward_fake(grad_y, x, weight, bias, mean, var, eps, steps, bits, sel,
+                                    signed, grad_scale):
+    _check_devices("batch_norm_quant_backward", x, grad_y=grad_y, weight=weight, bias=bias,
+                   mean=mean, var=var, steps=steps, sel=sel)
+    return (_bn_like(x), weight.new_empty(weight.shape), weight.new_empty(weight.shape),
+            steps.new_empty(steps.shape))
+
+
 @torch.library.register_fake("rfq::quantize_codes")
 def _quantize_codes_fake(x, step, bits, signed=True):
     _check_devices("quantize_codes", x, step=step)

@@ -1,5 +1,5 @@
 """Typed wrappers of the LSQ op family (coupled_quant, coupled_quant_multi, quant_stats,
-quantize_codes). Conventions in rfq/ops/__init__.py; semantics ../shared/spec/kernels.md §1-2.
+quantize_codes, batch_norm_quant). Conventions in rfq/ops/__init__.py; semantics ../shared/spec/kernels.md §1-2.
 """
 
 from __future__ import annotations
@@ -31,6 +31,31 @@ def coupled_quant(
         return torch.ops.rfq_triton.coupled_quant.default(x, steps, list(bits), sel, signed,
                                                           grad_scale)
     return _ops.coupled_quant.default(x, steps, list(bits), sel, signed, grad_scale)
+
+
+def batch_norm_quant(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    eps: float,
+    steps: Tensor,
+    bits: Sequence[int],
+    sel: Tensor,
+    signed: bool = False,
+    grad_scale: float = 1.0,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Training-mode BatchNorm of fp32 ``x`` [N, C, ...] fused with the next layer's quantizer.
+
+    Returns ``(coupled_quant(z, steps, bits, sel, signed, grad_scale), mean, var)`` where
+    ``z = x * alpha + beta`` per channel, ``alpha = weight / sqrt(var + eps)``,
+    ``beta = bias - mean * alpha`` (fp32, each operation rounded), and ``mean``/``var`` are the
+    batch mean and biased variance over every dim but 1 (fp32 [C]). One write instead of the BN
+    output plus the quantizer's; backward saves x, not the BN output. Differentiable in x,
+    weight, bias and steps; running statistics are the caller's (from mean and var). 4-D
+    channels_last input gives channels_last output, anything else contiguous.
+    """
+    return _ops.batch_norm_quant.default(x, weight, bias, eps, steps, list(bits), sel, signed,
+                                         grad_scale)
 
 
 def coupled_quant_multi(

@@ -75,6 +75,20 @@ CHECK = textwrap.dedent(
             torch.testing.assert_close(got, leaf.grad, rtol=1e-5, atol=1e-6)
         for got, leaf in zip((dm, ds), leaves[2:]):  # sums of 24K terms: fp32 orders differ
             torch.testing.assert_close(got, leaf.grad, rtol=1e-4, atol=1e-5)
+    for shape, cl in (((16, 24, 9, 9), True), ((5, 17, 13, 3), False), ((40, 19), False)):
+        x = torch.randn(shape, generator=g) * 2 + 1  # batch_norm_quant: vector and tail lanes
+        x = x.to(memory_format=torch.channels_last) if cl else x
+        w, b, s = torch.rand(shape[1], generator=g) + 0.5, torch.randn(shape[1], generator=g), torch.tensor([0.2, 0.05])
+        for sel, signed in ((0, False), (1, True)):
+            sel = torch.tensor(sel)
+            y, mean, var = ops.batch_norm_quant(x, w, b, 1e-5, s, [3, 5], sel, signed)
+            assert torch.equal(y, ref.batch_norm_quant_from_stats(x, w, b, mean, var, 1e-5, s, [3, 5], sel, signed))
+            gy = torch.randn(shape, generator=g)
+            got = torch.ops.rfq.batch_norm_quant_backward(gy, x, w, b, mean, var, 1e-5, s, [3, 5], sel, signed, 1.0)
+            leaves = [t.clone().requires_grad_(True) for t in (x, w, b, s)]
+            ref.batch_norm_quant(*leaves[:3], 1e-5, leaves[3], [3, 5], sel, signed, stats=(mean, var))[0].backward(gy)
+            for a, leaf in zip(got, leaves):
+                torch.testing.assert_close(a, leaf.grad, rtol=1e-4, atol=1e-3)
     print("ok")
     """
 )

@@ -30,16 +30,27 @@ class FeatureMSE(torch.autograd.Function):
 
 
 class FeatureTap:
-    """Forward hooks on every switchable BN (IDM): in 'teacher' mode they keep detached outputs
-    of the selected layers; in 'student' mode the outputs of the selected layers, with their
-    graph."""
+    """Forward hooks on the switchable BNs of the selected layers (IDM): in 'teacher' mode they
+    keep detached outputs; in 'student' mode the outputs, with their graph. Only the selected
+    BNs carry a hook: the others may run fused with the next layer's input quantizer, which
+    never materializes their output."""
 
     def __init__(self, model: nn.Module):
-        self.mode, self.selected, self.teacher, self.student = None, set(), {}, {}
+        self.mode, self._selected, self.teacher, self.student = None, set(), {}, {}
+        self.bns = {name: layer._bn_ref[0] for name, layer in mixed_layers(model)
+                    if layer._bn_ref}
         self.handles = []
-        for name, layer in mixed_layers(model):
-            if layer._bn_ref:
-                self.handles.append(layer._bn_ref[0].register_forward_hook(self._hook(name)))
+
+    @property
+    def selected(self) -> set:
+        return self._selected
+
+    @selected.setter
+    def selected(self, names) -> None:
+        self.close()
+        self._selected = set(names)
+        self.handles = [self.bns[n].register_forward_hook(self._hook(n))
+                        for n in sorted(self._selected) if n in self.bns]
 
     def _hook(self, name):
         def hook(mod, inputs, output):
@@ -58,6 +69,7 @@ class FeatureTap:
     def close(self):
         for h in self.handles:
             h.remove()
+        self.handles = []
 
 
 def qe_loss(layer: QuantLayer, min_bit: int) -> torch.Tensor:

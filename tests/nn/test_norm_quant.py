@@ -1,0 +1,138 @@
+"""The fused BN + input quantizer inside quantized ResNet blocks (rfq.ops.batch_norm_quant):
+outputs, gradients and running statistics of a training forward/backward are those of the
+unfused composition; the fused path is taken exactly where it may be."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from rfq import ops
+from rfq.models import build_model
+from rfq.nn import SwitchableBatchNorm2d, mixed_layers, quantize_, set_bits
+from rfq.nn.modules import unfused_norm_quant, use_reference_quantizer
+
+
+def model_and_batch(seed=0, name="resnet20"):
+    torch.manual_seed(seed)
+    model = quantize_(build_model(name, 1, 10)).to(memory_format=torch.channels_last)
+    x = torch.randn(16, 1, 12, 12).to(memory_format=torch.channels_last)
+    return model, x, torch.arange(16) % 10
+
+
+def count_fused(monkeypatch):
+    calls = []
+    real = ops.batch_norm_quant
+
+    def spy(*args, **kw):
+        calls.append(args[0].shape)
+        return real(*args, **kw)
+    monkeypatch.setattr(ops, "batch_norm_quant", spy)
+    return calls
+
+
+def train_pass(model, x, y, bits):
+    set_bits(model, bits)
+    loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    return loss.detach()
+
+
+@pytest.mark.parametrize("bits", [(6, 6), (2, 3), (4, 2)])
+def test_fused_training_pass_equals_the_unfused_one(monkeypatch, bits):
+    results = []
+    for fused in (True, False):
+        model, x, y = model_and_batch()
+        model.train()
+        with torch.no_grad():  # initialise every activation step (unfused while not ready)
+            for a in (2, 3, 4, 5, 6):
+                set_bits(model, (6, a))
+                model(x)
+        calls = count_fused(monkeypatch)
+        if fused:
+            loss = train_pass(model, x, y, bits)
+            assert len(calls) == 9  # every BasicBlock's bn1 -> conv2
+        else:
+            with unfused_norm_quant():
+                loss = train_pass(model, x, y, bits)
+            assert not calls
+        monkeypatch.undo()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        bufs = {n: b.clone() for n, b in model.named_buffers()}
+        results.append((loss, grads, bufs))
+    (loss_f, grads_f, bufs_f), (loss_u, grads_u, bufs_u) = results
+    # statistics differ from ATen's in the last fp32 bits, so codes on a boundary may flip
+    torch.testing.assert_close(loss_f, loss_u, rtol=1e-4, atol=1e-5)
+    assert grads_f.keys() == grads_u.keys()
+    for name in grads_f:
+        scale = float(grads_u[name].abs().max()) + 1e-12
+        torch.testing.assert_close(grads_f[name], grads_u[name], rtol=0, atol=2e-3 * scale,
+                                   msg=name)
+    for name in bufs_f:  # running statistics, usage marks, selectors
+        if bufs_f[name].is_floating_point():
+            torch.testing.assert_close(bufs_f[name], bufs_u[name], rtol=1e-5, atol=1e-6, msg=name)
+        else:
+            assert torch.equal(bufs_f[name], bufs_u[name]), name
+
+
+def test_where_the_fused_path_is_not_taken(monkeypatch):
+    model, x, y = model_and_batch()
+    model.train()
+    calls = count_fused(monkeypatch)
+    model(x)  # first batch: activation steps are initialised from the BN outputs
+    assert not calls
+    model(x)
+    assert len(calls) == 9
+    calls.clear()
+    model.eval()
+    model(x)  # running statistics: plain BN
+    assert not calls
+    model.train()
+    with use_reference_quantizer():  # E1b's plain-PyTorch step keeps its own composition
+        model(x)
+    assert not calls
+    bn1 = model.blocks[0].bn1
+    handle = bn1.register_forward_hook(lambda *a: None)  # someone wants bn1's output
+    model(x)
+    assert len(calls) == 8
+    handle.remove()
+    calls.clear()
+    model.blocks[0].conv2.a_signed = True  # a signed quantizer does not replace the ReLU
+    model(x)
+    assert len(calls) == 8
+
+
+def test_running_statistics_modes():
+    """Momentum, cumulative (BN recalibration) and batch_stats_only (search scoring) as in
+    SwitchableBatchNorm2d.forward."""
+    torch.manual_seed(0)
+    bn = SwitchableBatchNorm2d(torch.nn.BatchNorm2d(5), 2, 2)
+    bn.select(1, 0)
+    x = torch.randn(8, 5, 4, 4) * 3 + 1
+    steps, sel = torch.tensor([0.25]), torch.tensor(0)
+    for mode in ("momentum", "cumulative", "batch_stats_only"):
+        fused, plain = (SwitchableBatchNorm2d(torch.nn.BatchNorm2d(5), 2, 2) for _ in range(2))
+        for m in (fused, plain):
+            m.load_state_dict(bn.state_dict())
+            m.select(1, 0)
+            m.cumulative = mode == "cumulative"
+            m.batch_stats_only = mode == "batch_stats_only"
+        for k in range(3):
+            xk = x + k
+            q = fused.forward_quantized(xk, steps, [4], sel, False, 1.0)
+            want = ops.coupled_quant(plain(xk), steps, [4], sel, False)
+            assert (q != want).float().mean() < 1e-3
+        torch.testing.assert_close(fused.running_mean, plain.running_mean, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(fused.running_var, plain.running_var, rtol=1e-5, atol=1e-6)
+        assert torch.equal(fused.used, plain.used)
+
+
+def test_resnet18_blocks_fuse_too(monkeypatch):
+    torch.manual_seed(0)
+    model = quantize_(build_model("resnet18", 3, 10))
+    model.train()
+    x = torch.randn(2, 3, 32, 32)
+    model(x)
+    calls = count_fused(monkeypatch)
+    model(x)
+    assert len(calls) == 8
+    assert len(mixed_layers(model)) == 19
