@@ -32,6 +32,13 @@ TORCH_LIBRARY(rfq, m) {
   // within delta of a rounding boundary (the bit-width scheduler's turbulence).
   m.def("quant_stats(Tensor x, Tensor steps, int[] bits, bool signed=True, float delta=0.125) "
         "-> (Tensor, Tensor)", pt2);
+  // (relu(x), coupled_quant(x, steps, bits, sel, signed=False)) from one read of x: a block's ReLU
+  // output (for its shortcut) and the next conv's unsigned quantized input, which clamps at 0.
+  m.def("relu_quant(Tensor x, Tensor steps, int[] bits, Tensor sel, float grad_scale=1.0) "
+        "-> (Tensor, Tensor)", pt2);
+  // One pass: (dx = (x > 0) grad_r + in_range grad_y, dsteps[K]); a missing gradient counts as 0.
+  m.def("relu_quant_backward(Tensor? grad_r, Tensor? grad_y, Tensor x, Tensor steps, int[] bits, "
+        "Tensor sel, float grad_scale) -> (Tensor, Tensor)", pt2);
   // Training-mode BatchNorm fused with the next layer's input quantizer, fp32 x [N, C, ...]:
   // (coupled_quant(x * alpha + beta, ...), batch mean, biased batch variance), alpha = weight /
   // sqrt(var + eps), beta = bias - mean * alpha per channel; running statistics are the caller's.

@@ -27,14 +27,18 @@ class StagedModel(nn.Module):
 
 
 class Head(nn.Module):
-    """Global average pooling, optional dropout, then the classifier."""
+    """(ReLU,) global average pooling, optional dropout, then the classifier. ``relu``: the
+    input is a residual stage's pre-activation sum."""
 
-    def __init__(self, features: int, classes: int, dropout: float = 0.0):
+    def __init__(self, features: int, classes: int, dropout: float = 0.0, relu: bool = False):
         super().__init__()
+        self.relu = relu
         self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
         self.fc = nn.Linear(features, classes)
 
     def forward(self, x):
+        if self.relu:
+            x = F.relu(x)
         return self.fc(self.dropout(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)))
 
 
@@ -45,6 +49,16 @@ def input_clamps_at_zero(layer: nn.Module) -> bool:
     below 0, round(0) - 0 = 0 at 0). It saves a read and a write of the activation each way
     (ResNet-20 step: ~4 % of the time)."""
     return bool(getattr(layer, "input_clamps_at_zero", False))
+
+
+def relu_into(layer: nn.Module, s):
+    """``(relu(s), layer(relu(s)))`` for a layer that clamps its input at zero itself: quantized
+    layers make the ReLU output and their quantized input in one fused op."""
+    fused = getattr(layer, "forward_after_relu", None)
+    if fused is not None:
+        return fused(s)
+    x = F.relu(s)
+    return x, layer(x)
 
 
 def norm_into(layer: nn.Module, bn: nn.Module, x):
@@ -78,6 +92,10 @@ class ShortcutA(nn.Module):
 
 
 class BasicBlock(nn.Module):
+    """Takes and returns pre-activation sums: the ReLU of the previous block's output runs here,
+    first, so that it and conv1's input quantizer can be one fused op (relu_into); the stage
+    before the first block and the head after the last one leave it to the blocks."""
+
     def __init__(self, c_in: int, c_out: int, stride: int, shortcut: str = "A"):
         super().__init__()
         self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
@@ -92,24 +110,28 @@ class BasicBlock(nn.Module):
             self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False),
                                           nn.BatchNorm2d(c_out))
 
-    def forward(self, x):
-        out = self.conv1(x)
+    def forward(self, s):
+        if input_clamps_at_zero(self.conv1):  # conv1's quantizer clamps relu(s) at 0 itself
+            x, out = relu_into(self.conv1, s)
+        else:
+            x = F.relu(s)
+            out = self.conv1(x)
         if input_clamps_at_zero(self.conv2):  # conv2's quantizer is this ReLU
             out = norm_into(self.conv2, self.bn1, out)
         else:
             out = self.conv2(F.relu(self.bn1(out)))
-        out = self.bn2(out)
-        return F.relu(out + self.shortcut(x))
+        return self.bn2(out) + self.shortcut(x)
 
 
 class ResNet20(StagedModel):
     """CIFAR-style ResNet-20: 3x3 stem 16 ch, 3 stages of 3 basic blocks (16/32/64 ch), GAP, FC.
-    At 28x28 input the stages run at 28/14/7 px; 18 convs besides the stem."""
+    At 28x28 input the stages run at 28/14/7 px; 18 convs besides the stem. Stages pass
+    pre-activation sums (see BasicBlock): the stem's ReLU runs in the first block."""
 
     def __init__(self, in_channels: int = 1, classes: int = 10, width: int = 16,
                  blocks_per_stage: int = 3):
         super().__init__()
-        self.stem = conv_bn_relu(in_channels, width)
+        self.stem = conv_bn_relu(in_channels, width, relu=None)
         blocks, c_in = [], width
         for i, c_out in enumerate((width, 2 * width, 4 * width)):
             for j in range(blocks_per_stage):
@@ -117,7 +139,7 @@ class ResNet20(StagedModel):
                 blocks.append(BasicBlock(c_in, c_out, stride))
                 c_in = c_out
         self.blocks = nn.ModuleList(blocks)
-        self.head = Head(c_in, classes)
+        self.head = Head(c_in, classes, relu=True)
         init_weights(self)
 
     def stages(self):
@@ -148,9 +170,9 @@ class SmallCNN(StagedModel):
 class ResNet18(StagedModel):
     def __init__(self, in_channels: int = 3, classes: int = 1000):
         super().__init__()
+        # max-pooling commutes with the ReLU, which runs in the first block (see BasicBlock)
         self.stem = nn.Sequential(nn.Conv2d(in_channels, 64, 7, 2, 3, bias=False),
-                                  nn.BatchNorm2d(64), nn.ReLU(inplace=True),
-                                  nn.MaxPool2d(3, 2, 1))
+                                  nn.BatchNorm2d(64), nn.MaxPool2d(3, 2, 1))
         blocks, c_in = [], 64
         for i, c_out in enumerate((64, 128, 256, 512)):
             for j in range(2):
@@ -158,7 +180,7 @@ class ResNet18(StagedModel):
                 blocks.append(BasicBlock(c_in, c_out, stride, shortcut="B"))
                 c_in = c_out
         self.blocks = nn.ModuleList(blocks)
-        self.head = Head(512, classes)
+        self.head = Head(512, classes, relu=True)
         init_weights(self)
 
     def stages(self):

@@ -91,6 +91,24 @@ def coupled_quant_backward(
     return grad_x, grad_steps
 
 
+def relu_quant(x: Tensor, steps: Tensor, bits: Sequence[int], sel: Tensor,
+               grad_scale: float = 1.0) -> tuple[Tensor, Tensor]:
+    """Twin of ``rfq.ops.relu_quant``: the two ops it replaces."""
+    return torch.relu(x), coupled_quant(x, steps, bits, sel, False, grad_scale)
+
+
+def relu_quant_backward(grad_r, grad_y, x, steps, bits, sel, grad_scale):
+    zero = torch.zeros((), dtype=x.dtype, device=x.device)
+    grad_x = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    grad_steps = torch.zeros_like(steps)
+    if grad_r is not None:
+        grad_x = grad_x + torch.where(x > 0, grad_r, zero).float()
+    if grad_y is not None:
+        gq, grad_steps = coupled_quant_backward(grad_y, x, steps, bits, sel, False, grad_scale)
+        grad_x = grad_x + gq.float()
+    return grad_x.to(x.dtype), grad_steps
+
+
 def batch_norm_quant(
     x: Tensor,
     weight: Tensor,

@@ -12,6 +12,7 @@
 #include <ATen/core/DimVector.h>
 
 #include <array>
+#include <optional>
 #include <cmath>
 #include <cstdint>
 #include <string>
@@ -172,6 +173,53 @@ at::Tensor quantize_codes(const at::Tensor& x, const at::Tensor& step, int64_t b
   return codes;
 }
 
+std::tuple<at::Tensor, at::Tensor> relu_quant(const at::Tensor& x, const at::Tensor& steps,
+                                              c10::IntArrayRef bits, const at::Tensor& sel,
+                                              double /*grad_scale*/) {
+  constexpr const char* op = "rfq.relu_quant";
+  check_x(op, x);
+  check_steps(op, x, steps, bits);
+  check_sel(op, x, sel);
+  const int64_t j = read_sel(op, sel, steps.numel());
+  const QuantSpec q = make_spec(bits[j], /*is_signed=*/false, read_step(op, steps, j));
+  const at::Tensor xd = dense_layout(x);
+  at::Tensor r = at::empty_like(xd);
+  at::Tensor y = at::empty_like(xd);
+  lsq_kernels().relu_forward(x.scalar_type(), xd.const_data_ptr(), r.mutable_data_ptr(),
+                             y.mutable_data_ptr(), xd.numel(), q);
+  return {r, y};
+}
+
+std::tuple<at::Tensor, at::Tensor> relu_quant_backward(
+    const std::optional<at::Tensor>& grad_r, const std::optional<at::Tensor>& grad_y,
+    const at::Tensor& x, const at::Tensor& steps, c10::IntArrayRef bits, const at::Tensor& sel,
+    double grad_scale) {
+  constexpr const char* op = "rfq.relu_quant_backward";
+  check_x(op, x);
+  check_steps(op, x, steps, bits);
+  check_sel(op, x, sel);
+  check_grad_scale(op, grad_scale);
+  const int64_t j = read_sel(op, sel, steps.numel());
+  const QuantSpec q = make_spec(bits[j], /*is_signed=*/false, read_step(op, steps, j));
+  const at::Tensor xd = dense_layout(x);
+  at::Tensor gr, gy;
+  if (grad_r.has_value()) {
+    check_grad(op, *grad_r, x, x.sizes());
+    gr = in_layout_of(*grad_r, xd);
+  }
+  if (grad_y.has_value()) {
+    check_grad(op, *grad_y, x, x.sizes());
+    gy = in_layout_of(*grad_y, xd);
+  }
+  at::Tensor grad_x = at::empty_like(xd);
+  at::Tensor grad_steps = at::zeros({steps.numel()}, steps.options());
+  lsq_kernels().relu_backward(x.scalar_type(), gr.defined() ? gr.const_data_ptr() : nullptr,
+                              gy.defined() ? gy.const_data_ptr() : nullptr, xd.const_data_ptr(),
+                              grad_x.mutable_data_ptr(), xd.numel(), q, grad_scale,
+                              grad_steps.mutable_data_ptr<float>() + j);
+  return {grad_x, grad_steps};
+}
+
 // alpha = weight * invstd, beta = bias - mean * alpha, invstd = 1 / sqrt(var + eps): fp32, each
 // operation rounded (the forward and the backward must see the same z = x * alpha + beta).
 struct BnAffine {
@@ -259,6 +307,8 @@ TORCH_LIBRARY_IMPL(rfq, CPU, m) {
   m.impl("coupled_quant_multi_backward", &rfq::cpu::coupled_quant_multi_backward);
   m.impl("quant_stats", &rfq::cpu::quant_stats);
   m.impl("quantize_codes", &rfq::cpu::quantize_codes);
+  m.impl("relu_quant", &rfq::cpu::relu_quant);
+  m.impl("relu_quant_backward", &rfq::cpu::relu_quant_backward);
   m.impl("batch_norm_quant", &rfq::cpu::batch_norm_quant);
   m.impl("batch_norm_quant_backward", &rfq::cpu::batch_norm_quant_backward);
 }

@@ -49,6 +49,13 @@ struct LsqKernels {
   void (*codes)(c10::ScalarType dtype, const void* x, void* codes, int64_t n, QuantSpec q);
   // The same codes as exact fp32 integers, NaN kept (packed_linear's fused input quantizer).
   void (*codes_float)(c10::ScalarType dtype, const void* x, float* codes, int64_t n, QuantSpec q);
+  // relu_quant: r = relu(x) and y = code(x / s) * s (unsigned q); backward dx = (x > 0) * dr +
+  // in_range * dy, either gradient may be null (an unused output).
+  void (*relu_forward)(c10::ScalarType dtype, const void* x, void* r, void* y, int64_t n,
+                       QuantSpec q);
+  void (*relu_backward)(c10::ScalarType dtype, const void* grad_r, const void* grad_y,
+                        const void* x, void* grad_x, int64_t n, QuantSpec q, double grad_scale,
+                        float* grad_step);
   // batch_norm_quant (fp32): per-channel batch mean and biased variance; y = code(z / s) * s with
   // z = x * alpha[c] + beta[c]; and the backward's two passes (reductions, then dx).
   void (*bn_stats)(const float* x, ChannelShape s, float* mean, float* var);

@@ -363,6 +363,77 @@ void codes_typed(const T* x, Code* out, int64_t n, const QuantSpec& q) {
   });
 }
 
+// ---- relu_quant: a block's ReLU and the next conv's unsigned quantizer from one read of x -----
+inline Vec relu(const Vec& x) { return Vec::blendv(at::vec::maximum(x, Vec(0.f)), x, x.isnan()); }
+inline float relu(float x) { return std::isnan(x) ? x : std::max(x, 0.f); }
+
+template <typename T>
+void relu_forward_typed(const T* x, T* r, T* y, int64_t n, const QuantSpec& q) {
+  const VecSpec vq(q);
+  parallel_chunks(n, [&](int64_t, int64_t begin, int64_t end) {
+    int64_t i = begin;
+    for (; i + kBlock <= end; i += kBlock) {
+      Vec a, b;
+      Io<T>::load(x + i, a, b);
+      Io<T>::store(r + i, relu(a), relu(b));
+      Io<T>::store(y + i, code(a / vq.s, vq) * vq.s, code(b / vq.s, vq) * vq.s);
+    }
+    for (; i < end; ++i) {
+      const float xv = float(x[i]);
+      r[i] = static_cast<T>(relu(xv));
+      y[i] = static_cast<T>(code(xv / q.step, q) * q.step);
+    }
+  });
+}
+
+// kR / kY: whether that output's gradient exists (compile-time: no branch per element).
+template <typename T, bool kR, bool kY>
+void relu_backward_typed(const T* dr, const T* dy, const T* x, T* dx, int64_t n,
+                         const QuantSpec& q, double grad_scale, float* grad_step) {
+  const VecSpec vq(q);
+  const int64_t chunks = num_chunks(n);
+  double* partial = scratch<double>(chunks);
+  parallel_chunks(n, [&](int64_t c, int64_t begin, int64_t end) {
+    Vec acc(0.f);
+    auto one = [&](const Vec& xv, const Vec& gr, const Vec& gy) {
+      Vec d(0.f);
+      if constexpr (kR) d = gr & (xv > Vec(0.f));
+      if constexpr (kY) {
+        const Vec v = xv / vq.s;
+        const Vec inside = in_range(v, vq);
+        acc = acc + gy * (code(v, vq) - (v & inside));
+        d = d + (gy & inside);
+      }
+      return d;
+    };
+    int64_t i = begin;
+    for (; i + kBlock <= end; i += kBlock) {
+      Vec xa, xb, ra(0.f), rb(0.f), ga(0.f), gb(0.f);
+      Io<T>::load(x + i, xa, xb);
+      if constexpr (kR) Io<T>::load(dr + i, ra, rb);
+      if constexpr (kY) Io<T>::load(dy + i, ga, gb);
+      Io<T>::store(dx + i, one(xa, ra, ga), one(xb, rb, gb));
+    }
+    float tail = 0.f;
+    for (; i < end; ++i) {
+      const float xv = float(x[i]);
+      float d = 0.f;
+      if constexpr (kR) d = xv > 0.f ? float(dr[i]) : 0.f;
+      if constexpr (kY) {
+        const float v = xv / q.step, g = float(dy[i]);
+        const bool inside = in_range(v, q);
+        tail += g * (inside ? code(v, q) - v : code(v, q));
+        d = d + (inside ? g : 0.f);
+      }
+      dx[i] = static_cast<T>(d);
+    }
+    partial[c] = lane_sum(acc) + tail;
+  });
+  double total = 0.0;
+  for (int64_t c = 0; c < chunks; ++c) total += partial[c];
+  *grad_step = kY ? static_cast<float>(grad_scale * total) : 0.f;
+}
+
 // ---- batch_norm_quant: training-mode BatchNorm fused with one quantizer (fp32) -----------------
 // The data is [outer, C, inner]. Reductions run over fixed chunks: with inner == 1, runs of
 // max(1, kReduceChunk / C) rows (every channel); otherwise kReduceChunk-element pieces of one
@@ -401,19 +472,32 @@ void parallel_bn_chunks(const BnChunks& ch, const F& fn) {
 
 // Visits chunk k: vec(i, c, lanes) for kVF elements from flat index i, scalar(i, c) for the
 // rest. `lanes(p)` gives the per-channel parameter array p as the elements' Vec: channels
-// c..c+kVF-1 (rows) or channel c broadcast (planes).
-template <typename VF, typename SF>
+// c..c+kVF-1 (rows) or channel c broadcast (planes). kColumns (reductions): rows are walked
+// once per kVF-channel column of the chunk (in cache after the first), so that a column's sums
+// stay in registers; otherwise row by row (streaming).
+template <bool kColumns = false, typename VF, typename SF>
 void visit_bn_chunk(const BnChunks& ch, int64_t k, const VF& vec, const SF& scalar) {
   const ChannelShape& s = ch.s;
   if (ch.by_rows()) {
-    const int64_t C = s.channels;
+    const int64_t C = s.channels, r0 = k * ch.rows;
     const int64_t r1 = std::min(s.outer, (k + 1) * ch.rows);
-    for (int64_t r = k * ch.rows; r < r1; ++r) {
-      int64_t c = 0;
-      for (; c + kVF <= C; c += kVF) {
-        vec(r * C + c, c, [c](const float* p) { return Vec::loadu(p + c); });
+    const int64_t cv = C - C % kVF;  // channels in whole vectors
+    if constexpr (kColumns) {
+      for (int64_t c = 0; c < cv; c += kVF) {
+        for (int64_t r = r0; r < r1; ++r) {
+          vec(r * C + c, c, [c](const float* p) { return Vec::loadu(p + c); });
+        }
       }
-      for (; c < C; ++c) scalar(r * C + c, c);
+      for (int64_t c = cv; c < C; ++c) {
+        for (int64_t r = r0; r < r1; ++r) scalar(r * C + c, c);
+      }
+    } else {
+      for (int64_t r = r0; r < r1; ++r) {
+        for (int64_t c = 0; c < cv; c += kVF) {
+          vec(r * C + c, c, [c](const float* p) { return Vec::loadu(p + c); });
+        }
+        for (int64_t c = cv; c < C; ++c) scalar(r * C + c, c);
+      }
     }
   } else {
     const int64_t plane = k / ch.pieces, piece = k % ch.pieces, c = plane % s.channels;
@@ -424,17 +508,28 @@ void visit_bn_chunk(const BnChunks& ch, int64_t k, const VF& vec, const SF& scal
   }
 }
 
-// Per-chunk, per-channel fp32 sums. Rows: one value per channel in `row`; planes: one channel,
-// kept in a vector register.
+// Per-chunk, per-channel fp32 sums, fed column by column (visit_bn_chunk<true>): the current
+// column's vector sum stays in a register and is added to `row` (rows: C floats per thread)
+// when the column changes; planes have one channel and keep everything in the register.
 struct BnSums {
-  float* row;  // C floats (rows), per thread
+  float* row;
   Vec acc{0.f};
   float tail = 0.f;
+  int64_t column = -1;
   void add(const Vec& v, int64_t c) {
-    if (row) (Vec::loadu(row + c) + v).store(row + c); else acc = acc + v;
+    if (row && c != column) {
+      flush();
+      column = c;
+    }
+    acc = acc + v;
   }
   void add(float v, int64_t c) {
     if (row) row[c] += v; else tail += v;
+  }
+  void flush() {
+    if (row && column >= 0) (Vec::loadu(row + column) + acc).store(row + column);
+    if (row) acc = Vec(0.f);
+    column = -1;
   }
   double total(int64_t c) const { return row ? double(row[c]) : lane_sum(acc) + tail; }
 };
@@ -487,8 +582,9 @@ void bn_stats(const float* x, ChannelShape s, float* mean, float* var) {
   parallel_bn_chunks(ch, [&](int64_t k) {
     float* row = zeroed_row_sums(ch, 2);
     BnSums sum{row}, dev{row ? row + s.channels : nullptr};
-    visit_bn_chunk(ch, k, [&](int64_t i, int64_t c, auto) { sum.add(Vec::loadu(x + i), c); },
-                   [&](int64_t i, int64_t c) { sum.add(x[i], c); });
+    visit_bn_chunk<true>(ch, k, [&](int64_t i, int64_t c, auto) { sum.add(Vec::loadu(x + i), c); },
+                         [&](int64_t i, int64_t c) { sum.add(x[i], c); });
+    sum.flush();
     thread_local std::vector<float> means;
     if (static_cast<int64_t>(means.size()) < s.channels) means.resize(s.channels);
     for_chunk_channels(ch, k, [&](int64_t c, int64_t slot, int64_t n) {
@@ -498,7 +594,7 @@ void bn_stats(const float* x, ChannelShape s, float* mean, float* var) {
       part[slots + slot] = double(means[c]);
     });
     const float* mp = means.data();
-    visit_bn_chunk(ch, k,
+    visit_bn_chunk<true>(ch, k,
                    [&](int64_t i, int64_t c, auto lanes) {
                      const Vec d = Vec::loadu(x + i) - lanes(mp);
                      dev.add(d * d, c);
@@ -507,6 +603,7 @@ void bn_stats(const float* x, ChannelShape s, float* mean, float* var) {
                      const float d = x[i] - mp[c];
                      dev.add(d * d, c);
                    });
+    dev.flush();
     for_chunk_channels(ch, k, [&](int64_t c, int64_t slot, int64_t) {
       part[2 * slots + slot] = dev.total(c);
     });
@@ -557,7 +654,7 @@ void bn_backward(const float* dy, const float* x, float* dx, ChannelShape s, con
     BnSums sg{row}, sgx{row ? row + s.channels : nullptr};
     Vec step_acc(0.f);
     float step_tail = 0.f;
-    visit_bn_chunk(ch, k,
+    visit_bn_chunk<true>(ch, k,
                    [&](int64_t i, int64_t c, auto lanes) {
                      const Vec xv = Vec::loadu(x + i), d = Vec::loadu(dy + i);
                      const Vec v = (xv * lanes(alpha) + lanes(beta)) / vq.s;
@@ -575,6 +672,8 @@ void bn_backward(const float* dy, const float* x, float* dx, ChannelShape s, con
                      sg.add(g, c);
                      sgx.add(g * ((x[i] - mean[c]) * invstd[c]), c);
                    });
+    sg.flush();
+    sgx.flush();
     for_chunk_channels(ch, k, [&](int64_t c, int64_t slot, int64_t) {
       part[slot] = sg.total(c);
       part[slots + slot] = sgx.total(c);
@@ -682,10 +781,32 @@ void codes_float(c10::ScalarType dt, const void* x, float* out, int64_t n, Quant
   });
 }
 
+void relu_forward(c10::ScalarType dt, const void* x, void* r, void* y, int64_t n, QuantSpec q) {
+  dispatch_dtype(dt, [&](auto tag) {
+    using T = decltype(tag);
+    relu_forward_typed<T>(static_cast<const T*>(x), static_cast<T*>(r), static_cast<T*>(y), n, q);
+  });
+}
+
+void relu_backward(c10::ScalarType dt, const void* dr, const void* dy, const void* x, void* dx,
+                   int64_t n, QuantSpec q, double grad_scale, float* grad_step) {
+  dispatch_dtype(dt, [&](auto tag) {
+    using T = decltype(tag);
+    const auto* r = static_cast<const T*>(dr);
+    const auto* y = static_cast<const T*>(dy);
+    const auto* xt = static_cast<const T*>(x);
+    auto* d = static_cast<T*>(dx);
+    if (r && y) return relu_backward_typed<T, true, true>(r, y, xt, d, n, q, grad_scale, grad_step);
+    if (r) return relu_backward_typed<T, true, false>(r, y, xt, d, n, q, grad_scale, grad_step);
+    if (y) return relu_backward_typed<T, false, true>(r, y, xt, d, n, q, grad_scale, grad_step);
+    relu_backward_typed<T, false, false>(r, y, xt, d, n, q, grad_scale, grad_step);
+  });
+}
+
 }  // namespace
 
 extern const LsqKernels kLsqKernels = {forward,     backward,   forward_multi, backward_multi,
-                                       stats,       codes,      codes_float,   bn_stats,
-                                       bn_forward,  bn_backward};
+                                       stats,       codes,      codes_float,   relu_forward,
+                                       relu_backward, bn_stats, bn_forward,    bn_backward};
 
 }  // namespace rfq::cpu::CPU_CAPABILITY

@@ -31,18 +31,19 @@ MIN_STEP = 1e-6  # steps are clamped here after every update (the kernels reject
 _quantizer = [ops.coupled_quant]
 
 
-# Whether a training-mode SwitchableBatchNorm2d feeding an unsigned input quantizer runs as one
-# fused op (ops.batch_norm_quant). unfused_norm_quant() turns it off (benchmarks, tests).
-_fuse_norm_quant = [True]
+# Whether an unsigned input quantizer runs fused with the op in front of it: a training-mode
+# SwitchableBatchNorm2d (ops.batch_norm_quant) or a residual block's ReLU (ops.relu_quant).
+# unfused_input_quant() turns both off (benchmarks, tests).
+_fuse_input_quant = [True]
 
 
 @contextlib.contextmanager
-def unfused_norm_quant():
-    _fuse_norm_quant[0] = False
+def unfused_input_quant():
+    _fuse_input_quant[0] = False
     try:
         yield
     finally:
-        _fuse_norm_quant[0] = True
+        _fuse_input_quant[0] = True
 
 
 @contextlib.contextmanager
@@ -190,11 +191,29 @@ class QuantLayer(nn.Module):
         return self.compute(xq, self.quantized_weight())
 
     def _fusable_after(self, bn: nn.Module, x: Tensor) -> bool:
-        return (_fuse_norm_quant[0] and _quantizer[0] is ops.coupled_quant
-                and isinstance(bn, SwitchableBatchNorm2d) and bn.training
+        return (self._input_fusable() and isinstance(bn, SwitchableBatchNorm2d) and bn.training
                 and not (bn._forward_hooks or bn._forward_pre_hooks)  # they want bn's output
-                and self.input_clamps_at_zero and self.training
-                and self.a_ready[self.a_index] and x.dtype == torch.float32)
+                and self.training and x.dtype == torch.float32)
+
+    def _input_fusable(self) -> bool:
+        # not before this bit's step is initialised (from the unfused input's statistics), nor
+        # with the reference quantizer (E1b times the plain composition)
+        return (_fuse_input_quant[0] and _quantizer[0] is ops.coupled_quant
+                and self.input_clamps_at_zero and self.a_ready[self.a_index]
+                and not (self._forward_hooks or self._forward_pre_hooks))  # they see __call__
+
+    def forward_after_relu(self, s: Tensor) -> tuple[Tensor, Tensor]:
+        """``(relu(s), self(relu(s)))`` for a layer that clamps its input at zero: the ReLU
+        output (a residual block keeps it for its shortcut) and this layer's quantized input
+        come from one fused op, which reads s once (forward and backward)."""
+        if not self._input_fusable():
+            x = F.relu(s)
+            return x, self(x)
+        if self.training and torch.is_grad_enabled():
+            self._mark_used()
+        gs = self._grad_scale(s.numel(), self.a_bit, self.a_signed)
+        x, xq = ops.relu_quant(s, self.a_steps, self.a_bits, self.a_sel, gs)
+        return x, self.compute(xq, self.quantized_weight())
 
     def _mark_used(self) -> None:
         # device-side marks (a fill on a view: no sync); reset by clear_usage() every step

@@ -34,7 +34,7 @@ from rfq.ops.csq import csq_weight  # noqa: E402
 from rfq.ops.layout import (MAX_CANDIDATES, code_offset, container_bits,  # noqa: E402
                             packed_row_bytes, qrange)
 from rfq.ops.lsq import (batch_norm_quant, coupled_quant, coupled_quant_multi,  # noqa: E402
-                         quant_stats, quantize_codes)
+                         quant_stats, quantize_codes, relu_quant)
 from rfq.ops.packed import (conv_reads_packed, dequantize_weight, pack_weight,  # noqa: E402
                             packed_conv2d, packed_linear, unpack_weight)
 from rfq.ops.weight_codes import (dequantize_dorefa, dequantize_ternary,  # noqa: E402
@@ -50,6 +50,6 @@ __all__ = [
     "set_gpu_backend", "get_gpu_backend", "gpu_backend", "GPU_BACKENDS", "GPU_FAMILIES",
     "pack_weight", "unpack_weight", "dequantize_weight", "packed_linear", "packed_conv2d",
     "conv_reads_packed", "packed_row_bytes", "container_bits", "code_offset", "qrange", "MAX_CANDIDATES",
-    "coupled_quant", "coupled_quant_multi", "batch_norm_quant", "quant_stats", "quantize_codes", "cpu_capability",
+    "coupled_quant", "coupled_quant_multi", "batch_norm_quant", "relu_quant", "quant_stats", "quantize_codes", "cpu_capability",
     "ternary_codes", "dorefa_codes", "dequantize_ternary", "dequantize_dorefa", "csq_weight",
 ]

@@ -48,6 +48,25 @@ torch.library.register_autograd(
     _coupled_quant_multi_backward,
     setup_context=_coupled_quant_multi_setup,
 )
+def _relu_quant_setup(ctx, inputs, output):
+    x, steps, bits, sel, grad_scale = inputs
+    ctx.set_materialize_grads(False)  # an unused output's gradient stays None: no zeros read
+    ctx.save_for_backward(x, steps, sel)
+    ctx.bits, ctx.grad_scale = bits, grad_scale
+
+
+def _relu_quant_backward(ctx, grad_r, grad_y):
+    x, steps, sel = ctx.saved_tensors
+    grad_x, grad_steps = _ops.relu_quant_backward.default(grad_r, grad_y, x, steps, ctx.bits,
+                                                          sel, ctx.grad_scale)
+    return grad_x, grad_steps, None, None, None
+
+
+torch.library.register_autograd(
+    "rfq::relu_quant", _relu_quant_backward, setup_context=_relu_quant_setup
+)
+
+
 def _batch_norm_quant_setup(ctx, inputs, output):
     x, weight, bias, eps, steps, bits, sel, signed, grad_scale = inputs
     _, mean, var = output

@@ -49,6 +49,19 @@ def _quant_stats_fake(x, steps, bits, signed=True, delta=0.125):
     return steps.new_empty(steps.shape), steps.new_empty(steps.shape)
 
 
+@torch.library.register_fake("rfq::relu_quant")
+def _relu_quant_fake(x, steps, bits, sel, grad_scale=1.0):
+    _check_devices("relu_quant", x, steps=steps, sel=sel)
+    return torch.empty_like(x), torch.empty_like(x)
+
+
+@torch.library.register_fake("rfq::relu_quant_backward")
+def _relu_quant_backward_fake(grad_r, grad_y, x, steps, bits, sel, grad_scale):
+    grads = {n: g for n, g in (("grad_r", grad_r), ("grad_y", grad_y)) if g is not None}
+    _check_devices("relu_quant_backward", x, steps=steps, sel=sel, **grads)
+    return torch.empty_like(x), steps.new_empty(steps.shape)
+
+
 def _bn_like(x: Tensor) -> Tensor:
     """batch_norm_quant's output layout: 4-D channels_last stays, the rest is contiguous."""
     if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):

@@ -1,5 +1,5 @@
 """Typed wrappers of the LSQ op family (coupled_quant, coupled_quant_multi, quant_stats,
-quantize_codes, batch_norm_quant). Conventions in rfq/ops/__init__.py; semantics ../shared/spec/kernels.md §1-2.
+quantize_codes, relu_quant, batch_norm_quant). Conventions in rfq/ops/__init__.py; semantics ../shared/spec/kernels.md §1-2.
 """
 
 from __future__ import annotations
@@ -31,6 +31,21 @@ def coupled_quant(
         return torch.ops.rfq_triton.coupled_quant.default(x, steps, list(bits), sel, signed,
                                                           grad_scale)
     return _ops.coupled_quant.default(x, steps, list(bits), sel, signed, grad_scale)
+
+
+def relu_quant(
+    x: Tensor,
+    steps: Tensor,
+    bits: Sequence[int],
+    sel: Tensor,
+    grad_scale: float = 1.0,
+) -> tuple[Tensor, Tensor]:
+    """``(relu(x), coupled_quant(x, steps, bits, sel, signed=False, grad_scale))`` from one read
+    of x: a residual block's ReLU output (its shortcut) and the next conv's quantized input. The
+    unsigned quantizer clamps at 0 itself, so it takes x, not relu(x) (the same codes, and the
+    same gradients except at x == 0 exactly). Backward is one pass over both gradients; either
+    may be unused."""
+    return _ops.relu_quant.default(x, steps, list(bits), sel, grad_scale)
 
 
 def batch_norm_quant(

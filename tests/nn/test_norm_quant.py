@@ -1,6 +1,7 @@
-"""The fused BN + input quantizer inside quantized ResNet blocks (rfq.ops.batch_norm_quant):
-outputs, gradients and running statistics of a training forward/backward are those of the
-unfused composition; the fused path is taken exactly where it may be."""
+"""The input quantizers fused with the op in front of them inside quantized ResNet blocks: BN ->
+conv2 (rfq.ops.batch_norm_quant) and the block's ReLU -> conv1 (rfq.ops.relu_quant). Outputs,
+gradients and running statistics of a training forward/backward are those of the unfused
+composition; the fused paths are taken exactly where they may be."""
 
 import pytest
 import torch
@@ -9,7 +10,7 @@ import torch.nn.functional as F
 from rfq import ops
 from rfq.models import build_model
 from rfq.nn import SwitchableBatchNorm2d, mixed_layers, quantize_, set_bits
-from rfq.nn.modules import unfused_norm_quant, use_reference_quantizer
+from rfq.nn.modules import unfused_input_quant, use_reference_quantizer
 
 
 def model_and_batch(seed=0, name="resnet20"):
@@ -19,14 +20,14 @@ def model_and_batch(seed=0, name="resnet20"):
     return model, x, torch.arange(16) % 10
 
 
-def count_fused(monkeypatch):
+def count_fused(monkeypatch, name="batch_norm_quant"):
     calls = []
-    real = ops.batch_norm_quant
+    real = getattr(ops, name)
 
     def spy(*args, **kw):
         calls.append(args[0].shape)
         return real(*args, **kw)
-    monkeypatch.setattr(ops, "batch_norm_quant", spy)
+    monkeypatch.setattr(ops, name, spy)
     return calls
 
 
@@ -48,13 +49,15 @@ def test_fused_training_pass_equals_the_unfused_one(monkeypatch, bits):
                 set_bits(model, (6, a))
                 model(x)
         calls = count_fused(monkeypatch)
+        relu_calls = count_fused(monkeypatch, "relu_quant")
         if fused:
             loss = train_pass(model, x, y, bits)
             assert len(calls) == 9  # every BasicBlock's bn1 -> conv2
+            assert len(relu_calls) == 9  # and its ReLU -> conv1
         else:
-            with unfused_norm_quant():
+            with unfused_input_quant():
                 loss = train_pass(model, x, y, bits)
-            assert not calls
+            assert not calls and not relu_calls
         monkeypatch.undo()
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
         bufs = {n: b.clone() for n, b in model.named_buffers()}
@@ -96,9 +99,29 @@ def test_where_the_fused_path_is_not_taken(monkeypatch):
     assert len(calls) == 8
     handle.remove()
     calls.clear()
+    handle = model.blocks[1].conv2.register_forward_pre_hook(lambda *a: None)  # wants its input
+    model(x)
+    assert len(calls) == 8
+    handle.remove()
+    calls.clear()
     model.blocks[0].conv2.a_signed = True  # a signed quantizer does not replace the ReLU
     model(x)
     assert len(calls) == 8
+
+
+def test_relu_fusion_runs_in_eval_too_and_keeps_the_outputs(monkeypatch):
+    model, x, y = model_and_batch()
+    model.train()
+    model(x)  # initialise the activation steps
+    model.eval()
+    relu_calls = count_fused(monkeypatch, "relu_quant")
+    with torch.no_grad():
+        fused = model(x)
+        assert len(relu_calls) == 9
+        with unfused_input_quant():
+            plain = model(x)
+    assert len(relu_calls) == 9
+    torch.testing.assert_close(fused, plain, rtol=0, atol=0)
 
 
 def test_running_statistics_modes():

@@ -1,0 +1,125 @@
+"""E1a (issue 17): the coupled training step against the float model's, each lever measured
+separately, **interleaved** in one process (drift between variants cancels), with the run's
+own memory bandwidth next to it.
+
+Variants, one step of each per cycle, the order rotating:
+  float      the float ResNet-20's 4 forward+backward passes + one SGD step (E1a's baseline)
+  coupled    rfq's coupled step as shipped (BN + input quantizer fused in every ResNet block)
+  unfused    the same step with BN and the input quantizer as two ops (unfused_input_quant)
+  identity   the same step with every quantizer replaced by the identity: what the method's
+             machinery (KD, IDM, stacked BN, masked update, EMA, clamps) costs by itself
+
+    python scripts/e1a_levers.py [--rounds 5] [--cycles 6] [--batch 128]
+
+Prints per round the median step times and the ratios to the float step, then the median and
+range over rounds; and each round's fp32 clone (read + write) and sum (read) bandwidth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                "bench"))
+from bench_method import float_four_pass_step, synthetic_dataset  # noqa: E402
+
+from rfq.cli.demo import SHIPPED_FLOAT  # noqa: E402
+from rfq.methods.rfq import CoupledTrainer, TrainConfig  # noqa: E402
+from rfq.nn import modules  # noqa: E402
+from rfq.runtime import flush_denormals  # noqa: E402
+
+
+@contextlib.contextmanager
+def identity_quantizers():
+    modules._quantizer[0] = lambda x, *args: x
+    try:
+        yield
+    finally:
+        modules._quantizer[0] = modules.ops.coupled_quant
+
+
+def bandwidth(mb: int = 256) -> tuple[float, float]:
+    """(clone GB/s counting read + write, sum GB/s) over a fresh fp32 buffer, best of 3."""
+    x = torch.ones(mb << 18)
+    best_c = best_s = float("inf")
+    for _ in range(3):
+        t = time.perf_counter()
+        y = x.clone()
+        best_c = min(best_c, time.perf_counter() - t)
+        t = time.perf_counter()
+        x.sum()
+        best_s = min(best_s, time.perf_counter() - t)
+        del y
+    return 2 * x.nbytes / best_c / 1e9, x.nbytes / best_s / 1e9
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--cycles", type=int, default=6, help="steps of each variant per round")
+    ap.add_argument("--batch", type=int, default=128)
+    args = ap.parse_args()
+    tmp = tempfile.mkdtemp(prefix="rfq-e1a-")
+    cfg = TrainConfig(mode="coupled", model="resnet20", dataset="synthetic", epochs=1,
+                      steps_per_epoch=10**6, batch_size=args.batch, checkpoint_every=10**9,
+                      init_from=str(SHIPPED_FLOAT))
+    trainer = CoupledTrainer(cfg, tmp, dataset=synthetic_dataset(), progress=False)
+    x, y = trainer.stream.batch(0, 0)
+    float_step = float_four_pass_step(x, y)
+
+    def coupled():
+        trainer.train_step(x, y)
+
+    def unfused():
+        with modules.unfused_input_quant():
+            trainer.train_step(x, y)
+
+    def identity():
+        with identity_quantizers():
+            trainer.train_step(x, y)
+
+    variants = {"float": float_step, "coupled": coupled, "unfused": unfused, "identity": identity}
+    names = list(variants)
+    ratios = {n: [] for n in names[1:]}
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}")
+    try:
+        with flush_denormals():
+            for fn in variants.values():  # warm-up (allocator, activation-step init)
+                fn()
+                fn()
+            for r in range(args.rounds):
+                times = {n: [] for n in names}
+                for c in range(args.cycles):
+                    order = names[c % len(names):] + names[:c % len(names)]
+                    for n in order:
+                        t = time.perf_counter()
+                        variants[n]()
+                        times[n].append(time.perf_counter() - t)
+                med = {n: statistics.median(v) * 1e3 for n, v in times.items()}
+                clone_gbs, sum_gbs = bandwidth()
+                row = "  ".join(f"{n} {med[n]:.0f} ms" for n in names)
+                rel = "  ".join(f"{n} {med[n] / med['float']:.3f}x" for n in names[1:])
+                print(f"round {r + 1}: {row} | {rel} | clone {clone_gbs:.1f} GB/s, "
+                      f"sum {sum_gbs:.1f} GB/s", flush=True)
+                for n in names[1:]:
+                    ratios[n].append(med[n] / med["float"])
+    finally:
+        trainer.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+    for n in names[1:]:
+        v = ratios[n]
+        print(f"{n} / float: median {statistics.median(v):.3f}x, range "
+              f"{min(v):.3f}-{max(v):.3f}x over {len(v)} rounds")
+
+
+if __name__ == "__main__":
+    main()
