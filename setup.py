@@ -113,7 +113,7 @@ def headers():
 
 def make_extension():
     with_cuda = cuda_wanted()
-    sources = ["csrc/registration.cpp"] + cpu_sources()
+    sources = ["csrc/registration.cpp", "csrc/autograd.cpp"] + cpu_sources()
     define_macros = []  # CppExtension(py_limited_api=True) defines Py_LIMITED_API itself
     if IS_X86:
         define_macros.append(("RFQ_X86_DISPATCH", "1"))

@@ -6,6 +6,9 @@ Variants, one step of each per cycle, the order rotating:
   float      the float ResNet-20's 4 forward+backward passes + one SGD step (E1a's baseline)
   coupled    rfq's coupled step as shipped (BN + input quantizer fused in every ResNet block)
   unfused    the same step with BN and the input quantizer as two ops (unfused_input_quant)
+  py-grad    the same step with coupled_quant's autograd in Python (a torch.autograd.Function
+             around the same two ops: what torch.library.register_autograd did before the C++
+             registration in csrc/autograd.cpp)
   identity   the same step with every quantizer replaced by the identity: what the method's
              machinery (KD, IDM, stacked BN, masked update, EMA, clamps) costs by itself
 
@@ -41,6 +44,33 @@ from rfq.runtime import flush_denormals  # noqa: E402
 @contextlib.contextmanager
 def identity_quantizers():
     modules._quantizer[0] = lambda x, *args: x
+    try:
+        with modules.unfused_input_quant():
+            yield
+    finally:
+        modules._quantizer[0] = modules.ops.coupled_quant
+
+
+class PythonAutogradQuant(torch.autograd.Function):
+    """coupled_quant with its backward in Python (the same two ops)."""
+
+    @staticmethod
+    def forward(ctx, x, steps, bits, sel, signed, grad_scale):
+        ctx.save_for_backward(x, steps, sel)
+        ctx.bits, ctx.signed, ctx.grad_scale = bits, signed, grad_scale
+        return torch.ops.rfq.coupled_quant.default(x, steps, list(bits), sel, signed, grad_scale)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, steps, sel = ctx.saved_tensors
+        grad_x, grad_steps = torch.ops.rfq.coupled_quant_backward.default(
+            grad_y, x, steps, list(ctx.bits), sel, ctx.signed, ctx.grad_scale)
+        return grad_x, grad_steps, None, None, None, None
+
+
+@contextlib.contextmanager
+def python_autograd():
+    modules._quantizer[0] = PythonAutogradQuant.apply
     try:
         yield
     finally:
@@ -83,11 +113,16 @@ def main() -> None:
         with modules.unfused_input_quant():
             trainer.train_step(x, y)
 
+    def py_grad():
+        with python_autograd():
+            trainer.train_step(x, y)
+
     def identity():
         with identity_quantizers():
             trainer.train_step(x, y)
 
-    variants = {"float": float_step, "coupled": coupled, "unfused": unfused, "identity": identity}
+    variants = {"float": float_step, "coupled": coupled, "unfused": unfused, "py-grad": py_grad,
+                "identity": identity}
     names = list(variants)
     ratios = {n: [] for n in names[1:]}
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}")

@@ -39,20 +39,23 @@ _fuse_input_quant = [True]
 
 @contextlib.contextmanager
 def unfused_input_quant():
+    before = _fuse_input_quant[0]
     _fuse_input_quant[0] = False
     try:
         yield
     finally:
-        _fuse_input_quant[0] = True
+        _fuse_input_quant[0] = before
 
 
 @contextlib.contextmanager
 def use_reference_quantizer():
+    """The plain-PyTorch quantizer and the unfused composition around it (E1b's baseline)."""
     from rfq import reference
 
     _quantizer[0] = reference.coupled_quant
     try:
-        yield
+        with unfused_input_quant():
+            yield
     finally:
         _quantizer[0] = ops.coupled_quant
 
@@ -197,9 +200,11 @@ class QuantLayer(nn.Module):
 
     def _input_fusable(self) -> bool:
         # not before this bit's step is initialised (from the unfused input's statistics), nor
-        # with the reference quantizer (E1b times the plain composition)
-        return (_fuse_input_quant[0] and _quantizer[0] is ops.coupled_quant
-                and self.input_clamps_at_zero and self.a_ready[self.a_index]
+        # for subclasses with their own forward or input quantizer (hot-swap, CSQ)
+        cls = type(self)
+        return (_fuse_input_quant[0] and self.input_clamps_at_zero and self.a_ready[self.a_index]
+                and cls.forward is QuantLayer.forward
+                and cls.quantize_input is QuantLayer.quantize_input
                 and not (self._forward_hooks or self._forward_pre_hooks))  # they see __call__
 
     def forward_after_relu(self, s: Tensor) -> tuple[Tensor, Tensor]:
@@ -349,15 +354,20 @@ class SwitchableBatchNorm2d(nn.Module):
         w, b = self.weight[i, j], self.bias[i, j]
         if self.batch_stats_only:
             return F.batch_norm(x, None, None, w, b, True, 0.0, self.eps)
+        return F.batch_norm(x, self.running_mean[i, j], self.running_var[i, j], w, b, True,
+                            self._update_momentum(), self.eps)
+
+    def _update_momentum(self) -> float:
+        """Marks the selected copy used (while training) and gives the momentum of this batch's
+        running-statistics update (cumulative mode: the plain average over the batches)."""
+        i, j = self.wi, self.ai
         if torch.is_grad_enabled() and self._marked != (i, j):
             self.used[i, j].fill_(True)
             self._marked = (i, j)
-        momentum = self.momentum
         if self.cumulative:
             self._seen += 1
-            momentum = 1.0 / self._seen
-        return F.batch_norm(x, self.running_mean[i, j], self.running_var[i, j], w, b, True,
-                            momentum, self.eps)
+            return 1.0 / self._seen
+        return self.momentum
 
     def forward_quantized(self, x: Tensor, steps: Tensor, bits, sel: Tensor, signed: bool,
                           grad_scale: float) -> Tensor:
@@ -369,13 +379,7 @@ class SwitchableBatchNorm2d(nn.Module):
                                             steps, bits, sel, signed, grad_scale)
         if self.batch_stats_only:
             return y
-        if torch.is_grad_enabled() and self._marked != (i, j):
-            self.used[i, j].fill_(True)
-            self._marked = (i, j)
-        momentum = self.momentum
-        if self.cumulative:
-            self._seen += 1
-            momentum = 1.0 / self._seen
+        momentum = self._update_momentum()
         n = x.numel() // x.shape[1]
         with torch.no_grad():  # as F.batch_norm: the running variance is the unbiased one
             self.running_mean[i, j].mul_(1 - momentum).add_(mean, alpha=momentum)

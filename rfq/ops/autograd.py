@@ -12,18 +12,8 @@ from rfq.ops.ste import input_range_mask
 _ops = torch.ops.rfq
 
 
-def _coupled_quant_setup(ctx, inputs, output):
-    x, steps, bits, sel, signed, grad_scale = inputs
-    ctx.save_for_backward(x, steps, sel)
-    ctx.bits, ctx.signed, ctx.grad_scale = bits, signed, grad_scale
-
-
-def _coupled_quant_backward(ctx, grad_y):
-    x, steps, sel = ctx.saved_tensors
-    grad_x, grad_steps = _ops.coupled_quant_backward.default(
-        grad_y, x, steps, ctx.bits, sel, ctx.signed, ctx.grad_scale
-    )
-    return grad_x, grad_steps, None, None, None, None
+# coupled_quant's autograd is C++ (csrc/autograd.cpp): it runs twice per layer and pass, mostly
+# on small weights, where a Python setup_context and backward would cost more than the kernels.
 
 
 def _coupled_quant_multi_setup(ctx, inputs, output):
@@ -40,9 +30,6 @@ def _coupled_quant_multi_backward(ctx, grad_y):
     return grad_x, grad_steps, None, None, None
 
 
-torch.library.register_autograd(
-    "rfq::coupled_quant", _coupled_quant_backward, setup_context=_coupled_quant_setup
-)
 torch.library.register_autograd(
     "rfq::coupled_quant_multi",
     _coupled_quant_multi_backward,
