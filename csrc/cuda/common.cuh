@@ -28,6 +28,13 @@ inline unsigned grid_for(int64_t tiles) {
   return static_cast<unsigned>(std::max<int64_t>(1, std::min(tiles, kMaxBlocks)));
 }
 
+// Element index of group g (of W elements) of this thread in a tile (a warp's groups are
+// contiguous).
+template <int W>
+__device__ __forceinline__ int64_t group_start(int64_t tile, int g) {
+  return tile * kTile + (static_cast<int64_t>(g) * kThreads + threadIdx.x) * W;
+}
+
 // Elements per 128-bit vector.
 template <typename T>
 struct VecWidth {
@@ -115,6 +122,31 @@ __device__ __forceinline__ V block_sum_each(const V (&vals)[KMax], int k, V* sme
   }
   __syncthreads();
   return total;
+}
+
+// fp64 sums of k rows of partials (fp32 or fp64), in a fixed order (per-thread strided sums, then
+// block_sum_each): thread j (< k) returns the sum of partial[j * stride + 0..count). smem: at least
+// KMax * (blockDim.x / 32) elements.
+template <int KMax, typename P>
+__device__ __forceinline__ double sum_partials_each(const P* __restrict__ partial, int64_t stride,
+                                                    int k, int64_t count, double* smem) {
+  double acc[KMax];
+#pragma unroll
+  for (int j = 0; j < KMax; ++j) {
+    acc[j] = 0.0;
+    if (j >= k) continue;
+    for (int64_t t = threadIdx.x; t < count; t += blockDim.x) {
+      acc[j] = __dadd_rn(acc[j], static_cast<double>(partial[j * stride + t]));
+    }
+  }
+  return block_sum_each<double, KMax>(acc, k, smem);
+}
+
+// fp64 sum of partial[0..count), returned in thread 0. smem: at least blockDim.x / 32 elements.
+template <typename P>
+__device__ __forceinline__ double sum_partials(const P* __restrict__ partial, int64_t count,
+                                               double* smem) {
+  return sum_partials_each<1>(partial, 0, 1, count, smem);
 }
 
 template <typename F>

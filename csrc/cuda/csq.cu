@@ -76,12 +76,6 @@ __device__ __forceinline__ void plane_coefs(const T* __restrict__ m, int64_t m_s
   __syncthreads();
 }
 
-// Element index of group g of this thread in a tile (a warp's groups are contiguous).
-template <int W>
-__device__ __forceinline__ int64_t group_start(int64_t tile, int g) {
-  return tile * kTile + (static_cast<int64_t>(g) * kThreads + threadIdx.x) * W;
-}
-
 // dm[0..n) and dscale from the plane totals T_i (one thread): see the header comment.
 template <typename T>
 __device__ __forceinline__ void write_param_grads(const double* totals, int n,
@@ -238,16 +232,7 @@ __global__ void __launch_bounds__(kFinalizeThreads)
                     const T* __restrict__ beta_p, T* __restrict__ dm, T* __restrict__ dscale) {
   __shared__ double smem[kCsqMaxPlanes * (kFinalizeThreads / 32)];
   __shared__ double totals[kCsqMaxPlanes];
-  double acc[kCsqMaxPlanes];
-#pragma unroll
-  for (int j = 0; j < kCsqMaxPlanes; ++j) {
-    acc[j] = 0.0;
-    if (j >= n) continue;
-    for (int64_t t = threadIdx.x; t < tiles; t += blockDim.x) {
-      acc[j] = __dadd_rn(acc[j], partial[j * tiles + t]);
-    }
-  }
-  const double total = block_sum_each<double, kCsqMaxPlanes>(acc, n, smem);
+  const double total = sum_partials_each<kCsqMaxPlanes>(partial, tiles, n, tiles, smem);
   if (static_cast<int>(threadIdx.x) < n) totals[threadIdx.x] = total;
   __syncthreads();
   if (threadIdx.x == 0) write_param_grads(totals, n, m, m_stride, scale_p, beta_p, dm, dscale);

@@ -19,7 +19,6 @@
 #include <ATen/core/DimVector.h>
 
 #include <cmath>
-#include <limits>
 
 #include "cuda/common.cuh"
 #include "cuda/lsq_math.cuh"
@@ -28,162 +27,8 @@
 namespace rfq::cuda {
 namespace {
 
-constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
-
-// The step is not part of it: the kernels read it on the device.
-QuantRanges make_ranges(c10::IntArrayRef bits, bool is_signed) {
-  QuantRanges r{};
-  r.k = static_cast<int>(bits.size());
-  for (size_t j = 0; j < bits.size(); ++j) {
-    const QuantRange<float> q = quant_range<float>(bits[j], is_signed);
-    r.qn[j] = q.qn;
-    r.qp[j] = q.qp;
-    r.binary[j] = q.binary;
-  }
-  return r;
-}
-
-// ---- device helpers ---------------------------------------------------------------------------
-
-// sel as an index in [0, k), or -1 when out of range (then every output is NaN).
-__device__ __forceinline__ int read_sel(const int64_t* sel, int k) {
-  const int64_t j = *sel;
-  return (j >= 0 && j < k) ? static_cast<int>(j) : -1;
-}
-
-// ranges.at(j) for a run-time j without indexing the parameter struct dynamically (that would
-// copy it to local memory in every thread).
-__device__ __forceinline__ QuantRange<float> select_range(const QuantRanges& ranges, int j) {
-  QuantRange<float> q = ranges.at(0);
-#pragma unroll
-  for (int c = 1; c < kMaxCandidates; ++c) {
-    if (c == j) q = ranges.at(c);
-  }
-  return q;
-}
-
-// steps[j], or NaN for a bad step: NaN then flows through v = x/s into y and the step sums.
-__device__ __forceinline__ float read_step(const float* steps, int64_t stride, int j) {
-  const float s = steps[j * stride];
-  return step_ok(s) ? s : kNaN;
-}
-
-// Element index of group g of this thread in a tile (a warp's groups are contiguous).
-template <int W>
-__device__ __forceinline__ int64_t group_start(int64_t tile, int g) {
-  return tile * kTile + (static_cast<int64_t>(g) * kThreads + threadIdx.x) * W;
-}
-
-// ---- coupled_quant: y at bits[sel] -------------------------------------------------------------
-template <typename T, bool kVec>
-__global__ void __launch_bounds__(kThreads)
-    forward_kernel(const T* __restrict__ x, T* __restrict__ y, int64_t n,
-                   const float* __restrict__ steps, int64_t step_stride,
-                   const int64_t* __restrict__ sel, QuantRanges ranges) {
-  constexpr int W = VecWidth<T>::value;
-  const int j = read_sel(sel, ranges.k);
-  const float s = j >= 0 ? read_step(steps, step_stride, j) : kNaN;
-  const QuantRange<float> q = select_range(ranges, j);
-  const int64_t tiles = (n + kTile - 1) / kTile;
-  for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
-#pragma unroll
-    for (int g = 0; g < kPerThread / W; ++g) {
-      const int64_t i = group_start<W>(tile, g);
-      if (i >= n) break;
-      float v[W];
-      load_group<T, W, kVec>(x, i, n, v);
-#pragma unroll
-      for (int e = 0; e < W; ++e) v[e] = mul_rn(quant_code(div_rn(v[e], s), q), s);
-      store_group<T, W, kVec>(y, i, n, v);
-    }
-  }
-}
-
-// Writes grad_steps[0..k): slot sel gets grad_scale * total (NaN for a bad step or sel), the
-// others 0 (all NaN when sel itself is out of range).
-__device__ __forceinline__ void write_selected_grad(float* grad_steps, int k, int j, bool ok,
-                                                    double total, double grad_scale) {
-  for (int slot = 0; slot < k; ++slot) {
-    float value = 0.f;
-    if (j < 0) {
-      value = kNaN;
-    } else if (slot == j) {
-      value = ok ? static_cast<float>(grad_scale * total) : kNaN;
-    }
-    grad_steps[slot] = value;
-  }
-}
-
-// ---- coupled_quant_backward: dx and the step-gradient partials ---------------------------------
-template <typename T, bool kVec>
-__global__ void __launch_bounds__(kThreads)
-    backward_kernel(const T* __restrict__ dy, const T* __restrict__ x, T* __restrict__ dx,
-                    int64_t n, const float* __restrict__ steps, int64_t step_stride,
-                    const int64_t* __restrict__ sel, QuantRanges ranges,
-                    float* __restrict__ partial, float* __restrict__ grad_steps,
-                    double grad_scale) {
-  constexpr int W = VecWidth<T>::value;
-  __shared__ float smem[kMaxCandidates * kWarps];
-  const int j = read_sel(sel, ranges.k);
-  const float s = j >= 0 ? read_step(steps, step_stride, j) : kNaN;
-  const bool ok = !isnan(s);
-  const QuantRange<float> q = select_range(ranges, j);
-  const int64_t tiles = (n + kTile - 1) / kTile;
-  const bool finalize_here = partial == nullptr;  // host passes none when tiles <= 1
-  float only_tile = 0.f;
-  for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
-    float acc[1] = {0.f};
-#pragma unroll
-    for (int g = 0; g < kPerThread / W; ++g) {
-      const int64_t i = group_start<W>(tile, g);
-      if (i >= n) break;
-      float xv[W], gv[W], d[W];
-      load_group<T, W, kVec>(x, i, n, xv);
-      load_group<T, W, kVec>(dy, i, n, gv);
-#pragma unroll
-      for (int e = 0; e < W; ++e) {
-        const float v = div_rn(xv[e], s);
-        const bool inside = in_range(v, q);
-        d[e] = ok ? (inside ? gv[e] : 0.f) : kNaN;
-        if (i + e < n) acc[0] += gv[e] * step_term(v, quant_code(v, q), inside);
-      }
-      store_group<T, W, kVec>(dx, i, n, d);
-    }
-    const float total = block_sum_each<float, 1>(acc, 1, smem);
-    if (threadIdx.x == 0) {
-      if (finalize_here) {
-        only_tile = total;
-      } else {
-        partial[tile] = total;
-      }
-    }
-  }
-  if (finalize_here && threadIdx.x == 0) {
-    write_selected_grad(grad_steps, ranges.k, j, ok, only_tile, grad_scale);
-  }
-}
-
-// fp64 sum of partial[0..count) in a fixed order, returned in thread 0.
-__device__ __forceinline__ double sum_partials(const float* __restrict__ partial, int64_t count,
-                                               double* smem) {
-  double acc[1] = {0.0};
-  for (int64_t t = threadIdx.x; t < count; t += blockDim.x) acc[0] += partial[t];
-  return block_sum_each<double, 1>(acc, 1, smem);
-}
-
-__global__ void __launch_bounds__(kFinalizeThreads)
-    finalize_selected_kernel(const float* __restrict__ partial, int64_t tiles,
-                             const float* __restrict__ steps, int64_t step_stride,
-                             const int64_t* __restrict__ sel, int k,
-                             float* __restrict__ grad_steps, double grad_scale) {
-  __shared__ double smem[kMaxCandidates * (kFinalizeThreads / 32)];
-  const double total = sum_partials(partial, tiles, smem);
-  if (threadIdx.x == 0) {
-    const int j = read_sel(sel, k);
-    const bool ok = j >= 0 && !isnan(read_step(steps, step_stride, j));
-    write_selected_grad(grad_steps, k, j, ok, total, grad_scale);
-  }
-}
+// coupled_quant and coupled_quant_backward: lsq_math.cuh coupled_forward_kernel and
+// coupled_backward_kernel (shared with relu_quant.cu).
 
 // ---- coupled_quant_multi: all K planes from one read of x -------------------------------------
 template <typename T, bool kVec>
@@ -211,7 +56,7 @@ __global__ void __launch_bounds__(kThreads)
         const QuantRange<float> q = ranges.at(j);
         float out[W];
 #pragma unroll
-        for (int e = 0; e < W; ++e) out[e] = mul_rn(quant_code(div_rn(xv[e], s[j]), q), s[j]);
+        for (int e = 0; e < W; ++e) out[e] = fake_quant(xv[e], s[j], q);
         store_group<T, W, kVec>(y + j * n, i, n, out);
       }
     }
@@ -439,17 +284,7 @@ at::Tensor coupled_quant(const at::Tensor& x, const at::Tensor& steps, c10::IntA
   at::Tensor y = at::empty_like(xd);
   const int64_t n = xd.numel();
   if (n == 0) return y;
-  dispatch_float_types(x.scalar_type(), [&](auto tag) {
-    using T = decltype(tag);
-    const T* xp = static_cast<const T*>(xd.const_data_ptr());
-    T* yp = static_cast<T*>(y.mutable_data_ptr());
-    const bool vec = aligned_to(xp, 16) && aligned_to(yp, 16);
-    auto kernel = vec ? forward_kernel<T, true> : forward_kernel<T, false>;
-    kernel<<<grid_for(num_tiles(n)), kThreads, 0, stream()>>>(
-        xp, yp, n, steps.const_data_ptr<float>(), steps.stride(0), sel.const_data_ptr<int64_t>(),
-        ranges);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
+  launch_coupled_forward</*kRelu=*/false>(xd, y, at::Tensor(), steps, sel, ranges, stream());
   return y;
 }
 
@@ -468,31 +303,8 @@ std::tuple<at::Tensor, at::Tensor> coupled_quant_backward(
   const at::Tensor gd = in_layout_of(grad_y, xd);
   at::Tensor grad_x = at::empty_like(xd);
   at::Tensor grad_steps = at::empty({steps.numel()}, steps.options());  // every slot is written
-  const int64_t n = xd.numel(), tiles = num_tiles(n);
-  // One fp32 partial per tile, only when there is more than one tile to combine.
-  at::Tensor partial;
-  if (tiles > 1) partial = at::empty({tiles}, steps.options());
-  dispatch_float_types(x.scalar_type(), [&](auto tag) {
-    using T = decltype(tag);
-    const T* gp = static_cast<const T*>(gd.const_data_ptr());
-    const T* xp = static_cast<const T*>(xd.const_data_ptr());
-    T* dxp = static_cast<T*>(grad_x.mutable_data_ptr());
-    const bool vec = aligned_to(gp, 16) && aligned_to(xp, 16) && aligned_to(dxp, 16);
-    auto kernel = vec ? backward_kernel<T, true> : backward_kernel<T, false>;
-    kernel<<<grid_for(tiles), kThreads, 0, stream()>>>(
-        gp, xp, dxp, n, steps.const_data_ptr<float>(), steps.stride(0),
-        sel.const_data_ptr<int64_t>(), ranges,
-        partial.defined() ? partial.mutable_data_ptr<float>() : nullptr,
-        grad_steps.mutable_data_ptr<float>(), grad_scale);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
-  if (partial.defined()) {
-    finalize_selected_kernel<<<1, kFinalizeThreads, 0, stream()>>>(
-        partial.const_data_ptr<float>(), tiles, steps.const_data_ptr<float>(), steps.stride(0),
-        sel.const_data_ptr<int64_t>(), ranges.k, grad_steps.mutable_data_ptr<float>(),
-        grad_scale);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
+  launch_coupled_backward<ReluGrad::kNone, /*kY=*/true>(at::Tensor(), gd, xd, grad_x, steps, sel,
+                                                         ranges, grad_steps, grad_scale, stream());
   return {grad_x, grad_steps};
 }
 

@@ -1,7 +1,8 @@
 """CUDA kernels (csrc/cuda) against rfq/reference.py on the GPU: exact codes, y and dx; step
 gradients within the spec tolerance; every dtype, bits 1..8, signed/unsigned, shapes 0/1/odd/
 multi-tile, non-contiguous and misaligned inputs; NaN for bad steps (CUDA never syncs to raise);
-zero host syncs (F5); opcheck; torch.compile without recompiles; packed weights.
+zero host syncs (F5); opcheck; torch.compile without recompiles; packed weights;
+batch_norm_quant against the CPU op and rfq.reference.batch_norm_quant_from_stats.
 
 Skipped as a whole where CUDA is unavailable. The CPU-side test files that take the `device`
 fixture (tests/ops/test_lsq_*.py) also run on CUDA when it is present.
@@ -273,6 +274,184 @@ def test_argument_errors_match_cpu():
         ops.quantize_codes(x, steps, 4)
 
 
+# ---- batch_norm_quant (fp32): the CUDA op against the CPU op and rfq/reference.py ---------------
+BN_EPS = 1e-5
+# Rows geometry (channels innermost: 2-D, channels_last, [N, C, 1, 1]) and planes (contiguous,
+# 3-D): one and several reduction chunks per channel (rows: 128 rows per chunk at C >= 32, 512
+# at C = 5; planes: 4096 values), channel tiles of 32 filled or not; a dense layout that is
+# neither contiguous nor channels_last (copied to contiguous).
+BN_CASES = [((37, 24), "contiguous"), ((3000, 5), "contiguous"), ((4, 6, 5, 7), "contiguous"),
+            ((4, 6, 5, 7), "channels_last"), ((40, 70, 6, 6), "channels_last"),
+            ((3, 5, 4099), "contiguous"), ((8, 16, 1, 300), "contiguous"),
+            ((2, 3, 1, 1), "contiguous"), ((16, 40, 9, 9), "transposed")]
+
+
+def bn_inputs(shape, layout="contiguous", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    c = shape[1]
+    shift = (torch.rand(c, generator=g) * 4 - 2).view([1, c] + [1] * (len(shape) - 2))
+    x = torch.randn(shape, generator=g) * 2 + shift  # channel means away from 0
+    w = torch.rand(c, generator=g) + 0.5
+    b = torch.randn(c, generator=g) * 0.3
+    x = bn_arrange(x, layout)
+    return x.to(DEV), w.to(DEV), b.to(DEV)
+
+
+def bn_arrange(t, layout):
+    if layout == "channels_last":
+        return t.contiguous(memory_format=torch.channels_last)
+    if layout == "transposed":
+        return t.transpose(0, 1).contiguous().transpose(0, 1)
+    return t
+
+
+def bn_channel_sum(t):
+    """Per-channel sums of a [N, C, ...] tensor in fp64 (tolerance scales)."""
+    return t.double().transpose(0, 1).reshape(t.shape[1], -1).sum(1)
+
+
+def bn_z(x, w, b, mean, var):
+    """z = x * alpha + beta with the ops' fp32 operations (CPU tensors)."""
+    shape = [1, x.shape[1]] + [1] * (x.dim() - 2)
+    invstd = 1 / torch.sqrt(var + BN_EPS)
+    alpha = w * invstd
+    beta = b - mean * alpha
+    return x * alpha.view(shape) + beta.view(shape), ((x - mean.view(shape)) * invstd.view(shape))
+
+
+def assert_sums_close(got, want, scale):
+    got, want = got.double().cpu(), want.double().cpu()
+    tol = 1e-4 * want.abs() + 1e-6 * scale.cpu() + 1e-12
+    assert torch.all((got - want).abs() <= tol), f"{got} vs {want}"
+
+
+def bn_check(x, w, b, cands, j, signed, grad_scale=0.5, seed=0):
+    """Forward and backward on the GPU against the CPU op and the reference; returns all outputs."""
+    steps = steps_for(cands, signed, pow2=False, device=DEV)
+    sel = torch.tensor(j, device=DEV)
+    y, mean, var = torch.ops.rfq.batch_norm_quant(x, w, b, BN_EPS, steps, cands, sel, signed, 1.0)
+    cl = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
+    assert y.device.type == DEV and y.dtype == torch.float32 and y.shape == x.shape
+    assert y.is_contiguous(memory_format=torch.channels_last) if cl else y.is_contiguous()
+    assert mean.shape == var.shape == (x.shape[1],)
+    xc, wc, bc, sc, selc = x.cpu(), w.cpu(), b.cpu(), steps.cpu(), sel.cpu()
+    mc, vc = mean.cpu(), var.cpu()
+    # statistics: the fp64 ones rounded to fp32 (up to an ulp); the CPU's (fp32 chunk sums)
+    dims = [0, *range(2, x.dim())]
+    m64 = xc.double().mean(dims)
+    v64 = xc.double().var(dims, unbiased=False)
+    torch.testing.assert_close(mc, m64.float(), rtol=2.4e-7, atol=1e-7)
+    torch.testing.assert_close(vc, v64.float(), rtol=2.4e-7, atol=0)
+    _, cmean, cvar = torch.ops.rfq.batch_norm_quant(xc, wc, bc, BN_EPS, sc, cands, selc, signed)
+    torch.testing.assert_close(mc, cmean, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(vc, cvar, rtol=2e-6, atol=1e-7)
+    # y: exactly the reference's for the op's own statistics
+    want = ref.batch_norm_quant_from_stats(xc, wc, bc, mc, vc, BN_EPS, sc, cands, selc, signed)
+    assert torch.equal(y.cpu(), want)
+
+    gy = bn_arrange(torch.randn(x.shape, generator=torch.Generator().manual_seed(seed + 1)),
+                    "channels_last" if cl else "contiguous").to(DEV)
+    grads = torch.ops.rfq.batch_norm_quant_backward(gy, x, w, b, mean, var, BN_EPS, steps, cands,
+                                                    sel, signed, grad_scale)
+    gx, gw, gb, gs = grads
+    assert gx.shape == x.shape and (gx.is_contiguous(memory_format=torch.channels_last) if cl
+                                    else gx.is_contiguous())
+    # the CPU op on the same inputs and statistics
+    cgx, cgw, cgb, cgs = torch.ops.rfq.batch_norm_quant_backward(
+        gy.cpu(), xc, wc, bc, mc, vc, BN_EPS, sc, cands, selc, signed, grad_scale)
+    z, xhat = bn_z(xc, wc, bc, mc, vc)
+    g = gy.cpu()
+    torch.testing.assert_close(gx.cpu(), cgx, rtol=1e-4, atol=1e-5 * float(cgx.abs().max()))
+    assert_sums_close(gb, cgb, bn_channel_sum(g.abs()))
+    assert_sums_close(gw, cgw, bn_channel_sum((g * xhat).abs()))
+    assert torch.all(gs[[i for i in range(len(cands)) if i != j]] == 0)
+    assert_step_grad_close(gs, cgs, grad_scale * abs_step_terms(g, z, sc[j], cands[j], signed))
+    return (y, mean, var) + tuple(grads)
+
+
+@pytest.mark.parametrize("case", BN_CASES, ids=lambda c: f"{c[0]}-{c[1]}")
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
+@pytest.mark.parametrize("signed", [True, False], ids=["signed", "unsigned"])
+def test_batch_norm_quant_matches_cpu_and_reference(case, bits, signed):
+    shape, layout = case
+    x, w, b = bn_inputs(shape, layout, seed=bits)
+    cands = sorted({bits, 2, 4})
+    bn_check(x, w, b, cands, cands.index(bits), signed, seed=bits)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_batch_norm_quant_many_chunks_is_deterministic(layout):
+    """Hundreds of partials per channel (rows) / per channel chunks (planes); two runs give the
+    same bits."""
+    x, w, b = bn_inputs((256, 48, 16, 16), layout, seed=3)
+    one = bn_check(x, w, b, [6, 4, 2], 1, True, grad_scale=1.0, seed=3)
+    steps = steps_for([6, 4, 2], True, pow2=False, device=DEV)
+    sel = torch.tensor(1, device=DEV)
+    y, mean, var = torch.ops.rfq.batch_norm_quant(x, w, b, BN_EPS, steps, [6, 4, 2], sel, True)
+    gy = bn_arrange(torch.randn(x.shape, generator=torch.Generator().manual_seed(4)),
+                    layout).to(DEV)
+    two = (y, mean, var) + tuple(torch.ops.rfq.batch_norm_quant_backward(
+        gy, x, w, b, mean, var, BN_EPS, steps, [6, 4, 2], sel, True, 1.0))
+    assert all(torch.equal(a, c) for a, c in zip(one[:3], two[:3]))
+    three = torch.ops.rfq.batch_norm_quant_backward(gy, x, w, b, mean, var, BN_EPS, steps,
+                                                    [6, 4, 2], sel, True, 1.0)
+    assert all(torch.equal(a, c) for a, c in zip(two[3:], three))
+
+
+@pytest.mark.parametrize("bad", [0.0, -0.5, float("nan"), float("inf")])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_batch_norm_quant_bad_step_gives_nan(bad, layout):
+    x, w, b = bn_inputs((4, 6, 5, 5), layout)
+    gy = bn_arrange(torch.randn(x.shape), layout).to(DEV)
+    steps = torch.tensor([0.25, bad, 0.1], device=DEV)
+    bits = [2, 4, 6]
+    sel = torch.tensor(1, device=DEV)
+    y, mean, var = torch.ops.rfq.batch_norm_quant(x, w, b, BN_EPS, steps, bits, sel, True)
+    assert y.isnan().all()
+    good = torch.ops.rfq.batch_norm_quant(x, w, b, BN_EPS, steps, bits, torch.tensor(0, device=DEV),
+                                          True)
+    assert torch.equal(mean, good[1]) and torch.equal(var, good[2])  # statistics need no step
+    gx, gw, gb, gs = torch.ops.rfq.batch_norm_quant_backward(gy, x, w, b, mean, var, BN_EPS,
+                                                             steps, bits, sel, True, 1.0)
+    assert gx.isnan().all() and gw.isnan().all() and gb.isnan().all()
+    assert gs[1].isnan() and gs[0] == 0 and gs[2] == 0
+    # an unused bad step does not matter
+    want = ref.batch_norm_quant_from_stats(x.cpu(), w.cpu(), b.cpu(), good[1].cpu(),
+                                           good[2].cpu(), BN_EPS, steps.cpu(), bits,
+                                           torch.tensor(0), True)
+    assert torch.equal(good[0].cpu(), want)
+    # an out-of-range sel: every output that depends on the step is NaN
+    for j in (3, -1):
+        sel = torch.tensor(j, device=DEV)
+        y, mean, var = torch.ops.rfq.batch_norm_quant(x, w, b, BN_EPS, steps, bits, sel, True)
+        assert y.isnan().all() and torch.isfinite(mean).all() and torch.isfinite(var).all()
+        gx, gw, gb, gs = torch.ops.rfq.batch_norm_quant_backward(gy, x, w, b, mean, var, BN_EPS,
+                                                                 steps, bits, sel, True, 1.0)
+        assert gx.isnan().all() and gw.isnan().all() and gb.isnan().all() and gs.isnan().all()
+
+
+def test_batch_norm_quant_no_host_syncs():
+    x, w, b = bn_inputs((32, 24, 7, 7), "channels_last")
+    xc, _, _ = bn_inputs((8, 24, 7, 7), "contiguous")
+    steps = torch.tensor([0.3, 0.1], device=DEV)
+    sel = torch.zeros((), dtype=torch.long, device=DEV)
+
+    def work():
+        for xx in (x, xc):
+            y, mean, var = torch.ops.rfq.batch_norm_quant(xx, w, b, BN_EPS, steps, [2, 4], sel)
+            torch.ops.rfq.batch_norm_quant_backward(y, xx, w, b, mean, var, BN_EPS, steps,
+                                                    [2, 4], sel, False, 1.0)
+
+    work()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        work()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+
+
 # ---- zero host syncs (F5) ----------------------------------------------------------------------
 def test_no_host_syncs_in_fused_ops():
     bits = [6, 5, 4, 3, 2]
@@ -496,3 +675,201 @@ def test_packed_linear_gradient_and_empty():
     w = (codes.float() * 0.05).to(DEV)
     torch.testing.assert_close(x.grad, torch.ones(3, 8, device=DEV) @ w)
     assert ops.packed_linear(torch.empty(0, 130, device=DEV), packed, scales, 4).shape == (0, 8)
+
+
+# ---- relu_quant: the CUDA op against the CPU op on the same inputs ----------------------------
+# (csrc/cuda/relu_quant.cu). r, y and dx bit-exact; the step gradient within the spec tolerance
+# (fp32 per-tile partials vs the CPU's chunk partials); grad_r / grad_y each present or None.
+RELU_SHAPES = [(0,), (1,), (7,), (3, 5, 9), (TILE,), (TILE + 1,), (3 * TILE + 7,), (33, 257)]
+RELU_GRADS = [(True, True), (True, False), (False, True), (False, False)]
+
+
+def relu_layout(x: torch.Tensor, layout: str) -> torch.Tensor:
+    """arrange(), plus real 4-D channels_last."""
+    if layout == "channels_last" and x.dim() == 4:
+        return x.contiguous(memory_format=torch.channels_last)
+    return arrange(x, layout)
+
+
+def relu_check(x, steps, cands, j, grad_scale=0.5, seed=0, grad_layout=None):
+    """relu_quant and every gradient combination of its backward on the GPU against the CPU op on
+    the same inputs; returns the outputs."""
+    sel = torch.tensor(j, device=DEV)
+    xc, sc, selc = x.cpu(), steps.cpu(), sel.cpu()
+    r, y = torch.ops.rfq.relu_quant(x, steps, cands, sel, grad_scale)
+    cr, cy = torch.ops.rfq.relu_quant(xc, sc, cands, selc, grad_scale)
+    for out in (r, y):
+        assert out.device.type == DEV and out.dtype == x.dtype and out.shape == x.shape
+        assert out.stride() == torch.empty_like(x).stride()  # dense layouts are kept
+    assert torch.equal(r.cpu(), cr) and torch.equal(y.cpu(), cy)
+    assert torch.equal(r, torch.relu(x))
+    # y is coupled_quant's (signed = False), to the bit
+    assert torch.equal(y, torch.ops.rfq.coupled_quant(x, steps, cands, sel, False, grad_scale))
+
+    g = torch.Generator().manual_seed(seed)
+    gr0 = torch.randn(x.shape, generator=g).to(x.dtype)
+    gy0 = torch.randn(x.shape, generator=g).to(x.dtype)
+    place = (lambda t: relu_layout(t.to(DEV), grad_layout)) if grad_layout else (
+        lambda t: torch.empty_like(x).copy_(t.to(DEV)))  # x's own layout
+    outs = [r, y]
+    for has_r, has_y in RELU_GRADS:
+        gr = place(gr0) if has_r else None
+        gy = place(gy0) if has_y else None
+        gx, gs = torch.ops.rfq.relu_quant_backward(gr, gy, x, steps, cands, sel, grad_scale)
+        cgx, cgs = torch.ops.rfq.relu_quant_backward(
+            gr.cpu() if has_r else None, gy.cpu() if has_y else None, xc, sc, cands, selc,
+            grad_scale)
+        case = f"grad_r={has_r} grad_y={has_y}"
+        assert gx.dtype == x.dtype and gx.shape == x.shape, case
+        assert gx.stride() == torch.empty_like(x).stride(), case
+        assert torch.equal(gx.cpu(), cgx), case
+        assert gs.dtype == torch.float32 and gs.shape == (len(cands),), case
+        others = [i for i in range(len(cands)) if i != j]
+        assert torch.all(gs[others] == 0), case
+        if has_y:
+            assert_step_grad_close(gs, cgs, grad_scale * abs_step_terms(gy0, xc, sc[j], cands[j],
+                                                                         False))
+            # the same step gradient and y-part of dx as coupled_quant_backward
+            qx, qs = torch.ops.rfq.coupled_quant_backward(gy, x, steps, cands, sel, False,
+                                                          grad_scale)
+            assert torch.equal(gs, qs), case
+            if not has_r:
+                assert torch.equal(gx, qx), case
+        else:
+            assert torch.equal(gs, torch.zeros_like(gs)), case
+        outs += [gx, gs]
+    return outs
+
+
+@pytest.mark.parametrize("shape", RELU_SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 8])
+def test_relu_quant_matches_cpu(shape, dtype, bits):
+    cands = sorted({bits, 2, 4})
+    j = cands.index(bits)
+    steps = steps_for(cands, False, pow2=bits % 2 == 0, device=DEV)
+    x = make_x(shape, dtype, bits, False, steps[j].item(), DEV, seed=bits)  # < 0, 0, ties, bounds
+    relu_check(x, steps, cands, j, seed=bits)
+
+
+# contiguous, transposed, strided (copied), misaligned (scalar paths), channels_last (3-D view
+# and real 4-D); gradients in x's layout or in another one (copied into x's).
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(5, 7, 9), (3, 2, TILE + 3), (4, 6, 5, 7), (2, 16, 9, 33)],
+                         ids=str)
+def test_relu_quant_layouts_match_cpu(layout, dtype, shape):
+    cands = [2, 3, 6]
+    steps = steps_for(cands, False, pow2=False, device=DEV)
+    x = relu_layout(make_x(shape, dtype, 3, False, steps[1].item(), DEV, seed=5), layout)
+    relu_check(x, steps, cands, 1, grad_scale=0.25, seed=6)
+    relu_check(x, steps, cands, 1, grad_scale=1.0, seed=7, grad_layout="contiguous")
+    if layout == "contiguous":
+        relu_check(x, steps, cands, 1, seed=8, grad_layout="misaligned")
+
+
+def test_relu_quant_many_tiles_is_deterministic():
+    """Thousands of per-tile partials in the finalize pass; two runs give identical bits."""
+    cands = [6, 5, 4, 3, 2]
+    steps = steps_for(cands, False, pow2=False, device=DEV)
+    x = make_x((3_000_017,), torch.float32, 4, False, steps[2].item(), DEV, seed=21)
+    one = relu_check(x, steps, cands, 2, grad_scale=1.0, seed=22)
+    two = relu_check(x, steps, cands, 2, grad_scale=1.0, seed=22)
+    assert all(torch.equal(a, b) for a, b in zip(one, two))
+
+
+def test_relu_quant_nan_inf_and_zero():
+    x = torch.tensor([float("nan"), 0.0, -0.0, -1.0, 0.375, 100.0, float("inf"), -float("inf"),
+                      0.25, 0.75], device=DEV)
+    steps, sel = torch.tensor([0.5], device=DEV), torch.tensor(0, device=DEV)
+    r, y = ops.relu_quant(x, steps, [2], sel)
+    assert r[0].isnan() and y[0].isnan()
+    assert r[1:].tolist() == [0.0, 0.0, 0.0, 0.375, 100.0, float("inf"), 0.0, 0.25, 0.75]
+    assert y[1:].tolist() == [0.0, 0.0, 0.0, 0.5, 1.5, 1.5, 0.0, 0.0, 1.0]  # ties to even
+    cr, cy = ops.relu_quant(x.cpu(), steps.cpu(), [2], sel.cpu())
+    torch.testing.assert_close(r.cpu(), cr, rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(y.cpu(), cy, rtol=0, atol=0, equal_nan=True)
+    g = torch.arange(1.0, 11.0, device=DEV)
+    for gr, gy in ((g, g), (g, None), (None, g)):
+        gx, _ = torch.ops.rfq.relu_quant_backward(gr, gy, x, steps, [2], sel, 1.0)
+        cgx, _ = torch.ops.rfq.relu_quant_backward(
+            None if gr is None else gr.cpu(), None if gy is None else gy.cpu(), x.cpu(),
+            steps.cpu(), [2], sel.cpu(), 1.0)
+        torch.testing.assert_close(gx.cpu(), cgx, rtol=0, atol=0, equal_nan=True)
+
+
+# ---- relu_quant: bad steps and sel give NaN (no sync); r needs no step ----------------------
+@pytest.mark.parametrize("bad", [0.0, -0.5, float("nan"), float("inf")])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_relu_quant_bad_step_gives_nan(bad, dtype):
+    x = torch.randn(3000, device=DEV).to(dtype)
+    gr, gy = torch.randn(3000, device=DEV).to(dtype), torch.randn(3000, device=DEV).to(dtype)
+    relu_grad = torch.where(x > 0, gr, torch.zeros((), dtype=dtype, device=DEV))
+    steps = torch.tensor([0.25, bad, 0.1], device=DEV)
+    bits = [2, 4, 6]
+    bw = torch.ops.rfq.relu_quant_backward
+    sel = torch.tensor(1, device=DEV)
+    r, y = ops.relu_quant(x, steps, bits, sel)
+    assert torch.equal(r, torch.relu(x)) and y.isnan().all()
+    for a, b in ((gr, gy), (None, gy)):
+        gx, gs = bw(a, b, x, steps, bits, sel, 1.0)
+        assert gx.isnan().all() and gs[1].isnan() and gs[0] == 0 and gs[2] == 0
+    gx, gs = bw(gr, None, x, steps, bits, sel, 1.0)  # no grad_y: the step is not needed
+    assert torch.equal(gx, relu_grad) and torch.equal(gs, torch.zeros(3, device=DEV))
+    # an unused bad step does not matter, as on CPU
+    sel0 = torch.tensor(0, device=DEV)
+    r0, y0 = ops.relu_quant(x, steps, bits, sel0)
+    cr0, cy0 = ops.relu_quant(x.cpu(), steps.cpu(), bits, sel0.cpu())
+    assert torch.equal(r0.cpu(), cr0) and torch.equal(y0.cpu(), cy0)
+    gx, gs = bw(gr, gy, x, steps, bits, sel0, 1.0)
+    cgx, cgs = bw(gr.cpu(), gy.cpu(), x.cpu(), steps.cpu(), bits, sel0.cpu(), 1.0)
+    assert torch.equal(gx.cpu(), cgx) and torch.isfinite(gs).all()
+    # an out-of-range sel: y, dx and every step gradient are NaN (grad_y given); r is relu(x)
+    for j in (3, -1):
+        sel = torch.tensor(j, device=DEV)
+        r, y = ops.relu_quant(x, steps, bits, sel)
+        assert torch.equal(r, torch.relu(x)) and y.isnan().all()
+        for a, b in ((gr, gy), (None, gy)):
+            gx, gs = bw(a, b, x, steps, bits, sel, 1.0)
+            assert gx.isnan().all() and gs.isnan().all()
+        gx, gs = bw(gr, None, x, steps, bits, sel, 1.0)
+        assert torch.equal(gx, relu_grad) and torch.equal(gs, torch.zeros(3, device=DEV))
+
+
+def test_relu_quant_autograd_matches_cpu():
+    g = torch.Generator().manual_seed(3)
+    x0 = torch.randn(4, 8, 7, 7, generator=g).contiguous(memory_format=torch.channels_last)
+    w_r, w_y = torch.randn(x0.shape, generator=g), torch.randn(x0.shape, generator=g)
+    grads = {}
+    for dev in ("cpu", DEV):
+        x = x0.to(dev).requires_grad_(True)
+        steps = torch.tensor([0.3, 0.1], device=dev, requires_grad=True)
+        r, y = ops.relu_quant(x, steps, [3, 5], torch.tensor(1, device=dev), 0.5)
+        ((r * w_r.to(dev)).sum() + (y * w_y.to(dev)).sum()).backward()
+        grads[dev] = (x.grad.cpu(), steps.grad.cpu())
+    assert torch.equal(grads[DEV][0], grads["cpu"][0])
+    torch.testing.assert_close(grads[DEV][1], grads["cpu"][1], rtol=1e-5, atol=1e-4)
+
+
+def test_relu_quant_no_host_syncs():
+    x = torch.randn(64, 4099, device=DEV)
+    xs = torch.randn(300, device=DEV, dtype=torch.bfloat16)  # one tile: no finalize launch
+    steps = torch.tensor([0.3, 0.1, 0.05], device=DEV)
+    sel = torch.zeros((), dtype=torch.long, device=DEV)
+
+    def work(js):
+        for j in js:
+            sel.fill_(j)
+            for xx in (x, xs):
+                r, y = ops.relu_quant(xx, steps, [2, 4, 6], sel)
+                for gr, gy in ((r, y), (r, None), (None, y), (None, None)):
+                    torch.ops.rfq.relu_quant_backward(gr, gy, xx, steps, [2, 4, 6], sel, 1.0)
+
+    work([0])
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        work([2, 1])
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
