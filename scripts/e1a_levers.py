@@ -11,6 +11,7 @@ Variants, one step of each per cycle, the order rotating:
              registration in csrc/autograd.cpp)
   identity   the same step with every quantizer replaced by the identity: what the method's
              machinery (KD, IDM, stacked BN, masked update, EMA, clamps) costs by itself
+  no-idm     identity without the IDM feature loss: what is left of that machinery
 
     python scripts/e1a_levers.py [--rounds 5] [--cycles 6] [--batch 128]
 
@@ -121,8 +122,15 @@ def main() -> None:
         with identity_quantizers():
             trainer.train_step(x, y)
 
+    def no_idm():
+        tap, trainer.tap = trainer.tap, None
+        try:
+            identity()
+        finally:
+            trainer.tap = tap
+
     variants = {"float": float_step, "coupled": coupled, "unfused": unfused, "py-grad": py_grad,
-                "identity": identity}
+                "identity": identity, "no-idm": no_idm}
     names = list(variants)
     ratios = {n: [] for n in names[1:]}
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}")
