@@ -9,7 +9,8 @@ Variants, one step of each per cycle, the order rotating:
   py-grad    the same step with coupled_quant's autograd in Python (a torch.autograd.Function
              around the same two ops: what torch.library.register_autograd did before the C++
              registration in csrc/autograd.cpp)
-  identity   the same step with every quantizer replaced by the identity: what the method's
+  identity   the same step with every quantizer replaced by the identity (a ReLU for the
+             unsigned ones, which stand in for the ReLU the block skips): what the method's
              machinery (KD, IDM, stacked BN, masked update, EMA, clamps) costs by itself
   no-idm     identity without the IDM feature loss: what is left of that machinery
 
@@ -42,9 +43,15 @@ from rfq.nn import modules  # noqa: E402
 from rfq.runtime import flush_denormals  # noqa: E402
 
 
+def _identity(x, steps, bits, sel, signed, grad_scale):
+    # an unsigned quantizer stands in for the ReLU the block skipped (input_clamps_at_zero):
+    # its identity keeps that ReLU, so the step runs exactly the float model's ops
+    return x if signed else torch.relu(x)
+
+
 @contextlib.contextmanager
 def identity_quantizers():
-    modules._quantizer[0] = lambda x, *args: x
+    modules._quantizer[0] = _identity
     try:
         with modules.unfused_input_quant():
             yield
