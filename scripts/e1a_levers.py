@@ -9,9 +9,9 @@ Variants, one step of each per cycle, the order rotating:
   py-grad    the same step with coupled_quant's autograd in Python (a torch.autograd.Function
              around the same two ops: what torch.library.register_autograd did before the C++
              registration in csrc/autograd.cpp)
-  identity   the same step with every quantizer replaced by the identity (a ReLU for the
-             unsigned ones, which stand in for the ReLU the block skips): what the method's
-             machinery (KD, IDM, stacked BN, masked update, EMA, clamps) costs by itself
+  identity   the same step with every quantizer replaced by the identity and every ReLU
+             explicit, i.e. the float model's ops: what the method's machinery (KD, IDM,
+             stacked BN, masked update, EMA, clamps) costs by itself
   no-idm     identity without the IDM feature loss: what is left of that machinery
 
     python scripts/e1a_levers.py [--rounds 5] [--cycles 6] [--batch 128]
@@ -37,26 +37,26 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
                                 "bench"))
 from bench_method import float_four_pass_step, synthetic_dataset  # noqa: E402
 
+from rfq import models  # noqa: E402
 from rfq.cli.demo import SHIPPED_FLOAT  # noqa: E402
 from rfq.methods.rfq import CoupledTrainer, TrainConfig  # noqa: E402
 from rfq.nn import modules  # noqa: E402
 from rfq.runtime import flush_denormals  # noqa: E402
 
 
-def _identity(x, steps, bits, sel, signed, grad_scale):
-    # an unsigned quantizer stands in for the ReLU the block skipped (input_clamps_at_zero):
-    # its identity keeps that ReLU, so the step runs exactly the float model's ops
-    return x if signed else torch.relu(x)
-
-
 @contextlib.contextmanager
 def identity_quantizers():
-    modules._quantizer[0] = _identity
+    """Every quantizer the identity, and the blocks' ReLUs all explicit (an unsigned quantizer
+    no longer stands in for one), so that the passes run exactly the float model's ops."""
+    clamps = models.input_clamps_at_zero
+    modules._quantizer[0] = lambda x, *args: x
+    models.input_clamps_at_zero = lambda layer: False
     try:
         with modules.unfused_input_quant():
             yield
     finally:
         modules._quantizer[0] = modules.ops.coupled_quant
+        models.input_clamps_at_zero = clamps
 
 
 class PythonAutogradQuant(torch.autograd.Function):
