@@ -12,8 +12,9 @@ from rfq.ops.ste import input_range_mask
 _ops = torch.ops.rfq
 
 
-# coupled_quant's autograd is C++ (csrc/autograd.cpp): it runs twice per layer and pass, mostly
-# on small weights, where a Python setup_context and backward would cost more than the kernels.
+# coupled_quant's, relu_quant's and batch_norm_quant's autograd is C++ (csrc/autograd.cpp): they
+# run on every layer and pass, often on small tensors, where a Python setup_context and backward
+# would cost more than the kernels.
 
 
 def _coupled_quant_multi_setup(ctx, inputs, output):
@@ -34,45 +35,6 @@ torch.library.register_autograd(
     "rfq::coupled_quant_multi",
     _coupled_quant_multi_backward,
     setup_context=_coupled_quant_multi_setup,
-)
-def _relu_quant_setup(ctx, inputs, output):
-    x, steps, bits, sel, grad_scale = inputs
-    ctx.set_materialize_grads(False)  # an unused output's gradient stays None: no zeros read
-    ctx.save_for_backward(x, steps, sel)
-    ctx.bits, ctx.grad_scale = bits, grad_scale
-
-
-def _relu_quant_backward(ctx, grad_r, grad_y):
-    x, steps, sel = ctx.saved_tensors
-    grad_x, grad_steps = _ops.relu_quant_backward.default(grad_r, grad_y, x, steps, ctx.bits,
-                                                          sel, ctx.grad_scale)
-    return grad_x, grad_steps, None, None, None
-
-
-torch.library.register_autograd(
-    "rfq::relu_quant", _relu_quant_backward, setup_context=_relu_quant_setup
-)
-
-
-def _batch_norm_quant_setup(ctx, inputs, output):
-    x, weight, bias, eps, steps, bits, sel, signed, grad_scale = inputs
-    _, mean, var = output
-    ctx.mark_non_differentiable(mean, var)
-    ctx.save_for_backward(x, weight, bias, mean, var, steps, sel)  # no BN-output-sized tensor
-    ctx.eps, ctx.bits, ctx.signed, ctx.grad_scale = eps, bits, signed, grad_scale
-
-
-def _batch_norm_quant_backward(ctx, grad_y, _grad_mean, _grad_var):
-    x, weight, bias, mean, var, steps, sel = ctx.saved_tensors
-    grad_x, grad_weight, grad_bias, grad_steps = _ops.batch_norm_quant_backward.default(
-        grad_y, x, weight, bias, mean, var, ctx.eps, steps, ctx.bits, sel, ctx.signed,
-        ctx.grad_scale
-    )
-    return grad_x, grad_weight, grad_bias, None, grad_steps, None, None, None, None
-
-
-torch.library.register_autograd(
-    "rfq::batch_norm_quant", _batch_norm_quant_backward, setup_context=_batch_norm_quant_setup
 )
 # quant_stats, quantize_codes, pack_weight, unpack_weight: non-differentiable (C++ fallthrough).
 
