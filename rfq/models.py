@@ -52,8 +52,8 @@ def input_clamps_at_zero(layer: nn.Module) -> bool:
 
 
 def relu_into(layer: nn.Module, s):
-    """``(relu(s), layer(relu(s)))`` for a layer that clamps its input at zero itself: quantized
-    layers make the ReLU output and their quantized input in one fused op."""
+    """``(relu(s), layer(relu(s)))``: a quantized layer whose input quantizer clamps at zero
+    makes the ReLU output and its quantized input in one fused op."""
     fused = getattr(layer, "forward_after_relu", None)
     if fused is not None:
         return fused(s)
@@ -111,11 +111,7 @@ class BasicBlock(nn.Module):
                                           nn.BatchNorm2d(c_out))
 
     def forward(self, s):
-        if input_clamps_at_zero(self.conv1):  # conv1's quantizer clamps relu(s) at 0 itself
-            x, out = relu_into(self.conv1, s)
-        else:
-            x = F.relu(s)
-            out = self.conv1(x)
+        x, out = relu_into(self.conv1, s)
         if input_clamps_at_zero(self.conv2):  # conv2's quantizer is this ReLU
             out = norm_into(self.conv2, self.bn1, out)
         else:

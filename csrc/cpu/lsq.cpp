@@ -51,6 +51,20 @@ int64_t read_sel(const char* op, const at::Tensor& sel, int64_t k) {
   return j;
 }
 
+// The candidate `sel` picks, checked and resolved: its index and its spec (range and step).
+struct Selected {
+  int64_t j;
+  QuantSpec q;
+};
+
+Selected selected_spec(const char* op, const at::Tensor& x, const at::Tensor& steps,
+                       c10::IntArrayRef bits, const at::Tensor& sel, bool is_signed) {
+  check_steps(op, x, steps, bits);
+  check_sel(op, x, sel);
+  const int64_t j = read_sel(op, sel, steps.numel());
+  return {j, make_spec(bits[j], is_signed, read_step(op, steps, j))};
+}
+
 // K <= kMaxCandidates is checked by check_steps.
 std::array<QuantSpec, kMaxCandidates> all_specs(const char* op, const at::Tensor& steps,
                                                 c10::IntArrayRef bits, bool is_signed) {
@@ -65,10 +79,7 @@ at::Tensor coupled_quant(const at::Tensor& x, const at::Tensor& steps, c10::IntA
                          const at::Tensor& sel, bool is_signed, double /*grad_scale*/) {
   constexpr const char* op = "rfq.coupled_quant";
   check_x(op, x);
-  check_steps(op, x, steps, bits);
-  check_sel(op, x, sel);
-  const int64_t j = read_sel(op, sel, steps.numel());
-  const QuantSpec q = make_spec(bits[j], is_signed, read_step(op, steps, j));
+  const auto [j, q] = selected_spec(op, x, steps, bits, sel, is_signed);
   const at::Tensor xd = dense_layout(x);
   at::Tensor y = at::empty_like(xd);
   lsq_kernels().forward(x.scalar_type(), xd.const_data_ptr(), y.mutable_data_ptr(), xd.numel(), q);
@@ -80,12 +91,9 @@ std::tuple<at::Tensor, at::Tensor> coupled_quant_backward(
     c10::IntArrayRef bits, const at::Tensor& sel, bool is_signed, double grad_scale) {
   constexpr const char* op = "rfq.coupled_quant_backward";
   check_x(op, x);
-  check_steps(op, x, steps, bits);
-  check_sel(op, x, sel);
   check_grad(op, grad_y, x, x.sizes());
   check_grad_scale(op, grad_scale);
-  const int64_t j = read_sel(op, sel, steps.numel());
-  const QuantSpec q = make_spec(bits[j], is_signed, read_step(op, steps, j));
+  const auto [j, q] = selected_spec(op, x, steps, bits, sel, is_signed);
   const at::Tensor xd = dense_layout(x);
   const at::Tensor gd = in_layout_of(grad_y, xd);
   at::Tensor grad_x = at::empty_like(xd);
@@ -178,10 +186,7 @@ std::tuple<at::Tensor, at::Tensor> relu_quant(const at::Tensor& x, const at::Ten
                                               double /*grad_scale*/) {
   constexpr const char* op = "rfq.relu_quant";
   check_x(op, x);
-  check_steps(op, x, steps, bits);
-  check_sel(op, x, sel);
-  const int64_t j = read_sel(op, sel, steps.numel());
-  const QuantSpec q = make_spec(bits[j], /*is_signed=*/false, read_step(op, steps, j));
+  const auto [j, q] = selected_spec(op, x, steps, bits, sel, /*is_signed=*/false);
   const at::Tensor xd = dense_layout(x);
   at::Tensor r = at::empty_like(xd);
   at::Tensor y = at::empty_like(xd);
@@ -196,11 +201,8 @@ std::tuple<at::Tensor, at::Tensor> relu_quant_backward(
     double grad_scale) {
   constexpr const char* op = "rfq.relu_quant_backward";
   check_x(op, x);
-  check_steps(op, x, steps, bits);
-  check_sel(op, x, sel);
   check_grad_scale(op, grad_scale);
-  const int64_t j = read_sel(op, sel, steps.numel());
-  const QuantSpec q = make_spec(bits[j], /*is_signed=*/false, read_step(op, steps, j));
+  const auto [j, q] = selected_spec(op, x, steps, bits, sel, /*is_signed=*/false);
   const at::Tensor xd = dense_layout(x);
   at::Tensor gr, gy;
   if (grad_r.has_value()) {
@@ -247,10 +249,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_quant(
     double /*grad_scale*/) {
   constexpr const char* op = "rfq.batch_norm_quant";
   check_bn_args(op, x, weight, bias, eps);
-  check_steps(op, x, steps, bits);
-  check_sel(op, x, sel);
-  const int64_t j = read_sel(op, sel, steps.numel());
-  const QuantSpec q = make_spec(bits[j], is_signed, read_step(op, steps, j));
+  const auto [j, q] = selected_spec(op, x, steps, bits, sel, is_signed);
   const at::Tensor xd = bn_layout(x);
   const ChannelShape shape = bn_shape(xd);
   at::Tensor mean = at::empty({x.size(1)}, weight.options());
@@ -273,12 +272,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_quant_back
   constexpr const char* op = "rfq.batch_norm_quant_backward";
   check_bn_args(op, x, weight, bias, eps);
   check_bn_stats(op, x, mean, var);
-  check_steps(op, x, steps, bits);
-  check_sel(op, x, sel);
   check_grad(op, grad_y, x, x.sizes());
   check_grad_scale(op, grad_scale);
-  const int64_t j = read_sel(op, sel, steps.numel());
-  const QuantSpec q = make_spec(bits[j], is_signed, read_step(op, steps, j));
+  const auto [j, q] = selected_spec(op, x, steps, bits, sel, is_signed);
   const at::Tensor xd = bn_layout(x);
   const at::Tensor gd = in_layout_of(grad_y, xd);
   const at::Tensor mc = mean.contiguous(), vc = var.contiguous();

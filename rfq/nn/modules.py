@@ -200,7 +200,7 @@ class QuantLayer(nn.Module):
 
     def _input_fusable(self) -> bool:
         # not before this bit's step is initialised (from the unfused input's statistics), nor
-        # for subclasses with their own forward or input quantizer (hot-swap, CSQ)
+        # for subclasses with their own forward or input quantizer (hot-swap)
         cls = type(self)
         return (_fuse_input_quant[0] and self.input_clamps_at_zero and self.a_ready[self.a_index]
                 and cls.forward is QuantLayer.forward
