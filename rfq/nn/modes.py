@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import contextlib
 
+import torch
 from torch import nn
 
-from rfq.nn.modules import QuantLayer, SwitchableBatchNorm2d
+from rfq import ops
+from rfq.nn.modules import QuantConv2d, QuantLayer, SwitchableBatchNorm2d
 
 
 def _quant_layers(model: nn.Module) -> list[QuantLayer]:
@@ -100,3 +102,24 @@ def cached_weights(model: nn.Module):
     finally:
         for m in layers:
             m.weight_cache = None
+
+
+@contextlib.contextmanager
+def integer_convs(model: nn.Module, cache_weights: bool = True):
+    """Inside the block, every fp32 conv whose input is quantized unsigned (after a ReLU) computes
+    its no-grad forwards from integer codes: its input quantizer's codes and the selected
+    weight's codes (``ops.integer_conv2d``), the K weights prepacked once when
+    ``cache_weights``, else re-quantized every forward. Only where that is fast
+    (``ops.integer_conv_fast``); elsewhere, and for every other layer, nothing changes. Results
+    agree with the float convolution of the fake-quantized tensors to fp32 rounding (which the
+    quantizers after it can amplify into different codes, as a different conv algorithm can)."""
+    layers = [m for m in _quant_layers(model)
+              if isinstance(m, QuantConv2d) and m.input_clamps_at_zero and all(m.a_ready)
+              and m.weight.dtype == torch.float32 and ops.integer_conv_fast(m.weight.device)]
+    try:
+        for m in layers:
+            m.start_integer_convs(cache_weights)
+        yield model
+    finally:
+        for m in layers:
+            m.stop_integer_convs()

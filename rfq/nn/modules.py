@@ -97,6 +97,10 @@ class QuantLayer(nn.Module):
         self._marked = None
         self.quant_enabled = True  # False: a float layer (cost probes, float baselines)
         self.weight_cache: list[Tensor] | None = None  # K quantized weights during search
+        # integer_convs mode (QuantConv2d with an unsigned input): the input steps as host floats
+        # and, when cached, the K weights' prepacked codes
+        self.integer_input_scales: list[float] | None = None
+        self.integer_weights: list[ops.PackedConvCodes] | None = None
         self._bn_ref: list = []  # the SwitchableBatchNorm2d fed by this layer, if any
         # start at the highest candidate bits
         self.w_index = self.w_bits.index(max(self.w_bits))
@@ -174,6 +178,8 @@ class QuantLayer(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if not self.quant_enabled:
             return self.compute(x, self.weight)
+        if self._computes_integer():
+            return self._integer_conv(x)
         if self.training and torch.is_grad_enabled():
             self._mark_used()
         if self.a_bits:
@@ -185,6 +191,8 @@ class QuantLayer(nn.Module):
         layer clamps its input at zero. A training-mode SwitchableBatchNorm2d and this layer's
         input quantizer then run as one fused op: the BN output is never written (the outputs
         and gradients are those of the composition; tests/nn/test_norm_quant.py)."""
+        if self._computes_integer():
+            return self._integer_conv(bn(x))
         if not self._fusable_after(bn, x):
             return self(bn(x))
         if torch.is_grad_enabled():
@@ -211,6 +219,8 @@ class QuantLayer(nn.Module):
         """``(relu(s), self(relu(s)))`` for a layer that clamps its input at zero: the ReLU
         output (a residual block keeps it for its shortcut) and this layer's quantized input
         come from one fused op, which reads s once (forward and backward)."""
+        if self._computes_integer():  # the unsigned codes of s are those of relu(s)
+            return F.relu(s), self._integer_conv(s)
         if not self._input_fusable():
             x = F.relu(s)
             return x, self(x)
@@ -219,6 +229,20 @@ class QuantLayer(nn.Module):
         gs = self._grad_scale(s.numel(), self.a_bit, self.a_signed)
         x, xq = ops.relu_quant(s, self.a_steps, self.a_bits, self.a_sel, gs)
         return x, self.compute(xq, self.quantized_weight())
+
+    def _computes_integer(self) -> bool:
+        return (self.integer_input_scales is not None and self.quant_enabled
+                and not torch.is_grad_enabled())
+
+    def _integer_conv(self, x: Tensor) -> Tensor:
+        """This layer on ``x`` through integer codes (integer_convs mode): the input quantizer's
+        unsigned codes, then the integer convolution with the selected weight's codes."""
+        j = self.a_index
+        codes = ops.quantize_codes(x, self.a_steps.detach()[j], self.a_bits[j], False)
+        k = self.w_index
+        weight = self.integer_weights[k] if self.integer_weights is not None else \
+            self._packed_weight_codes(k)  # re-quantized every call (the straightforward search)
+        return ops.integer_conv2d(codes, self.integer_input_scales[j], weight)
 
     def _mark_used(self) -> None:
         # device-side marks (a fill on a view: no sync); reset by clear_usage() every step
@@ -242,6 +266,27 @@ class QuantLayer(nn.Module):
         # each in the weight's own layout (e.g. channels_last): the conv then runs the same
         # algorithm as with coupled_quant's output, so results are bit-identical
         self.weight_cache = [torch.empty_like(self.weight).copy_(q) for q in multi]
+
+    @torch.no_grad()
+    def start_integer_convs(self, cache_weights: bool = True) -> None:
+        """Enters the integer_convs mode: the input steps read once and, when
+        ``cache_weights``, the K weights' int8 codes prepacked once."""
+        if not isinstance(self, QuantConv2d) or not self.input_clamps_at_zero:
+            raise ValueError(f"integer convolutions need a conv with an unsigned quantized "
+                             f"input, got {self.extra_repr()}")
+        self.integer_input_scales = [float(s) for s in self.a_steps.detach()[:len(self.a_bits)]]
+        self.integer_weights = [self._packed_weight_codes(k) for k in range(len(self.w_bits))] \
+            if cache_weights else None
+
+    def stop_integer_convs(self) -> None:
+        self.integer_input_scales = self.integer_weights = None
+
+    @torch.no_grad()
+    def _packed_weight_codes(self, k: int) -> ops.PackedConvCodes:
+        step = self.w_steps.detach()[k]
+        codes = ops.quantize_codes(self.weight.detach(), step, self.w_bits[k], True)
+        return ops.pack_conv_codes(codes, float(step), self.stride, self.padding, self.dilation,
+                                   self.groups, self.bias)
 
     def masked_entries(self) -> list[tuple[nn.Parameter, str]]:
         """(stacked per-candidate parameter, name of its usage mask) pairs for the masked

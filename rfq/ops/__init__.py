@@ -12,6 +12,7 @@ kernels' internals. Semantics: ../shared/spec/kernels.md §1-3; oracle: rfq/refe
     backend.py   GPU backend switch          triton_ops.py  torch.ops.rfq_triton (Triton kernels)
     weight_codes.py  DF-MPC's data-free ternary / DoReFa weight codes (plain PyTorch)
     csq.py       CSQ's bit-level weight (csq_weight, fused forward and backward)
+    integer_conv.py  convolution on integer codes (oneDNN's u8 x s8 kernel where fast)
 
 Conventions shared by the LSQ family:
     x      fp32 / bf16 / fp16 tensor of any shape and strides
@@ -31,6 +32,8 @@ from rfq.ops import autograd, fakes  # noqa: F401,E402  (register fake kernels a
 from rfq.ops.backend import (GPU_BACKENDS, GPU_FAMILIES, get_gpu_backend,  # noqa: E402
                              gpu_backend, set_gpu_backend)
 from rfq.ops.csq import csq_weight  # noqa: E402
+from rfq.ops.integer_conv import (PackedConvCodes, integer_conv2d,  # noqa: E402
+                                  integer_conv_fast, pack_conv_codes)
 from rfq.ops.layout import (MAX_CANDIDATES, code_offset, container_bits,  # noqa: E402
                             packed_row_bytes, qrange)
 from rfq.ops.lsq import (batch_norm_quant, coupled_quant, coupled_quant_multi,  # noqa: E402
@@ -51,5 +54,6 @@ __all__ = [
     "pack_weight", "unpack_weight", "dequantize_weight", "packed_linear", "packed_conv2d",
     "conv_reads_packed", "packed_row_bytes", "container_bits", "code_offset", "qrange", "MAX_CANDIDATES",
     "coupled_quant", "coupled_quant_multi", "batch_norm_quant", "relu_quant", "quant_stats", "quantize_codes", "cpu_capability",
+    "PackedConvCodes", "pack_conv_codes", "integer_conv2d", "integer_conv_fast",
     "ternary_codes", "dorefa_codes", "dequantize_ternary", "dequantize_dorefa", "csq_weight",
 ]
