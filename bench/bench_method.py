@@ -146,27 +146,46 @@ def score_images():
 CHOSEN = {}
 
 
-@pytest.mark.parametrize("impl", ["rfq", "straightforward search"])
+GREEDY_IMPLS = {  # impl: (cached, integer convs)
+    "rfq": (True, True),
+    "straightforward search": (False, True),
+    "rfq, float convs": (True, False),
+    "straightforward search, float convs": (False, False),
+}
+
+
+@pytest.mark.parametrize("impl", list(GREEDY_IMPLS))
 def bench_greedy_search(benchmark, search_setup, impl):
+    """E2: rfq's search vs the straightforward one, both with the convs after a ReLU on integer
+    codes (the same arithmetic: the identical config is asserted); the float-conv pair shows
+    what the integer convs add, and the float straightforward search is the earlier baseline
+    (its config can differ: fp32 rounding is amplified by the quantizers, see bench/README)."""
     from rfq.methods.rfq.search import GreedySearch, ScoreBatches
 
     model, costs, target = search_setup
     batch = 32 if SMOKE else 256
-    tag(benchmark, impl, "E2", ">=2x (identical config)",
+    tag(benchmark, impl, "E2", ">=3x (identical config)",
         f"greedy search ResNet-20 to {target / 1e6:.0f}M BitOps, {batch}-image scores")
     images, labels = score_images()
+    cached, integer = GREEDY_IMPLS[impl]
 
     def search():
         scores = ScoreBatches(images, labels, batch, seed=0)
+        searcher = GreedySearch(model, costs, scores, fast=cached)
+        searcher.integer_convs = integer
         with flush_denormals():
-            return GreedySearch(model, costs, scores, fast=impl == "rfq").run(target)
+            return searcher.run(target)
 
     result = benchmark.pedantic(search, rounds=1 if SMOKE else 2, warmup_rounds=0)
     CHOSEN[impl] = result.config
     benchmark.extra_info["moves"] = result.iterations
     benchmark.extra_info["evaluations"] = result.evaluations
-    if len(CHOSEN) == 2:
-        assert CHOSEN["rfq"] == CHOSEN["straightforward search"]
+    for a, b in (("rfq", "straightforward search"),
+                 ("rfq, float convs", "straightforward search, float convs")):
+        if a in CHOSEN and b in CHOSEN:
+            assert CHOSEN[a] == CHOSEN[b], f"{a} and {b} chose different configs"
+    if impl != "rfq" and "rfq" in CHOSEN:
+        benchmark.extra_info["same config as rfq"] = CHOSEN["rfq"] == result.config
 
 
 # the smoke run (CI) keeps every budget near the greedy search's start (uniform 5): few moves
@@ -202,3 +221,38 @@ def bench_frontier_search(benchmark, search_setup, impl):
     results = benchmark.pedantic(search, rounds=1, warmup_rounds=0)
     benchmark.extra_info["evaluations"] = sum(r.evaluations for r in results)
     assert all(r.reached for r in results)
+
+
+SEARCH_CONVS = [(16, 28), (32, 14), (64, 7)]  # ResNet-20's 3x3 convs at 28x28 input
+
+
+@pytest.mark.parametrize("channels, size", SEARCH_CONVS)
+@pytest.mark.parametrize("impl", ["rfq", "fp32 conv of the fake-quantized tensors"])
+def bench_integer_conv(benchmark, impl, channels, size):
+    """The search's convs: integer_conv2d on 5-bit codes vs the fp32 conv of the same
+    fake-quantized tensors (what the float path runs), batch 256, channels_last."""
+    from rfq import ops
+
+    if not ops.integer_conv_fast("cpu"):
+        pytest.skip("no integer convolution on this CPU (x86 oneDNN with VNNI)")
+    batch = 16 if SMOKE else 256
+    tag(benchmark, impl, "E2 (conv)", "faster than fp32",
+        f"3x3 conv {channels}->{channels} at {size}x{size}, batch {batch}, 5-bit codes")
+    g = torch.Generator().manual_seed(channels)
+    cl = torch.channels_last
+    x_codes = torch.randint(0, 32, (batch, channels, size, size), generator=g,
+                            dtype=torch.uint8).contiguous(memory_format=cl)
+    w_codes = torch.randint(-16, 16, (channels, channels, 3, 3), generator=g, dtype=torch.int8)
+    xs, ws = 0.05, 0.01
+    if impl == "rfq":
+        packed = ops.pack_conv_codes(w_codes, ws, 1, 1)
+
+        def conv():
+            return ops.integer_conv2d(x_codes, xs, packed)
+    else:
+        xq = (x_codes.float() * xs).contiguous(memory_format=cl)
+        wq = (w_codes.float() * ws).contiguous(memory_format=cl)
+
+        def conv():
+            return F.conv2d(xq, wq, None, 1, 1)
+    benchmark(conv)

@@ -58,6 +58,26 @@ def test_cached_and_straightforward_search_choose_the_same_config(run, channels_
     assert [h["error"] for h in fast.history] == [h["error"] for h in naive.history]
 
 
+@pytest.mark.parametrize("integer", [True, False])
+def test_both_searches_score_with_the_same_conv_arithmetic(run, integer, monkeypatch):
+    """Integer convs (where fast) or float convs: the cached and the straightforward search run
+    the same arithmetic, so they choose the same config either way."""
+    from rfq import ops
+
+    calls = []
+    real = ops.integer_conv2d
+    monkeypatch.setattr(ops, "integer_conv2d", lambda *a: calls.append(1) or real(*a))
+    target = budget_levels(run, [4])[0]
+    results = []
+    for fast in (True, False):
+        search = GreedySearch(run.model, run.costs, score_batches(run, 128), fast=fast)
+        search.integer_convs = integer
+        results.append(search.run(target))
+    assert results[0].config == results[1].config
+    assert [h["error"] for h in results[0].history] == [h["error"] for h in results[1].history]
+    assert bool(calls) == (integer and ops.integer_conv_fast("cpu"))
+
+
 def test_size_budget_moves_weight_bits_only(run):
     uniform4 = run.costs.uniform(run.model, 4)
     target = run.costs.size_bits(uniform4)
