@@ -136,7 +136,9 @@ def batch_norm_quant(
     if stats is not None:
         mean = mean + (stats[0] - mean).detach()
         var = var + (stats[1] - var).detach()
-    invstd = 1 / torch.sqrt(var + eps)
+    # sqrt correctly rounded, as the kernels' sqrtf: torch.sqrt's fp32 vector path is not on
+    # every CPU (fp64's rounded to fp32 is, since double has more than 2 x 24 + 2 bits)
+    invstd = 1 / torch.sqrt((var + eps).double()).float()
     alpha = weight * invstd
     beta = bias - mean * alpha
     z = x * alpha.view(shape) + beta.view(shape)
