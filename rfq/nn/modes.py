@@ -115,7 +115,11 @@ def integer_convs(model: nn.Module, cache_weights: bool = True):
     quantizers after it can amplify into different codes, as a different conv algorithm can)."""
     layers = [m for m in _quant_layers(model)
               if isinstance(m, QuantConv2d) and m.input_clamps_at_zero and all(m.a_ready)
-              and m.weight.dtype == torch.float32 and ops.integer_conv_fast(m.weight.device)]
+              and m.weight.dtype == torch.float32 and ops.integer_conv_fast(m.weight.device)
+              # not subclasses with their own forward, input quantizer or weight (hot-swap, CSQ)
+              and type(m).forward is QuantLayer.forward
+              and type(m).quantize_input is QuantLayer.quantize_input
+              and type(m).quantized_weight is QuantLayer.quantized_weight]
     try:
         for m in layers:
             m.start_integer_convs(cache_weights)

@@ -232,7 +232,8 @@ class QuantLayer(nn.Module):
 
     def _computes_integer(self) -> bool:
         return (self.integer_input_scales is not None and self.quant_enabled
-                and not torch.is_grad_enabled())
+                and not torch.is_grad_enabled()
+                and not (self._forward_hooks or self._forward_pre_hooks))  # they see __call__
 
     def _integer_conv(self, x: Tensor) -> Tensor:
         """This layer on ``x`` through integer codes (integer_convs mode): the input quantizer's

@@ -119,3 +119,29 @@ def test_cached_and_requantized_weights_agree(resnet):
             outs.append([model(x) for bits in [(6, 6), (2, 5), (4, 2)]
                          if set_bits(model, bits) is None])
     assert all(torch.equal(a, b) for a, b in zip(*outs))
+
+
+def test_subclasses_with_their_own_weight_and_hooked_layers_keep_the_float_path(resnet):
+    """A subclass's own weight (CSQ's bit planes, hot-swap's wavelets) or forward is not what
+    the mode would pack; a layer with hooks must see its own __call__."""
+    import copy
+
+    class OwnWeight(QuantConv2d):
+        def quantized_weight(self):
+            return super().quantized_weight()
+
+    model = copy.deepcopy(resnet[0])
+    (_, first), (_, second) = unsigned_convs(model)[:2]
+    first.__class__ = OwnWeight
+    h = torch.randn(2, second.in_channels, 6, 6).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        expected = float_forward(second, h)
+        with integer_convs(model):
+            assert first.integer_input_scales is None
+            assert second.integer_input_scales is not None
+            handle = second.register_forward_hook(lambda *args: None)
+            hooked = second(h)
+            handle.remove()
+            unhooked = second(h)
+    assert torch.equal(hooked, expected)
+    assert torch.equal(unhooked, integer_forward(second, h))
