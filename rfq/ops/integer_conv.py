@@ -72,8 +72,8 @@ def _probe() -> bool:
         w = torch.full((16, 16, 3, 3), -128, dtype=torch.int8)
         packed = _pack(w, 1.0, (1, 1), (0, 0), (1, 1), 1, None, fast=True)
         y = _run(x, 1.0, packed)
-    except (RuntimeError, NotImplementedError):
-        return False
+    except Exception:  # noqa: BLE001  a capability probe: any failure (another torch's
+        return False    # schema, a missing kernel) means the float fallback
     return bool((y == 255 * -128 * 9 * 16).all())
 
 
