@@ -5,9 +5,9 @@ The sum over codes is an exact int32 sum, so the result is the exact convolution
 dequantized tensors rounded once to fp32; the float convolution of the fake-quantized tensors
 rounds at every accumulation instead (they agree to ~1e-7 relative). On x86 CPUs with VNNI this
 runs oneDNN's u8 x s8 convolution through PyTorch's own ``torch.ops.onednn`` kernels (the ones
-torch.compile's x86 int8 path uses), about 3x faster than the fp32 convolution at the search's
-shapes (bench/README.md). Elsewhere (CUDA, other CPUs) it is the float convolution of the
-dequantized codes: same semantics, no speedup; ``integer_conv_fast(device)`` tells which.
+torch.compile's x86 int8 path uses; speed: bench/README.md, "E2 with integer convolutions").
+Elsewhere (CUDA, other CPUs) it is the float convolution of the dequantized codes: same
+semantics, no speedup; ``integer_conv_fast(device)`` tells which.
 
 Without VNNI, oneDNN's u8 x s8 products go through 16-bit pair sums that saturate at 8 bits
 (255 * -128 * 2 < -32768), so the fast path also requires VNNI, and a one-time probe with the

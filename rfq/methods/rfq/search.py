@@ -16,7 +16,7 @@ are cached per iteration, so a move in stage s runs only stages s.. (``fast=Fals
 straightforward version: a full forward per move, weights re-quantized every time; both choose
 the identical configuration). Both score with every conv whose input is quantized after a ReLU
 computed on integer codes where that is fast (``rfq.ops.integer_conv2d``: exact int32 sums,
-~3x the fp32 conv on x86 CPUs with VNNI; ``integer_convs = False`` keeps the float convs).
+on x86 CPUs with VNNI; ``integer_convs = False`` keeps the float convs).
 """
 
 from __future__ import annotations
