@@ -206,10 +206,12 @@ def cmd_search(args) -> int:
                              f"({smallest}) and 8, got {args.min_bits}")
     print(f"searching {len(budgets)} budget(s) on {run.path} ({args.strategy}, {args.metric}, "
           f"search batch "
-          f"{args.batch_size}, {'straightforward' if args.naive else 'cached'} evaluation)")
+          f"{args.batch_size}, {'straightforward' if args.naive else 'cached'} evaluation"
+          f"{', float convs' if args.float_convs else ''})")
     searched = search_budgets(run, budgets, args.metric, args.batch_size, args.calib_images,
                               fast=not args.naive, min_bits=args.min_bits,
-                              legacy_floor=args.legacy_floor, strategy=args.strategy)
+                              legacy_floor=args.legacy_floor, strategy=args.strategy,
+                              integer_convs=not args.float_convs)
     uniform = uniform_results(run, args.uniform, args.calib_images) if args.uniform else []
     baselines = [b for path in args.baselines or () for b in _baseline(path, args)]
     print(format_table(uniform, searched, baselines))
@@ -457,6 +459,9 @@ def make_parser() -> argparse.ArgumentParser:
     s.add_argument("--legacy-floor", action="store_true", help="RFQuant's floor of 3 bits")
     s.add_argument("--naive", action="store_true",
                    help="straightforward evaluation (full forward per move; for comparison)")
+    s.add_argument("--float-convs", action="store_true",
+                   help="score with float convolutions, as searches did before 2026-12-06 "
+                        "(default: integer ones where fast; the results JSON records which)")
     s.add_argument("--uniform", type=lambda v: [int(b) for b in v.split(",")],
                    help="also report these uniform bit-widths, e.g. 2,3,4,5,6")
     s.add_argument("--baselines", nargs="*", help="LSQ run folders to add to table and plot")

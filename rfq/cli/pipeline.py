@@ -113,8 +113,12 @@ def search_budgets(run: LoadedRun, budgets: list[float], metric: str = "bitops",
                    batch_size: int = 1024, calib_images: int = 7000, fast: bool = True,
                    min_bits: int | None = None, legacy_floor: bool = False, progress=print,
                    seed: int = 0, eval_limit: int | None = None,
-                   bars: bool | None = None, strategy: str = "greedy") -> list[dict]:
+                   bars: bool | None = None, strategy: str = "greedy",
+                   integer_convs: bool = True) -> list[dict]:
     """Search every budget, then test each config with recalibrated BN.
+
+    ``integer_convs``: score with integer convolutions where they are fast (False: float ones,
+    the arithmetic of searches before 2026-12-06; each result's "convs" says which ran).
 
     ``strategy``: "greedy" (RFQ's search, one run per budget from uniform 5) or "frontier"
     (one measurement of the model, every budget solved from it, then refined).
@@ -135,6 +139,7 @@ def search_budgets(run: LoadedRun, budgets: list[float], metric: str = "bitops",
                                             bars) as on_move:
             searcher = FrontierSearch(run.model, run.costs, score_batches(run, batch_size, seed),
                                       metric, min_bits, fast, on_move=on_move)
+            searcher.integer_convs = integer_convs
             t0 = time.perf_counter()
             found = searcher.run_all(budgets)
             front_seconds = time.perf_counter() - t0
@@ -148,6 +153,7 @@ def search_budgets(run: LoadedRun, budgets: list[float], metric: str = "bitops",
                                                 metric, bars) as on_move:
                 searcher = GreedySearch(run.model, run.costs, score_batches(run, batch_size, seed),
                                         metric, min_bits, legacy_floor, fast, on_move=on_move)
+                searcher.integer_convs = integer_convs
                 found.append(searcher.run(target))
         result = found[k]
         result.seed = seed

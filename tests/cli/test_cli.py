@@ -46,6 +46,19 @@ def test_search_eval_export(runs, capsys):
     assert {n: [packed[n].w_bit, packed[n].a_bit] for n in searched} == searched
 
 
+@pytest.mark.parametrize("flags, convs", [([], "integer"), (["--float-convs"], "float")])
+def test_search_records_its_conv_arithmetic(runs, capsys, flags, convs):
+    from rfq import ops
+
+    if convs == "integer" and not ops.integer_conv_fast("cpu"):
+        convs = "float"  # no integer convolution on this CPU: the search says so
+    out = runs / f"search-{convs}.json"
+    assert main(["search", "--checkpoint", str(runs / "coupled"), "--budget", "level:4.5",
+                 "--batch-size", "64", "--calib-images", "64", "--out", str(out), *flags]) == 0
+    assert ("float convs" in capsys.readouterr().out) == bool(flags)
+    assert [s["convs"] for s in json.loads(out.read_text())["searched"]] == [convs]
+
+
 def test_deployed_model_scores_what_the_fake_quantized_one_scores(runs, tmp_path):
     """Same config, same BN recalibration: the exported file's test top-1 on digits equals the
     fake-quantized model's to within one image."""

@@ -253,7 +253,8 @@ class FrontierSearch(ConfigSearch):
                     search_error=float("nan"), iterations=len(history) - 1,
                     evaluations=self.measure_evaluations + self.evaluations - evals0,
                     seconds=self.measure_seconds + time.perf_counter() - t0,
-                    reached=self.within(cost, target), history=history, strategy="frontier"))
+                    reached=self.within(cost, target), history=history, strategy="frontier",
+                    convs=self.convs))
             return results
 
     def run(self, target: float) -> SearchResult:

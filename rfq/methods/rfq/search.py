@@ -55,6 +55,7 @@ class SearchResult:
     history: list = field(default_factory=list)
     strategy: str = "greedy"
     seed: int | None = None  # of the held-out batches the search scored on
+    convs: str = "float"  # the scoring's conv arithmetic: "integer" or "float"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -126,6 +127,7 @@ class ConfigSearch:
         self.fast = fast
         self.stages, self.stage_of = _stage_index(self.model) if fast else (None, {})
         self.evaluations = 0
+        self.convs = "float"  # what _scoring ran: "integer" where integer_convs took layers
         self.on_move = on_move  # called after every applied move (progress bars)
 
     def cost(self, config: BitConfig) -> float:
@@ -202,6 +204,8 @@ class ConfigSearch:
                 stack.enter_context(cached_weights(self.model))
             if self.integer_convs:
                 stack.enter_context(integer_convs(self.model, cache_weights=self.fast))
+            self.convs = "integer" if any(m.integer_input_scales is not None
+                                          for _, m in self.layers) else "float"
             yield
 
     def _errors(self, config: BitConfig, moves, x, y) -> list[float]:
@@ -320,7 +324,8 @@ class GreedySearch(ConfigSearch):
             metric=self.metric, target=target, config={n: list(v) for n, v in config.items()},
             bitops=self.costs.bitops(config), size_mib=self.costs.size_mib(config),
             search_error=error, iterations=iterations, evaluations=self.evaluations,
-            seconds=time.perf_counter() - t0, reached=reached, history=history)
+            seconds=time.perf_counter() - t0, reached=reached, history=history,
+            convs=self.convs)
 
 
 def random_config(model: nn.Module, costs: CostModel, target: float, metric: str = "bitops",
