@@ -230,7 +230,21 @@ def mixed_layers(model: nn.Module) -> list[tuple[str, QuantLayer]]:
     """(name, layer) of every mixed layer, in execution order."""
     if not hasattr(model, "rfq_mixed"):
         raise ValueError("the model is not quantized: call rfq.quantize_(model) first")
-    return [(n, model.get_submodule(n)) for n in model.rfq_mixed]
+    return [(n, _submodule(model, n)) for n in model.rfq_mixed]
+
+
+def _submodule(model: nn.Module, name: str) -> nn.Module:
+    # a plain walk over _modules, many times cheaper than get_submodule's checks: a training
+    # step resolves its layers several times
+    m = model
+    try:
+        for part in name.split("."):
+            m = m._modules[part]
+    except (KeyError, AttributeError):
+        return model.get_submodule(name)  # its error names the missing part
+    if m is None:
+        return model.get_submodule(name)
+    return m
 
 
 def quant_layers(model: nn.Module) -> list[tuple[str, QuantLayer]]:
@@ -243,7 +257,10 @@ ConfigLike = Union[int, str, BitPair, Mapping[str, BitPair], Sequence[BitPair]]
 def resolve_config(model: nn.Module, config: ConfigLike) -> BitConfig:
     """A full per-layer {name: (w, a)} from an int (uniform W=A), a (w, a) pair, "max"/"min",
     a per-layer list in execution order, or a (possibly partial) per-layer mapping."""
-    layers = mixed_layers(model)
+    return _resolve(mixed_layers(model), config)
+
+
+def _resolve(layers: list[tuple[str, QuantLayer]], config: ConfigLike) -> BitConfig:
     if isinstance(config, str):
         if config not in ("max", "min"):
             raise ValueError(f"bit config string must be 'max' or 'min', got {config!r}")
@@ -257,7 +274,7 @@ def resolve_config(model: nn.Module, config: ConfigLike) -> BitConfig:
         unknown = set(config) - {n for n, _ in layers}
         if unknown:
             raise ValueError(f"bit config names unknown mixed layers: {sorted(unknown)}")
-        current = current_config(model)
+        current = {n: (m.w_bit, m.a_bit) for n, m in layers}
         current.update({n: tuple(v) for n, v in config.items()})
         return current
     config = list(config)
@@ -269,8 +286,9 @@ def resolve_config(model: nn.Module, config: ConfigLike) -> BitConfig:
 
 def set_bits(model: nn.Module, config: ConfigLike) -> BitConfig:
     """Set every mixed layer's (weight bit, input bit). Returns the resolved config."""
-    resolved = resolve_config(model, config)
-    modules = dict(mixed_layers(model))
+    layers = mixed_layers(model)
+    resolved = _resolve(layers, config)
+    modules = dict(layers)
     for name, (w, a) in resolved.items():
         try:
             modules[name].set_bits(w, a)

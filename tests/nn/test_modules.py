@@ -159,6 +159,22 @@ def test_set_bits_forms_and_errors():
         set_bits(model, "all")
 
 
+def test_mixed_layers_follow_module_replacement():
+    # the layers are looked up by name on every call: a layer replaced after quantize_ is the
+    # one returned, and a name that no longer resolves is an error naming the missing part
+    model = quantize_(build_model("resnet20"))
+    names = [n for n, _ in mixed_layers(model)]
+    assert [m for _, m in mixed_layers(model)] == [model.get_submodule(n) for n in names]
+    blocks = model.blocks
+    old = blocks[1].conv1
+    blocks[1].conv1 = torch.nn.Identity()
+    assert dict(mixed_layers(model))["blocks.1.conv1"] is blocks[1].conv1
+    blocks[1].conv1 = old
+    del blocks[1].conv1
+    with pytest.raises(AttributeError, match="conv1"):
+        mixed_layers(model)
+
+
 def test_config_validation():
     with pytest.raises(ValueError, match="bits must be non-empty bit-widths in 1..8"):
         QuantConfig(bits=(9, 4))
