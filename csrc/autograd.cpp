@@ -1,4 +1,5 @@
-// Autograd of the per-layer ops (coupled_quant, relu_quant, batch_norm_quant), registered in C++:
+// Autograd of the per-layer ops (coupled_quant, relu_quant, batch_norm_quant[_mse]), registered
+// in C++:
 // every quantized layer calls them on every pass, often on small tensors, where Python's
 // register_autograd (a Python setup_context and backward per call) costs more than the
 // kernels. Each backward is an op of its own, so compiled graphs stay fused. The other ops'
@@ -166,6 +167,62 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_quant_autograd(
   return {out[0], out[1], out[2]};
 }
 
+// (quantized BN output, mean, var, mse against the teacher): saves what BatchNormQuant saves
+// plus the teacher (not differentiable: IDM's teacher features are detached).
+class BatchNormQuantMse : public torch::autograd::Function<BatchNormQuantMse> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& x,
+                               const at::Tensor& weight, const at::Tensor& bias, double eps,
+                               const at::Tensor& steps, c10::IntArrayRef bits,
+                               const at::Tensor& sel, const at::Tensor& teacher, bool is_signed,
+                               double grad_scale) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    static const auto op =
+        op_handle<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+            const at::Tensor&, const at::Tensor&, const at::Tensor&, double, const at::Tensor&,
+            c10::IntArrayRef, const at::Tensor&, const at::Tensor&, bool, double)>(
+            "rfq::batch_norm_quant_mse");
+    auto [y, mean, var, mse] =
+        op.call(x, weight, bias, eps, steps, bits, sel, teacher, is_signed, grad_scale);
+    ctx->mark_non_differentiable({mean, var});
+    ctx->save_for_backward({x, weight, bias, mean, var, steps, sel, teacher});
+    ctx->saved_data["eps"] = eps;
+    ctx->saved_data["bits"] = bits.vec();
+    ctx->saved_data["signed"] = is_signed;
+    ctx->saved_data["grad_scale"] = grad_scale;
+    return {y, mean, var, mse};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static const auto op =
+        op_handle<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+            const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+            const at::Tensor&, const at::Tensor&, const at::Tensor&, double, const at::Tensor&,
+            c10::IntArrayRef, const at::Tensor&, const at::Tensor&, bool, double)>(
+            "rfq::batch_norm_quant_mse_backward");
+    const auto s = ctx->get_saved_variables();
+    const std::vector<int64_t> bits = ctx->saved_data["bits"].toIntVector();
+    // unused outputs come as undefined gradients: zeros of their shapes
+    const at::Tensor grad_y = grads[0].defined() ? grads[0] : at::zeros_like(s[0]);
+    const at::Tensor grad_mse = grads[3].defined() ? grads[3] : at::zeros({}, s[1].options());
+    auto [grad_x, grad_weight, grad_bias, grad_steps] =
+        op.call(grad_y, grad_mse, s[0], s[1], s[2], s[3], s[4],
+                ctx->saved_data["eps"].toDouble(), s[5], bits, s[6], s[7],
+                ctx->saved_data["signed"].toBool(), ctx->saved_data["grad_scale"].toDouble());
+    return {grad_x,       grad_weight,  grad_bias,    at::Tensor(), grad_steps,
+            at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_quant_mse_autograd(
+    const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, double eps,
+    const at::Tensor& steps, c10::IntArrayRef bits, const at::Tensor& sel,
+    const at::Tensor& teacher, bool is_signed, double grad_scale) {
+  auto out = BatchNormQuantMse::apply(x, weight, bias, eps, steps, bits, sel, teacher, is_signed,
+                                      grad_scale);
+  return {out[0], out[1], out[2], out[3]};
+}
+
 }  // namespace
 }  // namespace rfq
 
@@ -173,4 +230,5 @@ TORCH_LIBRARY_IMPL(rfq, Autograd, m) {
   m.impl("coupled_quant", &rfq::coupled_quant_autograd);
   m.impl("relu_quant", &rfq::relu_quant_autograd);
   m.impl("batch_norm_quant", &rfq::batch_norm_quant_autograd);
+  m.impl("batch_norm_quant_mse", &rfq::batch_norm_quant_mse_autograd);
 }

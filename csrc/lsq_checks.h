@@ -139,6 +139,24 @@ inline at::Tensor bn_layout(const at::Tensor& x) {
   return x.contiguous();
 }
 
+// batch_norm_quant_mse's teacher (x's shape, fp32, x's device) and its backward's grad_mse (one
+// fp32 value on x's device).
+inline void check_teacher(const char* op, const at::Tensor& x, const at::Tensor& teacher) {
+  TORCH_CHECK(teacher.device() == x.device(), op, ": teacher must be on x's device (", x.device(),
+              "), got ", teacher.device());
+  TORCH_CHECK(teacher.scalar_type() == at::kFloat, op, ": teacher must be float32, got ",
+              teacher.scalar_type());
+  TORCH_CHECK(teacher.sizes() == x.sizes(), op, ": teacher must have x's shape ", x.sizes(),
+              ", got ", teacher.sizes());
+}
+
+inline void check_grad_mse(const char* op, const at::Tensor& x, const at::Tensor& grad_mse) {
+  TORCH_CHECK(grad_mse.device() == x.device() && grad_mse.scalar_type() == at::kFloat &&
+                  grad_mse.numel() == 1,
+              op, ": grad_mse must be one float32 value on x's device, got ",
+              grad_mse.scalar_type(), " ", grad_mse.sizes(), " on ", grad_mse.device());
+}
+
 inline cpu::ChannelShape bn_shape(const at::Tensor& xd) {
   const int64_t c = xd.size(1), n = xd.size(0);
   if (xd.dim() == 4 && !xd.is_contiguous() && xd.is_contiguous(at::MemoryFormat::ChannelsLast)) {

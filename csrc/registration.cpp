@@ -49,6 +49,15 @@ TORCH_LIBRARY(rfq, m) {
   m.def("batch_norm_quant_backward(Tensor grad_y, Tensor x, Tensor weight, Tensor bias, "
         "Tensor mean, Tensor var, float eps, Tensor steps, int[] bits, Tensor sel, bool signed, "
         "float grad_scale) -> (Tensor, Tensor, Tensor, Tensor)", pt2);
+  // batch_norm_quant plus mean((z - teacher)^2) of its BN output z against a same-shape fp32
+  // teacher (a feature MSE, as IDM's), without writing z: (y, mean, var, mse [0-dim]).
+  m.def("batch_norm_quant_mse(Tensor x, Tensor weight, Tensor bias, float eps, Tensor steps, "
+        "int[] bits, Tensor sel, Tensor teacher, bool signed=False, float grad_scale=1.0) "
+        "-> (Tensor, Tensor, Tensor, Tensor)", pt2);
+  // Its backward: batch_norm_quant_backward with z's gradient plus 2 grad_mse (z - teacher) / n.
+  m.def("batch_norm_quant_mse_backward(Tensor grad_y, Tensor grad_mse, Tensor x, Tensor weight, "
+        "Tensor bias, Tensor mean, Tensor var, float eps, Tensor steps, int[] bits, Tensor sel, "
+        "Tensor teacher, bool signed, float grad_scale) -> (Tensor, Tensor, Tensor, Tensor)", pt2);
   // Integer codes of x at one bit-width (step: one fp32 value): int8 when signed, uint8 when
   // unsigned (codes up to 255); the input of pack_weight.
   m.def("quantize_codes(Tensor x, Tensor step, int bits, bool signed=True) -> Tensor", pt2);

@@ -72,7 +72,9 @@ def conv_bn_relu(c_in, c_out, kernel=3, stride=1, groups=1, relu=nn.ReLU):
     layers = [nn.Conv2d(c_in, c_out, kernel, stride, kernel // 2, groups=groups, bias=False),
               nn.BatchNorm2d(c_out)]
     if relu is not None:
-        layers.append(relu(inplace=True))
+        # not in place: IDM compares the BN's output itself (before the ReLU), which an in-place
+        # ReLU would overwrite after its teacher copy was kept
+        layers.append(relu())
     return nn.Sequential(*layers)
 
 

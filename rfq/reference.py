@@ -127,6 +127,14 @@ def batch_norm_quant(
     op's own mean and var) replaces their values while the gradients still flow through x's
     batch statistics, so the outputs can be compared exactly with the op's for those statistics.
     """
+    z, mean, var = _batch_norm_output(x, weight, bias, eps, stats)
+    j = int(sel)
+    return lsq_fake_quant(z, steps[j], bits[j], signed, grad_scale), mean, var
+
+
+def _batch_norm_output(x, weight, bias, eps, stats=None) -> tuple[Tensor, Tensor, Tensor]:
+    """(z, mean, var): batch_norm_quant's BN output z = x * alpha + beta (fp32, each operation
+    rounded) and its detached batch statistics (see batch_norm_quant for ``stats``)."""
     dims = [0, *range(2, x.dim())]
     shape = [1, x.shape[1]] + [1] * (x.dim() - 2)
     xd = x.double()
@@ -142,8 +150,28 @@ def batch_norm_quant(
     alpha = weight * invstd
     beta = bias - mean * alpha
     z = x * alpha.view(shape) + beta.view(shape)
+    return z, mean.detach(), var.detach()
+
+
+def batch_norm_quant_mse(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    eps: float,
+    steps: Tensor,
+    bits: Sequence[int],
+    sel: Tensor,
+    teacher: Tensor,
+    signed: bool = False,
+    grad_scale: float = 1.0,
+    stats: tuple[Tensor, Tensor] | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Twin of ``rfq.ops.batch_norm_quant_mse``: ``batch_norm_quant``'s outputs and
+    mean((z - teacher)^2) of its BN output, taken in fp64 (the teacher is not differentiated)."""
+    z, mean, var = _batch_norm_output(x, weight, bias, eps, stats)
     j = int(sel)
-    return lsq_fake_quant(z, steps[j], bits[j], signed, grad_scale), mean.detach(), var.detach()
+    mse = ((z.double() - teacher.detach().double()) ** 2).mean().float()
+    return lsq_fake_quant(z, steps[j], bits[j], signed, grad_scale), mean, var, mse
 
 
 def coupled_quant_multi(

@@ -9,6 +9,8 @@ Variants, one step of each per cycle, the order rotating:
   py-grad    the same step with coupled_quant's autograd in Python (a torch.autograd.Function
              around the same two ops: what torch.library.register_autograd did before the C++
              registration in csrc/autograd.cpp)
+  idm-unfused  the same step with IDM's compared BNs unfused (F.batch_norm, then the
+             quantizer, then FeatureMSE): how IDM ran before batch_norm_quant_mse
   identity   the same step with every quantizer replaced by the identity and every ReLU
              explicit, i.e. the float model's ops: what the method's machinery (KD, IDM,
              stacked BN, masked update, EMA, clamps) costs by itself
@@ -77,6 +79,20 @@ class PythonAutogradQuant(torch.autograd.Function):
 
 
 @contextlib.contextmanager
+def idm_unfused():
+    """BNs that IDM compares do not fuse with the next quantizer (as when IDM used hooks)."""
+    fusable = modules.QuantLayer._fusable_after
+
+    def unless_matched(self, bn, x):
+        return fusable(self, bn, x) and getattr(bn, "match_teacher", None) is None
+    modules.QuantLayer._fusable_after = unless_matched
+    try:
+        yield
+    finally:
+        modules.QuantLayer._fusable_after = fusable
+
+
+@contextlib.contextmanager
 def python_autograd():
     modules._quantizer[0] = PythonAutogradQuant.apply
     try:
@@ -125,6 +141,10 @@ def main() -> None:
         with python_autograd():
             trainer.train_step(x, y)
 
+    def idm_unfused_step():
+        with idm_unfused():
+            trainer.train_step(x, y)
+
     def identity():
         with identity_quantizers():
             trainer.train_step(x, y)
@@ -137,7 +157,7 @@ def main() -> None:
             trainer.tap = tap
 
     variants = {"float": float_step, "coupled": coupled, "unfused": unfused, "py-grad": py_grad,
-                "identity": identity, "no-idm": no_idm}
+                "idm-unfused": idm_unfused_step, "identity": identity, "no-idm": no_idm}
     names = list(variants)
     ratios = {n: [] for n in names[1:]}
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}")

@@ -243,13 +243,14 @@ BnAffine bn_affine(const at::Tensor& weight, const at::Tensor& bias, const float
   return a;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_quant(
-    const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, double eps,
-    const at::Tensor& steps, c10::IntArrayRef bits, const at::Tensor& sel, bool is_signed,
-    double /*grad_scale*/) {
-  constexpr const char* op = "rfq.batch_norm_quant";
+// Both forwards: (y, mean, var) and, with a teacher, mean((z - teacher)^2) as a 0-dim tensor.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_quant_forward(
+    const char* op, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+    double eps, const at::Tensor& steps, c10::IntArrayRef bits, const at::Tensor& sel,
+    bool is_signed, const at::Tensor* teacher) {
   check_bn_args(op, x, weight, bias, eps);
   const auto [j, q] = selected_spec(op, x, steps, bits, sel, is_signed);
+  if (teacher) check_teacher(op, x, *teacher);
   const at::Tensor xd = bn_layout(x);
   const ChannelShape shape = bn_shape(xd);
   at::Tensor mean = at::empty({x.size(1)}, weight.options());
@@ -259,24 +260,60 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_quant(
   const BnAffine a = bn_affine(weight, bias, mean.const_data_ptr<float>(),
                                var.const_data_ptr<float>(), eps);
   at::Tensor y = at::empty_like(xd);
+  const at::Tensor td = teacher ? in_layout_of(*teacher, xd) : at::Tensor();
+  double sq_err = 0.0;
   lsq_kernels().bn_forward(xd.const_data_ptr<float>(), y.mutable_data_ptr<float>(), shape,
-                           a.alpha.data(), a.beta.data(), q);
+                           a.alpha.data(), a.beta.data(), q,
+                           teacher ? td.const_data_ptr<float>() : nullptr, &sq_err);
+  at::Tensor mse;
+  if (teacher) {
+    mse = at::empty({}, weight.options());
+    *mse.mutable_data_ptr<float>() =
+        static_cast<float>(x.numel() > 0 ? sq_err / static_cast<double>(x.numel()) : 0.0);
+  }
+  return {y, mean, var, mse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_quant(
+    const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, double eps,
+    const at::Tensor& steps, c10::IntArrayRef bits, const at::Tensor& sel, bool is_signed,
+    double /*grad_scale*/) {
+  auto [y, mean, var, mse] = bn_quant_forward("rfq.batch_norm_quant", x, weight, bias, eps,
+                                              steps, bits, sel, is_signed, nullptr);
   return {y, mean, var};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_quant_backward(
-    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight,
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_quant_mse(
+    const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, double eps,
+    const at::Tensor& steps, c10::IntArrayRef bits, const at::Tensor& sel,
+    const at::Tensor& teacher, bool is_signed, double /*grad_scale*/) {
+  return bn_quant_forward("rfq.batch_norm_quant_mse", x, weight, bias, eps, steps, bits, sel,
+                          is_signed, &teacher);
+}
+
+// Both backwards; with a teacher, z's gradient also gets 2 * grad_mse / n * (z - teacher).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_quant_backward(
+    const char* op, const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight,
     const at::Tensor& bias, const at::Tensor& mean, const at::Tensor& var, double eps,
     const at::Tensor& steps, c10::IntArrayRef bits, const at::Tensor& sel, bool is_signed,
-    double grad_scale) {
-  constexpr const char* op = "rfq.batch_norm_quant_backward";
+    double grad_scale, const at::Tensor* teacher, const at::Tensor* grad_mse) {
   check_bn_args(op, x, weight, bias, eps);
   check_bn_stats(op, x, mean, var);
   check_grad(op, grad_y, x, x.sizes());
   check_grad_scale(op, grad_scale);
   const auto [j, q] = selected_spec(op, x, steps, bits, sel, is_signed);
+  if (teacher) {
+    check_teacher(op, x, *teacher);
+    check_grad_mse(op, x, *grad_mse);
+  }
   const at::Tensor xd = bn_layout(x);
   const at::Tensor gd = in_layout_of(grad_y, xd);
+  const at::Tensor td = teacher ? in_layout_of(*teacher, xd) : at::Tensor();
+  const float match =
+      teacher && x.numel() > 0
+          ? static_cast<float>(2.0 * static_cast<double>(*grad_mse->const_data_ptr<float>()) /
+                               static_cast<double>(x.numel()))
+          : 0.f;
   const at::Tensor mc = mean.contiguous(), vc = var.contiguous();
   const BnAffine a = bn_affine(weight, bias, mc.const_data_ptr<float>(),
                                vc.const_data_ptr<float>(), eps);
@@ -287,10 +324,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_quant_back
   lsq_kernels().bn_backward(gd.const_data_ptr<float>(), xd.const_data_ptr<float>(),
                             grad_x.mutable_data_ptr<float>(), bn_shape(xd), a.alpha.data(),
                             a.beta.data(), mc.const_data_ptr<float>(), a.invstd.data(), q,
-                            grad_scale, grad_weight.mutable_data_ptr<float>(),
+                            grad_scale, teacher ? td.const_data_ptr<float>() : nullptr, match,
+                            grad_weight.mutable_data_ptr<float>(),
                             grad_bias.mutable_data_ptr<float>(),
                             grad_steps.mutable_data_ptr<float>() + j);
   return {grad_x, grad_weight, grad_bias, grad_steps};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_quant_backward(
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight,
+    const at::Tensor& bias, const at::Tensor& mean, const at::Tensor& var, double eps,
+    const at::Tensor& steps, c10::IntArrayRef bits, const at::Tensor& sel, bool is_signed,
+    double grad_scale) {
+  return bn_quant_backward("rfq.batch_norm_quant_backward", grad_y, x, weight, bias, mean, var,
+                           eps, steps, bits, sel, is_signed, grad_scale, nullptr, nullptr);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_quant_mse_backward(
+    const at::Tensor& grad_y, const at::Tensor& grad_mse, const at::Tensor& x,
+    const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& mean,
+    const at::Tensor& var, double eps, const at::Tensor& steps, c10::IntArrayRef bits,
+    const at::Tensor& sel, const at::Tensor& teacher, bool is_signed, double grad_scale) {
+  return bn_quant_backward("rfq.batch_norm_quant_mse_backward", grad_y, x, weight, bias, mean,
+                           var, eps, steps, bits, sel, is_signed, grad_scale, &teacher,
+                           &grad_mse);
 }
 
 }  // namespace
@@ -307,4 +364,6 @@ TORCH_LIBRARY_IMPL(rfq, CPU, m) {
   m.impl("relu_quant_backward", &rfq::cpu::relu_quant_backward);
   m.impl("batch_norm_quant", &rfq::cpu::batch_norm_quant);
   m.impl("batch_norm_quant_backward", &rfq::cpu::batch_norm_quant_backward);
+  m.impl("batch_norm_quant_mse", &rfq::cpu::batch_norm_quant_mse);
+  m.impl("batch_norm_quant_mse_backward", &rfq::cpu::batch_norm_quant_mse_backward);
 }

@@ -58,13 +58,15 @@ struct LsqKernels {
                         float* grad_step);
   // batch_norm_quant (fp32): per-channel batch mean and biased variance; y = code(z / s) * s with
   // z = x * alpha[c] + beta[c]; and the backward's two passes (reductions, then dx).
+  // batch_norm_quant_mse: a teacher (x's layout, or null) adds sum((z - teacher)^2) to the
+  // forward (*sq_err) and match * (z - teacher) to z's gradient in the backward.
   void (*bn_stats)(const float* x, ChannelShape s, float* mean, float* var);
   void (*bn_forward)(const float* x, float* y, ChannelShape s, const float* alpha,
-                     const float* beta, QuantSpec q);
+                     const float* beta, QuantSpec q, const float* teacher, double* sq_err);
   void (*bn_backward)(const float* dy, const float* x, float* dx, ChannelShape s,
                       const float* alpha, const float* beta, const float* mean,
-                      const float* invstd, QuantSpec q, double grad_scale, float* grad_weight,
-                      float* grad_bias, float* grad_step);
+                      const float* invstd, QuantSpec q, double grad_scale, const float* teacher,
+                      float match, float* grad_weight, float* grad_bias, float* grad_step);
 };
 
 namespace DEFAULT { extern const LsqKernels kLsqKernels; }

@@ -623,30 +623,61 @@ void bn_stats(const float* x, ChannelShape s, float* mean, float* var) {
   }
 }
 
+// With a teacher also sum((z - teacher)^2): fp32 within a chunk, fp64 across chunks in order.
 void bn_forward(const float* x, float* y, ChannelShape s, const float* alpha, const float* beta,
-                QuantSpec q) {
+                QuantSpec q, const float* teacher, double* sq_err) {
   const BnChunks ch = bn_chunks(s);
   const VecSpec vq(q);
+  if (!teacher) {
+    parallel_bn_chunks(ch, [&](int64_t k) {
+      visit_bn_chunk(ch, k,
+                     [&](int64_t i, int64_t, auto lanes) {
+                       const Vec z = Vec::loadu(x + i) * lanes(alpha) + lanes(beta);
+                       (code(z / vq.s, vq) * vq.s).store(y + i);
+                     },
+                     [&](int64_t i, int64_t c) {
+                       const float z = x[i] * alpha[c] + beta[c];
+                       y[i] = code(z / q.step, q) * q.step;
+                     });
+    });
+    return;
+  }
+  double* part = scratch<double>(ch.count);
   parallel_bn_chunks(ch, [&](int64_t k) {
+    Vec acc(0.f);
+    float tail = 0.f;
     visit_bn_chunk(ch, k,
                    [&](int64_t i, int64_t, auto lanes) {
                      const Vec z = Vec::loadu(x + i) * lanes(alpha) + lanes(beta);
                      (code(z / vq.s, vq) * vq.s).store(y + i);
+                     const Vec d = z - Vec::loadu(teacher + i);
+                     acc = acc + d * d;
                    },
                    [&](int64_t i, int64_t c) {
                      const float z = x[i] * alpha[c] + beta[c];
                      y[i] = code(z / q.step, q) * q.step;
+                     const float d = z - teacher[i];
+                     tail += d * d;
                    });
+    part[k] = lane_sum(acc) + tail;
   });
+  double total = 0.0;
+  for (int64_t k = 0; k < ch.count; ++k) total += part[k];
+  *sq_err = total;
 }
 
 // Pass 1: per channel sum(g) and sum(g * xhat) with g = dy inside the range, and the step's
 // sum(dy * h); pass 2: dx = alpha * (g - mean(g) - xhat * mean(g * xhat)).
-void bn_backward(const float* dy, const float* x, float* dx, ChannelShape s, const float* alpha,
-                 const float* beta, const float* mean, const float* invstd, QuantSpec q,
-                 double grad_scale, float* grad_weight, float* grad_bias, float* grad_step) {
+// With a teacher, the BN output's gradient also gets match * (z - teacher) (the gradient of a
+// feature MSE to the teacher; match = 2 * grad_mse / n), in both passes.
+template <bool kTeacher>
+void bn_backward_impl(const float* dy, const float* x, float* dx, ChannelShape s,
+                      const float* alpha, const float* beta, const float* mean,
+                      const float* invstd, QuantSpec q, double grad_scale, const float* teacher,
+                      float match, float* grad_weight, float* grad_bias, float* grad_step) {
   const BnChunks ch = bn_chunks(s);
   const VecSpec vq(q);
+  const Vec match_v(match);
   const int64_t slots = bn_slots(ch);
   double* part = scratch<double>(2 * slots + ch.count);  // [g, g * xhat] per slot, step per chunk
   parallel_bn_chunks(ch, [&](int64_t k) {
@@ -657,18 +688,22 @@ void bn_backward(const float* dy, const float* x, float* dx, ChannelShape s, con
     visit_bn_chunk<true>(ch, k,
                    [&](int64_t i, int64_t c, auto lanes) {
                      const Vec xv = Vec::loadu(x + i), d = Vec::loadu(dy + i);
-                     const Vec v = (xv * lanes(alpha) + lanes(beta)) / vq.s;
+                     const Vec z = xv * lanes(alpha) + lanes(beta);
+                     const Vec v = z / vq.s;
                      const Vec inside = in_range(v, vq);
                      step_acc = step_acc + d * (code(v, vq) - (v & inside));
-                     const Vec g = d & inside;
+                     Vec g = d & inside;
+                     if constexpr (kTeacher) g = g + match_v * (z - Vec::loadu(teacher + i));
                      sg.add(g, c);
                      sgx.add(g * ((xv - lanes(mean)) * lanes(invstd)), c);
                    },
                    [&](int64_t i, int64_t c) {
-                     const float v = (x[i] * alpha[c] + beta[c]) / q.step;
+                     const float z = x[i] * alpha[c] + beta[c];
+                     const float v = z / q.step;
                      const bool inside = in_range(v, q);
                      step_tail += dy[i] * (inside ? code(v, q) - v : code(v, q));
-                     const float g = inside ? dy[i] : 0.f;
+                     float g = inside ? dy[i] : 0.f;
+                     if constexpr (kTeacher) g = g + match * (z - teacher[i]);
                      sg.add(g, c);
                      sgx.add(g * ((x[i] - mean[c]) * invstd[c]), c);
                    });
@@ -704,18 +739,33 @@ void bn_backward(const float* dy, const float* x, float* dx, ChannelShape s, con
     visit_bn_chunk(ch, k,
                    [&](int64_t i, int64_t, auto lanes) {
                      const Vec xv = Vec::loadu(x + i), a = lanes(alpha);
-                     const Vec v = (xv * a + lanes(beta)) / vq.s;
-                     const Vec g = Vec::loadu(dy + i) & in_range(v, vq);
+                     const Vec z = xv * a + lanes(beta);
+                     Vec g = Vec::loadu(dy + i) & in_range(z / vq.s, vq);
+                     if constexpr (kTeacher) g = g + match_v * (z - Vec::loadu(teacher + i));
                      const Vec xhat = (xv - lanes(mean)) * lanes(invstd);
                      (a * (g - lanes(mgp) - xhat * lanes(mgxp))).store(dx + i);
                    },
                    [&](int64_t i, int64_t c) {
-                     const float v = (x[i] * alpha[c] + beta[c]) / q.step;
-                     const float g = in_range(v, q) ? dy[i] : 0.f;
+                     const float z = x[i] * alpha[c] + beta[c];
+                     float g = in_range(z / q.step, q) ? dy[i] : 0.f;
+                     if constexpr (kTeacher) g = g + match * (z - teacher[i]);
                      const float xhat = (x[i] - mean[c]) * invstd[c];
                      dx[i] = alpha[c] * (g - mgp[c] - xhat * mgxp[c]);
                    });
   });
+}
+
+void bn_backward(const float* dy, const float* x, float* dx, ChannelShape s, const float* alpha,
+                 const float* beta, const float* mean, const float* invstd, QuantSpec q,
+                 double grad_scale, const float* teacher, float match, float* grad_weight,
+                 float* grad_bias, float* grad_step) {
+  if (teacher) {
+    bn_backward_impl<true>(dy, x, dx, s, alpha, beta, mean, invstd, q, grad_scale, teacher, match,
+                           grad_weight, grad_bias, grad_step);
+  } else {
+    bn_backward_impl<false>(dy, x, dx, s, alpha, beta, mean, invstd, q, grad_scale, nullptr, 0.f,
+                            grad_weight, grad_bias, grad_step);
+  }
 }
 
 // ---- type-erased entry points --------------------------------------------------------------------

@@ -1,8 +1,9 @@
-// CUDA batch_norm_quant and its backward (fp32): training-mode BatchNorm fused with one coupled
-// quantizer, the same computation as the CPU kernels bn_stats / bn_forward / bn_backward
-// (cpu/lsq_kernels_impl.h) with the same checks and layouts (lsq_checks.h). Zero host syncs:
-// `sel` and the step are read on the device, so a bad step or an out-of-range `sel` gives NaN
-// (y, dx, dweight, dbias and the step gradient) instead of the CPU's error.
+// CUDA batch_norm_quant[_mse] and their backwards (fp32): training-mode BatchNorm fused with one
+// coupled quantizer (_mse: plus a feature MSE of the BN output to a teacher), the same computation
+// as the CPU kernels bn_stats / bn_forward / bn_backward (cpu/lsq_kernels_impl.h) with the same
+// checks and layouts (lsq_checks.h). Zero host syncs: `sel`, the step and grad_mse are read on the
+// device, so a bad step or an out-of-range `sel` gives NaN (y, dx, dweight, dbias and the step
+// gradient) instead of the CPU's error.
 //
 // Data: bn_layout(x) viewed as [outer, C, inner] (bn_shape). Every kernel uses one geometry:
 //   rows   (inner == 1, channels innermost: 2-D or channels_last): a block is ct channels x rt
@@ -331,35 +332,92 @@ __global__ void __launch_bounds__(kBnThreads)
   }
 }
 
+// ---- batch_norm_quant_mse forward: y as above and one sum((z - teacher)^2) partial per block ------
+template <bool kRows>
+__global__ void __launch_bounds__(kBnThreads)
+    bn_forward_mse_kernel(const float* __restrict__ x, const float* __restrict__ teacher,
+                          float* __restrict__ y, BnGeom g, const float* __restrict__ weight,
+                          const float* __restrict__ bias, const float* __restrict__ mean,
+                          const float* __restrict__ var, float eps,
+                          const float* __restrict__ steps, int64_t step_stride,
+                          const int64_t* __restrict__ sel, QuantRanges ranges,
+                          double* __restrict__ part) {
+  __shared__ double smem[kBnWarps];
+  const BnThread t = bn_thread<kRows>(g);  // every thread reaches the block sum below
+  const Selected sq = read_selected(sel, steps, step_stride, ranges);
+  const Affine a = affine_of(weight, bias, mean, var, eps, t.c, t.c < g.channels);
+  float v[kBnPer], tv[kBnPer];
+  int64_t off[kBnPer];
+  load_values<kRows>(x, g, t, v, off);
+  load_at(teacher, t, off, tv);
+  double sq_err[1] = {0.0};
+#pragma unroll
+  for (int i = 0; i < kBnPer; ++i) {
+    if (i < t.count) {
+      const float z = a.z(v[i]);
+      y[off[i]] = fake_quant(z, sq.s, sq.q);
+      const float d = sub_rn(z, tv[i]);
+      sq_err[0] = __dadd_rn(sq_err[0], static_cast<double>(mul_rn(d, d)));
+    }
+  }
+  const double block = block_sum_each<double, 1>(sq_err, 1, smem);
+  if (threadIdx.x == 0) part[int64_t{blockIdx.y} * gridDim.x + blockIdx.x] = block;
+}
+
+// One block: mse[0] = sum of the block partials (fixed order) / n.
+__global__ void __launch_bounds__(kFinalizeThreads)
+    bn_mse_finalize_kernel(const double* __restrict__ part, int64_t count, double n,
+                           float* __restrict__ mse) {
+  __shared__ double smem[kFinalizeThreads / 32];
+  const double total = sum_partials(part, count, smem);
+  if (threadIdx.x == 0) mse[0] = n > 0.0 ? static_cast<float>(__ddiv_rn(total, n)) : 0.f;
+}
+
 // ---- backward pass 1: per-channel sums of g and g * xhat, the block's sum of dy * h --------------
 // part: [2][C][chunks] (g, g * xhat), then one step partial per block (blocks in grid order).
-template <bool kRows>
+// With kTeacher, z's gradient also gets match * (z - teacher), match = 2 * grad_mse / n (fp32, as the
+// CPU's): batch_norm_quant_mse's backward.
+__device__ __forceinline__ float match_of(const float* __restrict__ grad_mse, double n) {
+  return n > 0.0 ? static_cast<float>(__ddiv_rn(__dmul_rn(2.0, static_cast<double>(grad_mse[0])), n))
+                 : 0.f;
+}
+
+template <bool kRows, bool kTeacher>
 __global__ void __launch_bounds__(kBnThreads)
     bn_backward_reduce_kernel(const float* __restrict__ dy, const float* __restrict__ x, BnGeom g,
                               const float* __restrict__ weight, const float* __restrict__ bias,
                               const float* __restrict__ mean, const float* __restrict__ var,
                               float eps, const float* __restrict__ steps, int64_t step_stride,
                               const int64_t* __restrict__ sel, QuantRanges ranges,
+                              const float* __restrict__ teacher,
+                              const float* __restrict__ grad_mse, double n,
                               double* __restrict__ part) {
   __shared__ double smem[2 * kBnThreads];
   __shared__ double smem_step[kBnWarps];
   const BnThread t = bn_thread<kRows>(g);
   const Selected sq = read_selected(sel, steps, step_stride, ranges);
   const Affine a = affine_of(weight, bias, mean, var, eps, t.c, t.c < g.channels);
-  float xv[kBnPer], gv[kBnPer];
+  float xv[kBnPer], gv[kBnPer], tv[kBnPer];
   int64_t off[kBnPer];
   load_values<kRows>(x, g, t, xv, off);
   load_at(dy, t, off, gv);
+  float match = 0.f;
+  if (kTeacher) {
+    load_at(teacher, t, off, tv);
+    match = match_of(grad_mse, n);
+  }
   double sums[2] = {0.0, 0.0};
   double step[1] = {0.0};
 #pragma unroll
   for (int i = 0; i < kBnPer; ++i) {
     if (i < t.count) {
-      const float v = div_rn(a.z(xv[i]), sq.s);
+      const float z = a.z(xv[i]);
+      const float v = div_rn(z, sq.s);
       const bool inside = in_range(v, sq.q);
       const float h = step_term(v, quant_code(v, sq.q), inside);
       step[0] = __dadd_rn(step[0], static_cast<double>(mul_rn(gv[i], h)));
-      const float gi = inside ? gv[i] : 0.f;
+      float gi = inside ? gv[i] : 0.f;
+      if (kTeacher) gi = add_rn(gi, mul_rn(match, sub_rn(z, tv[i])));
       sums[0] = __dadd_rn(sums[0], static_cast<double>(gi));
       sums[1] = __dadd_rn(sums[1], static_cast<double>(mul_rn(gi, a.xhat(xv[i]))));
     }
@@ -407,7 +465,7 @@ __global__ void __launch_bounds__(kFinalizeThreads)
 }
 
 // ---- backward pass 2: dx = alpha * (g - mean(g) - xhat * mean(g * xhat)) -------------------------
-template <bool kRows>
+template <bool kRows, bool kTeacher>
 __global__ void __launch_bounds__(kBnThreads)
     bn_backward_dx_kernel(const float* __restrict__ dy, const float* __restrict__ x,
                           float* __restrict__ dx, BnGeom g, const float* __restrict__ weight,
@@ -415,21 +473,29 @@ __global__ void __launch_bounds__(kBnThreads)
                           const float* __restrict__ var, float eps,
                           const float* __restrict__ steps, int64_t step_stride,
                           const int64_t* __restrict__ sel, QuantRanges ranges,
-                          const float* __restrict__ mg) {
+                          const float* __restrict__ teacher, const float* __restrict__ grad_mse,
+                          double n, const float* __restrict__ mg) {
   const BnThread t = bn_thread<kRows>(g);
   if (t.count == 0) return;  // no barrier in this kernel
   const Selected sq = read_selected(sel, steps, step_stride, ranges);
   const bool ok = !isnan(sq.s);
   const Affine a = affine_of(weight, bias, mean, var, eps, t.c, true);
   const float mgc = mg[t.c], mgxc = mg[g.channels + t.c];
-  float xv[kBnPer], gv[kBnPer];
+  float xv[kBnPer], gv[kBnPer], tv[kBnPer];
   int64_t off[kBnPer];
   load_values<kRows>(x, g, t, xv, off);
   load_at(dy, t, off, gv);
+  float match = 0.f;
+  if (kTeacher) {
+    load_at(teacher, t, off, tv);
+    match = match_of(grad_mse, n);
+  }
 #pragma unroll
   for (int i = 0; i < kBnPer; ++i) {
     if (i < t.count) {
-      const float gi = in_range(div_rn(a.z(xv[i]), sq.s), sq.q) ? gv[i] : 0.f;
+      const float z = a.z(xv[i]);
+      float gi = in_range(div_rn(z, sq.s), sq.q) ? gv[i] : 0.f;
+      if (kTeacher) gi = add_rn(gi, mul_rn(match, sub_rn(z, tv[i])));
       const float d = mul_rn(a.alpha, sub_rn(sub_rn(gi, mgc), mul_rn(a.xhat(xv[i]), mgxc)));
       dx[off[i]] = ok ? d : kNaN;
     }
@@ -440,14 +506,15 @@ __global__ void __launch_bounds__(kBnThreads)
 
 cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream(); }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_quant(
-    const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, double eps,
-    const at::Tensor& steps, c10::IntArrayRef bits, const at::Tensor& sel, bool is_signed,
-    double /*grad_scale*/) {
-  constexpr const char* op = "rfq.batch_norm_quant";
+// Both forwards: (y, mean, var) and, with a teacher, mean((z - teacher)^2) as a 0-dim tensor.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_quant_forward(
+    const char* op, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+    double eps, const at::Tensor& steps, c10::IntArrayRef bits, const at::Tensor& sel,
+    bool is_signed, const at::Tensor* teacher) {
   check_bn_args(op, x, weight, bias, eps);
   check_steps(op, x, steps, bits);
   check_sel(op, x, sel);
+  if (teacher) check_teacher(op, x, *teacher);
   const c10::cuda::CUDAGuard guard(x.device());
   const QuantRanges ranges = make_ranges(bits, is_signed);
   const at::Tensor xd = bn_layout(x);
@@ -471,31 +538,75 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_quant(
       part.const_data_ptr<double>(), g, mean.mutable_data_ptr<float>(),
       var.mutable_data_ptr<float>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  auto forward = rows ? bn_forward_kernel<true> : bn_forward_kernel<false>;
+  const float* wp = wc.const_data_ptr<float>();
+  const float* bp = bc.const_data_ptr<float>();
+  const float* mp = mean.const_data_ptr<float>();
+  const float* vp = var.const_data_ptr<float>();
+  const float epsf = static_cast<float>(eps);
+  if (!teacher) {
+    auto forward = rows ? bn_forward_kernel<true> : bn_forward_kernel<false>;
+    forward<<<grid, kBnThreads, 0, stream()>>>(xp, y.mutable_data_ptr<float>(), g, wp, bp, mp, vp,
+                                               epsf, steps.const_data_ptr<float>(),
+                                               steps.stride(0), sel.const_data_ptr<int64_t>(),
+                                               ranges);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return {y, mean, var, at::Tensor()};
+  }
+  const at::Tensor td = in_layout_of(*teacher, xd);
+  const int64_t blocks = int64_t{grid.x} * grid.y;
+  at::Tensor mse_part = at::empty({blocks}, weight.options().dtype(at::kDouble));
+  at::Tensor mse = at::empty({}, weight.options());
+  auto forward = rows ? bn_forward_mse_kernel<true> : bn_forward_mse_kernel<false>;
   forward<<<grid, kBnThreads, 0, stream()>>>(
-      xp, y.mutable_data_ptr<float>(), g, wc.const_data_ptr<float>(), bc.const_data_ptr<float>(),
-      mean.const_data_ptr<float>(), var.const_data_ptr<float>(), static_cast<float>(eps),
-      steps.const_data_ptr<float>(), steps.stride(0), sel.const_data_ptr<int64_t>(), ranges);
+      xp, td.const_data_ptr<float>(), y.mutable_data_ptr<float>(), g, wp, bp, mp, vp, epsf,
+      steps.const_data_ptr<float>(), steps.stride(0), sel.const_data_ptr<int64_t>(), ranges,
+      mse_part.mutable_data_ptr<double>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+  bn_mse_finalize_kernel<<<1, kFinalizeThreads, 0, stream()>>>(
+      mse_part.const_data_ptr<double>(), blocks, static_cast<double>(x.numel()),
+      mse.mutable_data_ptr<float>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {y, mean, var, mse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_quant(
+    const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, double eps,
+    const at::Tensor& steps, c10::IntArrayRef bits, const at::Tensor& sel, bool is_signed,
+    double /*grad_scale*/) {
+  auto [y, mean, var, mse] = bn_quant_forward("rfq.batch_norm_quant", x, weight, bias, eps,
+                                              steps, bits, sel, is_signed, nullptr);
   return {y, mean, var};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_quant_backward(
-    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight,
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_quant_mse(
+    const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, double eps,
+    const at::Tensor& steps, c10::IntArrayRef bits, const at::Tensor& sel,
+    const at::Tensor& teacher, bool is_signed, double /*grad_scale*/) {
+  return bn_quant_forward("rfq.batch_norm_quant_mse", x, weight, bias, eps, steps, bits, sel,
+                          is_signed, &teacher);
+}
+
+// Both backwards; with a teacher, z's gradient also gets 2 * grad_mse / n * (z - teacher).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_quant_backward(
+    const char* op, const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight,
     const at::Tensor& bias, const at::Tensor& mean, const at::Tensor& var, double eps,
     const at::Tensor& steps, c10::IntArrayRef bits, const at::Tensor& sel, bool is_signed,
-    double grad_scale) {
-  constexpr const char* op = "rfq.batch_norm_quant_backward";
+    double grad_scale, const at::Tensor* teacher, const at::Tensor* grad_mse) {
   check_bn_args(op, x, weight, bias, eps);
   check_bn_stats(op, x, mean, var);
   check_steps(op, x, steps, bits);
   check_sel(op, x, sel);
   check_grad(op, grad_y, x, x.sizes());
   check_grad_scale(op, grad_scale);
+  if (teacher) {
+    check_teacher(op, x, *teacher);
+    check_grad_mse(op, x, *grad_mse);
+  }
   const c10::cuda::CUDAGuard guard(x.device());
   const QuantRanges ranges = make_ranges(bits, is_signed);
   const at::Tensor xd = bn_layout(x);
   const at::Tensor gd = in_layout_of(grad_y, xd);
+  const at::Tensor td = teacher ? in_layout_of(*teacher, xd) : at::Tensor();
   const BnGeom g = make_geom(bn_shape(xd));
   const bool rows = g.inner == 1;
   const dim3 grid = grid_of(g, rows, op);
@@ -518,9 +629,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_quant_back
   const float epsf = static_cast<float>(eps);
   const float* sp = steps.const_data_ptr<float>();
   const int64_t* selp = sel.const_data_ptr<int64_t>();
-  auto reduce = rows ? bn_backward_reduce_kernel<true> : bn_backward_reduce_kernel<false>;
+  const float* tp = teacher ? td.const_data_ptr<float>() : nullptr;
+  const float* gmp = teacher ? grad_mse->const_data_ptr<float>() : nullptr;
+  const double n = static_cast<double>(x.numel());
+  auto reduce = teacher ? (rows ? bn_backward_reduce_kernel<true, true>
+                                : bn_backward_reduce_kernel<false, true>)
+                        : (rows ? bn_backward_reduce_kernel<true, false>
+                                : bn_backward_reduce_kernel<false, false>);
   reduce<<<grid, kBnThreads, 0, stream()>>>(dyp, xp, g, wp, bp, mp, vp, epsf, sp,
-                                             steps.stride(0), selp, ranges,
+                                             steps.stride(0), selp, ranges, tp, gmp, n,
                                              part.mutable_data_ptr<double>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   bn_backward_finalize_kernel<<<static_cast<unsigned>(g.channels + 1), kFinalizeThreads, 0,
@@ -529,12 +646,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_quant_back
       grad_scale, grad_weight.mutable_data_ptr<float>(), grad_bias.mutable_data_ptr<float>(),
       mg.mutable_data_ptr<float>(), grad_steps.mutable_data_ptr<float>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  auto dx = rows ? bn_backward_dx_kernel<true> : bn_backward_dx_kernel<false>;
+  auto dx = teacher ? (rows ? bn_backward_dx_kernel<true, true> : bn_backward_dx_kernel<false, true>)
+                    : (rows ? bn_backward_dx_kernel<true, false>
+                            : bn_backward_dx_kernel<false, false>);
   dx<<<grid, kBnThreads, 0, stream()>>>(dyp, xp, grad_x.mutable_data_ptr<float>(), g, wp, bp, mp,
-                                         vp, epsf, sp, steps.stride(0), selp, ranges,
+                                         vp, epsf, sp, steps.stride(0), selp, ranges, tp, gmp, n,
                                          mg.const_data_ptr<float>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {grad_x, grad_weight, grad_bias, grad_steps};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_quant_backward(
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight,
+    const at::Tensor& bias, const at::Tensor& mean, const at::Tensor& var, double eps,
+    const at::Tensor& steps, c10::IntArrayRef bits, const at::Tensor& sel, bool is_signed,
+    double grad_scale) {
+  return bn_quant_backward("rfq.batch_norm_quant_backward", grad_y, x, weight, bias, mean, var,
+                           eps, steps, bits, sel, is_signed, grad_scale, nullptr, nullptr);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_quant_mse_backward(
+    const at::Tensor& grad_y, const at::Tensor& grad_mse, const at::Tensor& x,
+    const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& mean,
+    const at::Tensor& var, double eps, const at::Tensor& steps, c10::IntArrayRef bits,
+    const at::Tensor& sel, const at::Tensor& teacher, bool is_signed, double grad_scale) {
+  return bn_quant_backward("rfq.batch_norm_quant_mse_backward", grad_y, x, weight, bias, mean,
+                           var, eps, steps, bits, sel, is_signed, grad_scale, &teacher,
+                           &grad_mse);
 }
 
 }  // namespace
@@ -543,4 +681,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_quant_back
 TORCH_LIBRARY_IMPL(rfq, CUDA, m) {
   m.impl("batch_norm_quant", &rfq::cuda::batch_norm_quant);
   m.impl("batch_norm_quant_backward", &rfq::cuda::batch_norm_quant_backward);
+  m.impl("batch_norm_quant_mse", &rfq::cuda::batch_norm_quant_mse);
+  m.impl("batch_norm_quant_mse_backward", &rfq::cuda::batch_norm_quant_mse_backward);
 }

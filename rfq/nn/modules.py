@@ -356,6 +356,24 @@ class QuantLinear(QuantLayer):
         return self.in_features * self.out_features
 
 
+class FeatureMSE(torch.autograd.Function):
+    """mean((student - teacher)^2) with the teacher detached, in three memory passes (difference,
+    norm; one multiply back) instead of F.mse_loss's six. Its gradient keeps the features' memory
+    format: F.mse_loss's comes back NCHW-contiguous for channels_last features, and batch-norm
+    backward with a channels_last input and an NCHW gradient takes a much slower path."""
+
+    @staticmethod
+    def forward(ctx, student, teacher):
+        diff = student - teacher
+        ctx.save_for_backward(diff)
+        return torch.linalg.vector_norm(diff).square() / max(diff.numel(), 1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (diff,) = ctx.saved_tensors
+        return diff * (grad * (2.0 / max(diff.numel(), 1))), None
+
+
 class SwitchableBatchNorm2d(nn.Module):
     """One BatchNorm per (weight bit, input bit) of the conv before it, stored stacked.
 
@@ -385,6 +403,11 @@ class SwitchableBatchNorm2d(nn.Module):
         self.cumulative = False
         self._seen = 0  # batches averaged in cumulative mode
         self._marked = None
+        # feature matching (IDM): while match_teacher holds a tensor, each training forward also
+        # sets match_loss = mean((output - match_teacher)^2); fused into batch_norm_quant_mse
+        # when the next layer's quantizer runs with this BN (the output is then never written)
+        self.match_teacher: Tensor | None = None
+        self.match_loss: Tensor | None = None
 
     def select(self, i: int, j: int) -> None:
         if (i, j) != (self.wi, self.ai):
@@ -399,9 +422,13 @@ class SwitchableBatchNorm2d(nn.Module):
         i, j = self.wi, self.ai
         w, b = self.weight[i, j], self.bias[i, j]
         if self.batch_stats_only:
-            return F.batch_norm(x, None, None, w, b, True, 0.0, self.eps)
-        return F.batch_norm(x, self.running_mean[i, j], self.running_var[i, j], w, b, True,
-                            self._update_momentum(), self.eps)
+            out = F.batch_norm(x, None, None, w, b, True, 0.0, self.eps)
+        else:
+            out = F.batch_norm(x, self.running_mean[i, j], self.running_var[i, j], w, b, True,
+                               self._update_momentum(), self.eps)
+        if self.match_teacher is not None:
+            self.match_loss = FeatureMSE.apply(out, self.match_teacher)
+        return out
 
     def _update_momentum(self) -> float:
         """Marks the selected copy used (while training) and gives the momentum of this batch's
@@ -418,11 +445,16 @@ class SwitchableBatchNorm2d(nn.Module):
     def forward_quantized(self, x: Tensor, steps: Tensor, bits, sel: Tensor, signed: bool,
                           grad_scale: float) -> Tensor:
         """Training mode: ``coupled_quant(self(x), steps, bits, sel, signed, grad_scale)`` in
-        one fused op (the BN output is not materialized); running statistics and usage marks
-        are updated as forward() does."""
+        one fused op (the BN output is not materialized); running statistics, usage marks and
+        the feature-matching loss are updated as forward() does."""
         i, j = self.wi, self.ai
-        y, mean, var = ops.batch_norm_quant(x, self.weight[i, j], self.bias[i, j], self.eps,
-                                            steps, bits, sel, signed, grad_scale)
+        if self.match_teacher is not None:
+            y, mean, var, self.match_loss = ops.batch_norm_quant_mse(
+                x, self.weight[i, j], self.bias[i, j], self.eps, steps, bits, sel,
+                self.match_teacher, signed, grad_scale)
+        else:
+            y, mean, var = ops.batch_norm_quant(x, self.weight[i, j], self.bias[i, j], self.eps,
+                                                steps, bits, sel, signed, grad_scale)
         if self.batch_stats_only:
             return y
         momentum = self._update_momentum()

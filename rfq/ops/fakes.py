@@ -84,6 +84,25 @@ def _batch_norm_quant_backward_fake(grad_y, x, weight, bias, mean, var, eps, ste
             steps.new_empty(steps.shape))
 
 
+@torch.library.register_fake("rfq::batch_norm_quant_mse")
+def _batch_norm_quant_mse_fake(x, weight, bias, eps, steps, bits, sel, teacher, signed=False,
+                               grad_scale=1.0):
+    _check_devices("batch_norm_quant_mse", x, weight=weight, bias=bias, steps=steps, sel=sel,
+                   teacher=teacher)
+    return (_bn_like(x), weight.new_empty(weight.shape), weight.new_empty(weight.shape),
+            weight.new_empty(()))
+
+
+@torch.library.register_fake("rfq::batch_norm_quant_mse_backward")
+def _batch_norm_quant_mse_backward_fake(grad_y, grad_mse, x, weight, bias, mean, var, eps, steps,
+                                        bits, sel, teacher, signed, grad_scale):
+    _check_devices("batch_norm_quant_mse_backward", x, grad_y=grad_y, grad_mse=grad_mse,
+                   weight=weight, bias=bias, mean=mean, var=var, steps=steps, sel=sel,
+                   teacher=teacher)
+    return (_bn_like(x), weight.new_empty(weight.shape), weight.new_empty(weight.shape),
+            steps.new_empty(steps.shape))
+
+
 @torch.library.register_fake("rfq::quantize_codes")
 def _quantize_codes_fake(x, step, bits, signed=True):
     _check_devices("quantize_codes", x, step=step)

@@ -1,5 +1,5 @@
 """Typed wrappers of the LSQ op family (coupled_quant, coupled_quant_multi, quant_stats,
-quantize_codes, relu_quant, batch_norm_quant). Conventions in rfq/ops/__init__.py; semantics ../shared/spec/kernels.md §1-2.
+quantize_codes, relu_quant, batch_norm_quant, batch_norm_quant_mse). Conventions in rfq/ops/__init__.py; semantics ../shared/spec/kernels.md §1-2.
 """
 
 from __future__ import annotations
@@ -72,6 +72,29 @@ def batch_norm_quant(
     return _ops.batch_norm_quant.default(x, weight, bias, eps, steps, list(bits), sel, signed,
                                          grad_scale)
 
+
+
+def batch_norm_quant_mse(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    eps: float,
+    steps: Tensor,
+    bits: Sequence[int],
+    sel: Tensor,
+    teacher: Tensor,
+    signed: bool = False,
+    grad_scale: float = 1.0,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``batch_norm_quant`` plus a feature MSE of its BN output to a teacher (IDM's term).
+
+    Returns ``(y, mean, var, mse)``: the first three as ``batch_norm_quant``'s, and ``mse =
+    mean((z - teacher)^2)`` (fp32 0-dim) of the BN output ``z`` against ``teacher`` (fp32, x's
+    shape, not differentiated), summed in fp64 across chunks. ``z`` is still never written: the
+    backward adds ``2 * grad_mse * (z - teacher) / numel`` to z's gradient inside its two passes.
+    """
+    return _ops.batch_norm_quant_mse.default(x, weight, bias, eps, steps, list(bits), sel,
+                                             teacher, signed, grad_scale)
 
 def coupled_quant_multi(
     x: Tensor,

@@ -3,6 +3,8 @@ conv2 (rfq.ops.batch_norm_quant) and the block's ReLU -> conv1 (rfq.ops.relu_qua
 gradients and running statistics of a training forward/backward are those of the unfused
 composition; the fused paths are taken exactly where they may be."""
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -159,3 +161,53 @@ def test_resnet18_blocks_fuse_too(monkeypatch):
     model(x)
     assert len(calls) == 8
     assert len(mixed_layers(model)) == 19
+
+
+@pytest.mark.parametrize("bits", [(2, 3), (5, 6)])
+def test_feature_matching_fused_equals_unfused(monkeypatch, bits):
+    """A switchable BN with a ``match_teacher`` adds mean((its output - teacher)^2) as
+    ``match_loss``: fused with conv2's quantizer (batch_norm_quant_mse) for every block's bn1,
+    by F.batch_norm + FeatureMSE for bn2 and everywhere when unfused. Loss and gradients agree."""
+    results = []
+    for fused in (True, False):
+        model, x, y = model_and_batch(1)
+        model.train()
+        with torch.no_grad():
+            for a in (2, 3, 4, 5, 6):
+                set_bits(model, (6, a))
+                model(x)
+        bns = [m for m in model.modules() if isinstance(m, SwitchableBatchNorm2d)]
+        g = torch.Generator().manual_seed(3)
+        teachers = {}  # teacher features: the BN outputs of a max-bit pass, perturbed
+        hooks = [bn.register_forward_hook(
+            lambda mod, inp, out: teachers.__setitem__(mod, out.detach().clone()))
+            for bn in bns]
+        with torch.no_grad():
+            set_bits(model, "max")
+            model(x)
+        for h in hooks:
+            h.remove()
+        for bn in bns:
+            bn.match_teacher = teachers[bn] + 0.1 * torch.randn(teachers[bn].shape, generator=g)
+        calls = count_fused(monkeypatch, "batch_norm_quant_mse")
+        set_bits(model, bits)
+        with contextlib.nullcontext() if fused else unfused_input_quant():
+            out = model(x)
+        assert len(calls) == (9 if fused else 0)  # every BasicBlock's bn1
+        terms = [bn.match_loss for bn in bns]
+        assert all(t is not None for t in terms)
+        loss = F.cross_entropy(out, y) + 0.5 * torch.stack(terms).sum()
+        loss.backward()
+        monkeypatch.undo()
+        for bn in bns:
+            bn.match_teacher = bn.match_loss = None
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((loss.detach(), torch.stack(terms).detach(), grads))
+    (loss_f, terms_f, grads_f), (loss_u, terms_u, grads_u) = results
+    torch.testing.assert_close(terms_f, terms_u, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(loss_f, loss_u, rtol=1e-4, atol=1e-5)
+    assert grads_f.keys() == grads_u.keys()
+    for name in grads_f:
+        scale = float(grads_u[name].abs().max()) + 1e-12
+        torch.testing.assert_close(grads_f[name], grads_u[name], rtol=0, atol=2e-3 * scale,
+                                   msg=name)

@@ -89,6 +89,16 @@ CHECK = textwrap.dedent(
             ref.batch_norm_quant(*leaves[:3], 1e-5, leaves[3], [3, 5], sel, signed, stats=(mean, var))[0].backward(gy)
             for a, leaf in zip(got, leaves):
                 torch.testing.assert_close(a, leaf.grad, rtol=1e-4, atol=1e-3)
+            t = torch.randn(shape, generator=g)  # batch_norm_quant_mse: its teacher term
+            y2, _, _, mse = ops.batch_norm_quant_mse(x, w, b, 1e-5, s, [3, 5], sel, t, signed)
+            assert torch.equal(y2, y)
+            leaves = [v.clone().requires_grad_(True) for v in (x, w, b, s)]
+            yr, _, _, mr = ref.batch_norm_quant_mse(*leaves[:3], 1e-5, leaves[3], [3, 5], sel, t, signed, stats=(mean, var))
+            torch.testing.assert_close(mse, mr, rtol=2e-6, atol=0)
+            ((yr * gy).sum() + 5.0 * mr).backward()
+            got = torch.ops.rfq.batch_norm_quant_mse_backward(gy, torch.tensor(5.0), x, w, b, mean, var, 1e-5, s, [3, 5], sel, t, signed, 1.0)
+            for a, leaf in zip(got, leaves):
+                torch.testing.assert_close(a, leaf.grad, rtol=1e-4, atol=1e-3)
     print("ok")
     """
 )

@@ -379,6 +379,43 @@ def test_batch_norm_quant_matches_cpu_and_reference(case, bits, signed):
     bn_check(x, w, b, cands, cands.index(bits), signed, seed=bits)
 
 
+@pytest.mark.parametrize("case", BN_CASES, ids=lambda c: f"{c[0]}-{c[1]}")
+@pytest.mark.parametrize("signed", [True, False], ids=["signed", "unsigned"])
+def test_batch_norm_quant_mse_matches_cpu(case, signed):
+    """The teacher's MSE and its gradient term on the GPU against the CPU op (same statistics);
+    y, mean and var are batch_norm_quant's bit for bit; two runs give the same bits."""
+    shape, layout = case
+    x, w, b = bn_inputs(shape, layout, seed=5)
+    cands = [2, 4, 6]
+    steps = steps_for(cands, signed, pow2=False, device=DEV)
+    sel = torch.tensor(1, device=DEV)
+    t = bn_arrange(torch.randn(x.shape, generator=torch.Generator().manual_seed(6)),
+                   "contiguous").to(DEV)
+    y, mean, var, mse = torch.ops.rfq.batch_norm_quant_mse(x, w, b, BN_EPS, steps, cands, sel, t,
+                                                           signed)
+    plain = torch.ops.rfq.batch_norm_quant(x, w, b, BN_EPS, steps, cands, sel, signed)
+    assert all(torch.equal(a, c) for a, c in zip((y, mean, var), plain))
+    xc, wc, bc, sc, selc, tc = x.cpu(), w.cpu(), b.cpu(), steps.cpu(), sel.cpu(), t.cpu()
+    _, _, _, cmse = ref.batch_norm_quant_mse(xc, wc, bc, BN_EPS, sc, cands, selc, tc, signed,
+                                             stats=(mean.cpu(), var.cpu()))
+    torch.testing.assert_close(mse.cpu(), cmse, rtol=2e-6, atol=0)
+    gy = bn_arrange(torch.randn(x.shape, generator=torch.Generator().manual_seed(7)),
+                    layout).to(DEV)
+    gm = torch.tensor(3.0, device=DEV)
+    grads = torch.ops.rfq.batch_norm_quant_mse_backward(gy, gm, x, w, b, mean, var, BN_EPS, steps,
+                                                        cands, sel, t, signed, 0.5)
+    cgrads = torch.ops.rfq.batch_norm_quant_mse_backward(
+        gy.cpu(), gm.cpu(), xc, wc, bc, mean.cpu(), var.cpu(), BN_EPS, sc, cands, selc, tc,
+        signed, 0.5)
+    for a, c in zip(grads, cgrads):
+        torch.testing.assert_close(a.cpu(), c, rtol=1e-4, atol=1e-5 * (float(c.abs().max()) + 1))
+    again = torch.ops.rfq.batch_norm_quant_mse_backward(gy, gm, x, w, b, mean, var, BN_EPS, steps,
+                                                        cands, sel, t, signed, 0.5)
+    assert all(torch.equal(a, c) for a, c in zip(grads, again))
+    assert torch.equal(mse, torch.ops.rfq.batch_norm_quant_mse(x, w, b, BN_EPS, steps, cands, sel,
+                                                               t, signed)[3])
+
+
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_batch_norm_quant_many_chunks_is_deterministic(layout):
     """Hundreds of partials per channel (rows) / per channel chunks (planes); two runs give the

@@ -11,34 +11,17 @@ from rfq.ops import qrange
 from rfq.nn import QuantLayer, mixed_layers
 
 
-class FeatureMSE(torch.autograd.Function):
-    """mean((student - teacher)^2) with the teacher detached, in three memory passes (difference,
-    norm; one multiply back) instead of F.mse_loss's six. Its gradient keeps the features' memory
-    format: F.mse_loss's comes back NCHW-contiguous for channels_last features, and batch-norm
-    backward with a channels_last input and an NCHW gradient takes a much slower path."""
-
-    @staticmethod
-    def forward(ctx, student, teacher):
-        diff = student - teacher
-        ctx.save_for_backward(diff)
-        return torch.linalg.vector_norm(diff).square() / max(diff.numel(), 1)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (diff,) = ctx.saved_tensors
-        return diff * (grad * (2.0 / max(diff.numel(), 1))), None
-
-
 class FeatureTap:
-    """Forward hooks on the switchable BNs of the selected layers (IDM): in 'teacher' mode they
-    keep detached outputs; in 'student' mode the outputs, with their graph. Only the selected
-    BNs carry a hook: the others may run fused with the next layer's input quantizer, which
-    never materializes their output."""
+    """IDM's features on the switchable BNs of the selected layers. 'teacher' mode: forward
+    hooks keep their outputs, detached. 'student' mode: each selected BN gets its teacher
+    feature as ``match_teacher`` and computes its own feature MSE, fused with the next layer's
+    input quantizer where that runs with the BN (``batch_norm_quant_mse``: the BN output is never
+    written); a hook would force the unfused path. Only selected BNs are touched."""
 
     def __init__(self, model: nn.Module):
-        self.mode, self._selected, self.teacher, self.student = None, set(), {}, {}
+        self.mode, self._selected, self.teacher = None, set(), {}
         self.bns = {name: layer._bn_ref[0] for name, layer in mixed_layers(model)
-                    if layer._bn_ref}
+                    if layer._bn_ref}  # execution order
         self.handles = []
 
     @property
@@ -47,29 +30,36 @@ class FeatureTap:
 
     @selected.setter
     def selected(self, names) -> None:
+        """Set after ``mode``: the selected BNs' hooks (teacher) or teachers (student)."""
         self.close()
         self._selected = set(names)
-        self.handles = [self.bns[n].register_forward_hook(self._hook(n))
-                        for n in sorted(self._selected) if n in self.bns]
+        chosen = [n for n in self.bns if n in self._selected]
+        if self.mode == "teacher":
+            self.handles = [self.bns[n].register_forward_hook(self._keep(n)) for n in chosen]
+        elif self.mode == "student":
+            for n in chosen:
+                self.bns[n].match_teacher = self.teacher[n]
 
-    def _hook(self, name):
+    def _keep(self, name):
         def hook(mod, inputs, output):
-            if self.mode == "teacher":
-                if name in self.selected:  # only what a later pass compares against
-                    self.teacher[name] = output.detach()
-            elif self.mode == "student" and name in self.selected:
-                self.student[name] = output
+            self.teacher[name] = output.detach()
         return hook
 
     def loss(self) -> torch.Tensor | None:
-        terms = [FeatureMSE.apply(out, self.teacher[n]) for n, out in self.student.items()]
-        self.student = {}
+        """The sum of the student pass's feature MSEs (None when no selected BN ran)."""
+        terms = []
+        for bn in self.bns.values():
+            if bn.match_loss is not None:
+                terms.append(bn.match_loss)
+                bn.match_loss = None
         return torch.stack(terms).sum() if terms else None
 
     def close(self):
         for h in self.handles:
             h.remove()
         self.handles = []
+        for bn in self.bns.values():
+            bn.match_teacher = bn.match_loss = None
 
 
 def qe_loss(layer: QuantLayer, min_bit: int) -> torch.Tensor:

@@ -1,6 +1,7 @@
 """Coupled training on digits: it learns at every bit-width, unused entries stay put, resume is
 bit-identical, checkpoints fail loudly and are never overwritten."""
 
+import contextlib
 import copy
 
 import pytest
@@ -216,7 +217,7 @@ def test_coupled_step_never_syncs_on_cuda(tmp_path, digits, float_ckpt):
 
 @pytest.mark.parametrize("layout", ["channels_last", "contiguous"])
 def test_feature_mse_matches_mse_loss_and_keeps_the_layout(layout):
-    from rfq.methods.rfq.losses import FeatureMSE
+    from rfq.nn.modules import FeatureMSE
 
     fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
     g = torch.Generator().manual_seed(0)
@@ -366,3 +367,31 @@ def test_random_pass_loss_is_ce_plus_kl_from_the_max_pass_plus_idm(tmp_path, dig
     assert got == pytest.approx(want.item(), rel=1e-5, abs=1e-6)
     assert abs(reverse.item() - kl.item()) > 1e-4 * abs(kl.item()) + 1e-6
     tr.close()
+
+
+def test_idm_on_resnet_blocks_runs_fused_and_leaves_no_state(tmp_path, digits, monkeypatch):
+    """ResNet-20's bn1 feeds conv2's quantizer: IDM's student features there run fused
+    (batch_norm_quant_mse, no hook); the step's loss equals the unfused step's, and afterwards
+    no BN holds a teacher, a loss or a hook."""
+    from rfq import ops
+    from rfq.nn.modules import unfused_input_quant
+
+    logs = []
+    for fused in (True, False):
+        tr = Trainer(coupled_config(None, model="resnet20", idm=True, scheduler=False,
+                                    n_random=3), tmp_path / f"r{fused}", dataset=digits,
+                     progress=False)
+        x, y = tr.stream.batch(0, 0)
+        calls = []
+        real = ops.batch_norm_quant_mse
+        monkeypatch.setattr(ops, "batch_norm_quant_mse",
+                            lambda *a, **k: calls.append(1) or real(*a, **k))
+        with contextlib.nullcontext() if fused else unfused_input_quant():
+            logs.append(tr.train_step(x, y))
+        monkeypatch.undo()
+        assert bool(calls) == fused
+        assert all(bn.match_teacher is None and bn.match_loss is None and not bn._forward_hooks
+                   for bn in tr.tap.bns.values())
+        tr.close()
+    torch.testing.assert_close(logs[0]["loss_random"], logs[1]["loss_random"], rtol=1e-4,
+                               atol=1e-5)
