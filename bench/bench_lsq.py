@@ -142,3 +142,50 @@ def bench_thread_scaling(benchmark, n, kernel, threads):
 
     run()
     benchmark(run)
+
+
+# E1a's IDM lever: BN + the next conv's quantizer + IDM's feature MSE to a teacher, fwd+bwd, at
+# ResNet-20's batch-128 activation shapes (channels_last fp32), against the same three steps
+# unfused (what IDM ran before batch_norm_quant_mse). Minimum bytes: x, teacher in and y out
+# forward; dy, x, teacher in and dx out backward (28 B/element).
+BN_SHAPES = [(128, 16, 28, 28), (128, 32, 14, 14), (128, 64, 7, 7)]
+
+
+def bn_mse_inputs(shape):
+    g = torch.Generator().manual_seed(0)
+    cl = torch.channels_last
+    x = (torch.randn(shape, generator=g) * 2 + 0.5).to(memory_format=cl).requires_grad_()
+    w = (torch.rand(shape[1], generator=g) + 0.5).requires_grad_()
+    b = (torch.randn(shape[1], generator=g) * 0.3).requires_grad_()
+    steps = torch.tensor([0.3, 0.1, 0.05], requires_grad=True)
+    teacher = torch.randn(shape, generator=g).to(memory_format=cl)
+    grad = torch.randn(shape, generator=g).to(memory_format=cl)
+    return x, w, b, steps, teacher, grad
+
+
+def bn_mse_fused(x, w, b, steps, teacher):
+    y, _, _, mse = ops.batch_norm_quant_mse(x, w, b, 1e-5, steps, [2, 4, 6], SEL, teacher)
+    return y, mse
+
+
+def bn_mse_unfused(x, w, b, steps, teacher):
+    from rfq.nn.modules import FeatureMSE
+
+    z = torch.nn.functional.batch_norm(x, None, None, w, b, True, 0.0, 1e-5)
+    return ops.coupled_quant(z, steps, [2, 4, 6], SEL, False), FeatureMSE.apply(z, teacher)
+
+
+@pytest.mark.parametrize("shape", BN_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("impl", ["rfq", "unfused BN + quantizer + FeatureMSE"])
+def bench_bn_quant_mse_fwd_bwd(benchmark, shape, impl):
+    benchmark.group = f"BN + quantizer + feature MSE fwd+bwd {shape}"
+    tag(benchmark, impl, "E1a lever (IDM)", "-", 28 * torch.Size(shape).numel())
+    x, w, b, steps, teacher, grad = bn_mse_inputs(shape)
+    fn = bn_mse_fused if impl == "rfq" else bn_mse_unfused
+
+    def run():
+        y, mse = fn(x, w, b, steps, teacher)
+        return torch.autograd.grad((y, mse), (x, w, b, steps), (grad, torch.tensor(0.01)))
+
+    run()
+    benchmark(run)
