@@ -9,8 +9,8 @@ Variants, one step of each per cycle, the order rotating:
   py-grad    the same step with coupled_quant's autograd in Python (a torch.autograd.Function
              around the same two ops: what torch.library.register_autograd did before the C++
              registration in csrc/autograd.cpp)
-  idm-unfused  the same step with IDM's compared BNs unfused (F.batch_norm, then the
-             quantizer, then FeatureMSE): how IDM ran before batch_norm_quant_mse
+  idm-unfused  the same step with the BNs that IDM keeps or compares unfused (F.batch_norm,
+             the quantizer, FeatureMSE): how IDM ran with hooks, before batch_norm_quant_mse
   identity   the same step with every quantizer replaced by the identity and every ReLU
              explicit, i.e. the float model's ops: what the method's machinery (KD, IDM,
              stacked BN, masked update, EMA, clamps) costs by itself
@@ -80,11 +80,12 @@ class PythonAutogradQuant(torch.autograd.Function):
 
 @contextlib.contextmanager
 def idm_unfused():
-    """BNs that IDM compares do not fuse with the next quantizer (as when IDM used hooks)."""
+    """BNs that IDM keeps or compares do not fuse with the next quantizer (as with hooks)."""
     fusable = modules.QuantLayer._fusable_after
 
     def unless_matched(self, bn, x):
-        return fusable(self, bn, x) and getattr(bn, "match_teacher", None) is None
+        return (fusable(self, bn, x) and getattr(bn, "match_teacher", None) is None
+                and not getattr(bn, "match_keep", False))
     modules.QuantLayer._fusable_after = unless_matched
     try:
         yield

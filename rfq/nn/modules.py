@@ -403,9 +403,13 @@ class SwitchableBatchNorm2d(nn.Module):
         self.cumulative = False
         self._seen = 0  # batches averaged in cumulative mode
         self._marked = None
-        # feature matching (IDM): while match_teacher holds a tensor, each training forward also
-        # sets match_loss = mean((output - match_teacher)^2); fused into batch_norm_quant_mse
-        # when the next layer's quantizer runs with this BN (the output is then never written)
+        # feature matching (IDM), in training forwards: while match_keep is set, the output is
+        # kept (detached) in match_kept; while match_teacher holds a tensor, match_loss is set to
+        # mean((output - match_teacher)^2). With the next layer's quantizer fused in
+        # (forward_quantized) both run without the unfused BN: the kept output is recomputed
+        # from x and the batch statistics, the loss is batch_norm_quant_mse's
+        self.match_keep = False
+        self.match_kept: Tensor | None = None
         self.match_teacher: Tensor | None = None
         self.match_loss: Tensor | None = None
 
@@ -426,9 +430,20 @@ class SwitchableBatchNorm2d(nn.Module):
         else:
             out = F.batch_norm(x, self.running_mean[i, j], self.running_var[i, j], w, b, True,
                                self._update_momentum(), self.eps)
+        if self.match_keep:
+            self.match_kept = out.detach()
         if self.match_teacher is not None:
             self.match_loss = FeatureMSE.apply(out, self.match_teacher)
         return out
+
+    @torch.no_grad()
+    def _output_from(self, x: Tensor, mean: Tensor, var: Tensor) -> Tensor:
+        """The selected copy's training output for x with these batch statistics, x * alpha +
+        beta per channel, in one pass (x's layout)."""
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        alpha = self.weight[self.wi, self.ai] * torch.rsqrt(var + self.eps)
+        beta = self.bias[self.wi, self.ai] - mean * alpha
+        return torch.addcmul(beta.view(shape), x, alpha.view(shape), out=torch.empty_like(x))
 
     def _update_momentum(self) -> float:
         """Marks the selected copy used (while training) and gives the momentum of this batch's
@@ -455,6 +470,8 @@ class SwitchableBatchNorm2d(nn.Module):
         else:
             y, mean, var = ops.batch_norm_quant(x, self.weight[i, j], self.bias[i, j], self.eps,
                                                 steps, bits, sel, signed, grad_scale)
+        if self.match_keep:
+            self.match_kept = self._output_from(x, mean, var)
         if self.batch_stats_only:
             return y
         momentum = self._update_momentum()

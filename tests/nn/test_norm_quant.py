@@ -211,3 +211,32 @@ def test_feature_matching_fused_equals_unfused(monkeypatch, bits):
         scale = float(grads_u[name].abs().max()) + 1e-12
         torch.testing.assert_close(grads_f[name], grads_u[name], rtol=0, atol=2e-3 * scale,
                                    msg=name)
+
+
+def test_kept_outputs_fused_equal_the_bn_outputs(monkeypatch):
+    """``match_keep``: a switchable BN keeps its training output (IDM's teacher feature). Fused
+    with conv2's quantizer the BN output is never written, so it is recomputed from x and the
+    op's batch statistics; it matches the unfused F.batch_norm output to fp32 rounding and
+    keeps x's layout, and the fused path is still taken."""
+    kept = []
+    for fused in (True, False):
+        model, x, y = model_and_batch(2)
+        model.train()
+        with torch.no_grad():
+            for a in (2, 3, 4, 5, 6):
+                set_bits(model, (6, a))
+                model(x)
+        set_bits(model, "max")
+        bns = [m for m in model.modules() if isinstance(m, SwitchableBatchNorm2d)]
+        for bn in bns:
+            bn.match_keep = True
+        calls = count_fused(monkeypatch)
+        with contextlib.nullcontext() if fused else unfused_input_quant():
+            model(x)
+        assert len(calls) == (9 if fused else 0)
+        monkeypatch.undo()
+        assert all(bn.match_kept is not None and not bn.match_kept.requires_grad for bn in bns)
+        assert all(bn.match_kept.is_contiguous(memory_format=torch.channels_last) for bn in bns)
+        kept.append([bn.match_kept for bn in bns])
+    for a, b in zip(*kept):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

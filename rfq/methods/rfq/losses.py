@@ -12,17 +12,17 @@ from rfq.nn import QuantLayer, mixed_layers
 
 
 class FeatureTap:
-    """IDM's features on the switchable BNs of the selected layers. 'teacher' mode: forward
-    hooks keep their outputs, detached. 'student' mode: each selected BN gets its teacher
-    feature as ``match_teacher`` and computes its own feature MSE, fused with the next layer's
-    input quantizer where that runs with the BN (``batch_norm_quant_mse``: the BN output is never
-    written); a hook would force the unfused path. Only selected BNs are touched."""
+    """IDM's features on the switchable BNs of the selected layers, through the BNs' own
+    feature-matching attributes (no hooks, which would keep a BN from running fused with the
+    next layer's input quantizer). 'teacher' mode: each selected BN keeps its output, detached
+    (``match_keep``). 'student' mode: each selected BN gets its teacher feature as
+    ``match_teacher`` and computes its feature MSE (``batch_norm_quant_mse`` when fused: the BN
+    output is never written). Only selected BNs are touched."""
 
     def __init__(self, model: nn.Module):
         self.mode, self._selected, self.teacher = None, set(), {}
         self.bns = {name: layer._bn_ref[0] for name, layer in mixed_layers(model)
                     if layer._bn_ref}  # execution order
-        self.handles = []
 
     @property
     def selected(self) -> set:
@@ -30,20 +30,18 @@ class FeatureTap:
 
     @selected.setter
     def selected(self, names) -> None:
-        """Set after ``mode``: the selected BNs' hooks (teacher) or teachers (student)."""
+        """Set after ``mode``; first collects the features a teacher pass kept."""
+        for n, bn in self.bns.items():
+            if bn.match_kept is not None:
+                self.teacher[n] = bn.match_kept
         self.close()
         self._selected = set(names)
-        chosen = [n for n in self.bns if n in self._selected]
-        if self.mode == "teacher":
-            self.handles = [self.bns[n].register_forward_hook(self._keep(n)) for n in chosen]
-        elif self.mode == "student":
-            for n in chosen:
-                self.bns[n].match_teacher = self.teacher[n]
-
-    def _keep(self, name):
-        def hook(mod, inputs, output):
-            self.teacher[name] = output.detach()
-        return hook
+        for n in self.bns:
+            if n in self._selected:
+                if self.mode == "teacher":
+                    self.bns[n].match_keep = True
+                elif self.mode == "student":
+                    self.bns[n].match_teacher = self.teacher[n]
 
     def loss(self) -> torch.Tensor | None:
         """The sum of the student pass's feature MSEs (None when no selected BN ran)."""
@@ -55,11 +53,11 @@ class FeatureTap:
         return torch.stack(terms).sum() if terms else None
 
     def close(self):
-        for h in self.handles:
-            h.remove()
-        self.handles = []
         for bn in self.bns.values():
-            bn.match_teacher = bn.match_loss = None
+            if bn.match_keep or bn.match_kept is not None or bn.match_teacher is not None \
+                    or bn.match_loss is not None:
+                bn.match_keep, bn.match_kept = False, None
+                bn.match_teacher = bn.match_loss = None
 
 
 def qe_loss(layer: QuantLayer, min_bit: int) -> torch.Tensor:

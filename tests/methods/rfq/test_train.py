@@ -370,9 +370,10 @@ def test_random_pass_loss_is_ce_plus_kl_from_the_max_pass_plus_idm(tmp_path, dig
 
 
 def test_idm_on_resnet_blocks_runs_fused_and_leaves_no_state(tmp_path, digits, monkeypatch):
-    """ResNet-20's bn1 feeds conv2's quantizer: IDM's student features there run fused
-    (batch_norm_quant_mse, no hook); the step's loss equals the unfused step's, and afterwards
-    no BN holds a teacher, a loss or a hook."""
+    """ResNet-20's bn1 feeds conv2's quantizer: with IDM on, every bn1 of all 4 passes still
+    runs fused (the teacher pass keeps its features from the fused op's statistics, the student
+    passes use batch_norm_quant_mse); the step's loss equals the unfused step's, and afterwards
+    no BN holds a teacher, a kept feature, a loss or a hook."""
     from rfq import ops
     from rfq.nn.modules import unfused_input_quant
 
@@ -382,15 +383,18 @@ def test_idm_on_resnet_blocks_runs_fused_and_leaves_no_state(tmp_path, digits, m
                                     n_random=3), tmp_path / f"r{fused}", dataset=digits,
                      progress=False)
         x, y = tr.stream.batch(0, 0)
-        calls = []
-        real = ops.batch_norm_quant_mse
-        monkeypatch.setattr(ops, "batch_norm_quant_mse",
-                            lambda *a, **k: calls.append(1) or real(*a, **k))
+        calls = {"batch_norm_quant": [], "batch_norm_quant_mse": []}
+        for name, seen in calls.items():
+            real = getattr(ops, name)
+            monkeypatch.setattr(ops, name, lambda *a, _r=real, _s=seen, **k: _s.append(1) or _r(*a, **k))
         with contextlib.nullcontext() if fused else unfused_input_quant():
             logs.append(tr.train_step(x, y))
         monkeypatch.undo()
-        assert bool(calls) == fused
-        assert all(bn.match_teacher is None and bn.match_loss is None and not bn._forward_hooks
+        assert bool(calls["batch_norm_quant_mse"]) == fused
+        fused_calls = len(calls["batch_norm_quant"]) + len(calls["batch_norm_quant_mse"])
+        assert fused_calls == (4 * 9 if fused else 0)  # 9 blocks' bn1, 4 passes
+        assert all(not bn.match_keep and bn.match_kept is None and bn.match_teacher is None
+                   and bn.match_loss is None and not bn._forward_hooks
                    for bn in tr.tap.bns.values())
         tr.close()
     torch.testing.assert_close(logs[0]["loss_random"], logs[1]["loss_random"], rtol=1e-4,
