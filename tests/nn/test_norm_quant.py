@@ -33,6 +33,15 @@ def count_fused(monkeypatch, name="batch_norm_quant"):
     return calls
 
 
+def init_activation_steps(model, x):
+    """Training mode, every activation step initialised (the fused paths wait for it)."""
+    model.train()
+    with torch.no_grad():
+        for a in (2, 3, 4, 5, 6):
+            set_bits(model, (6, a))
+            model(x)
+
+
 def train_pass(model, x, y, bits):
     set_bits(model, bits)
     loss = F.cross_entropy(model(x), y)
@@ -45,11 +54,7 @@ def test_fused_training_pass_equals_the_unfused_one(monkeypatch, bits):
     results = []
     for fused in (True, False):
         model, x, y = model_and_batch()
-        model.train()
-        with torch.no_grad():  # initialise every activation step (unfused while not ready)
-            for a in (2, 3, 4, 5, 6):
-                set_bits(model, (6, a))
-                model(x)
+        init_activation_steps(model, x)
         calls = count_fused(monkeypatch)
         relu_calls = count_fused(monkeypatch, "relu_quant")
         if fused:
@@ -171,11 +176,7 @@ def test_feature_matching_fused_equals_unfused(monkeypatch, bits):
     results = []
     for fused in (True, False):
         model, x, y = model_and_batch(1)
-        model.train()
-        with torch.no_grad():
-            for a in (2, 3, 4, 5, 6):
-                set_bits(model, (6, a))
-                model(x)
+        init_activation_steps(model, x)
         bns = [m for m in model.modules() if isinstance(m, SwitchableBatchNorm2d)]
         g = torch.Generator().manual_seed(3)
         teachers = {}  # teacher features: the BN outputs of a max-bit pass, perturbed
@@ -221,11 +222,7 @@ def test_kept_outputs_fused_equal_the_bn_outputs(monkeypatch):
     kept = []
     for fused in (True, False):
         model, x, y = model_and_batch(2)
-        model.train()
-        with torch.no_grad():
-            for a in (2, 3, 4, 5, 6):
-                set_bits(model, (6, a))
-                model(x)
+        init_activation_steps(model, x)
         set_bits(model, "max")
         bns = [m for m in model.modules() if isinstance(m, SwitchableBatchNorm2d)]
         for bn in bns:
