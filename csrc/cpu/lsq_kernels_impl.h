@@ -624,25 +624,10 @@ void bn_stats(const float* x, ChannelShape s, float* mean, float* var) {
 }
 
 // With a teacher also sum((z - teacher)^2): fp32 within a chunk, fp64 across chunks in order.
-void bn_forward(const float* x, float* y, ChannelShape s, const float* alpha, const float* beta,
-                QuantSpec q, const float* teacher, double* sq_err) {
-  const BnChunks ch = bn_chunks(s);
+template <bool kTeacher>
+void bn_forward_impl(const float* x, float* y, const BnChunks& ch, const float* alpha,
+                     const float* beta, QuantSpec q, const float* teacher, double* part) {
   const VecSpec vq(q);
-  if (!teacher) {
-    parallel_bn_chunks(ch, [&](int64_t k) {
-      visit_bn_chunk(ch, k,
-                     [&](int64_t i, int64_t, auto lanes) {
-                       const Vec z = Vec::loadu(x + i) * lanes(alpha) + lanes(beta);
-                       (code(z / vq.s, vq) * vq.s).store(y + i);
-                     },
-                     [&](int64_t i, int64_t c) {
-                       const float z = x[i] * alpha[c] + beta[c];
-                       y[i] = code(z / q.step, q) * q.step;
-                     });
-    });
-    return;
-  }
-  double* part = scratch<double>(ch.count);
   parallel_bn_chunks(ch, [&](int64_t k) {
     Vec acc(0.f);
     float tail = 0.f;
@@ -650,17 +635,29 @@ void bn_forward(const float* x, float* y, ChannelShape s, const float* alpha, co
                    [&](int64_t i, int64_t, auto lanes) {
                      const Vec z = Vec::loadu(x + i) * lanes(alpha) + lanes(beta);
                      (code(z / vq.s, vq) * vq.s).store(y + i);
-                     const Vec d = z - Vec::loadu(teacher + i);
-                     acc = acc + d * d;
+                     if constexpr (kTeacher) {
+                       const Vec d = z - Vec::loadu(teacher + i);
+                       acc = acc + d * d;
+                     }
                    },
                    [&](int64_t i, int64_t c) {
                      const float z = x[i] * alpha[c] + beta[c];
                      y[i] = code(z / q.step, q) * q.step;
-                     const float d = z - teacher[i];
-                     tail += d * d;
+                     if constexpr (kTeacher) {
+                       const float d = z - teacher[i];
+                       tail += d * d;
+                     }
                    });
-    part[k] = lane_sum(acc) + tail;
+    if constexpr (kTeacher) part[k] = lane_sum(acc) + tail;
   });
+}
+
+void bn_forward(const float* x, float* y, ChannelShape s, const float* alpha, const float* beta,
+                QuantSpec q, const float* teacher, double* sq_err) {
+  const BnChunks ch = bn_chunks(s);
+  if (!teacher) return bn_forward_impl<false>(x, y, ch, alpha, beta, q, nullptr, nullptr);
+  double* part = scratch<double>(ch.count);
+  bn_forward_impl<true>(x, y, ch, alpha, beta, q, teacher, part);
   double total = 0.0;
   for (int64_t k = 0; k < ch.count; ++k) total += part[k];
   *sq_err = total;
