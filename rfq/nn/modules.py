@@ -248,10 +248,10 @@ class QuantLayer(nn.Module):
     def _mark_used(self) -> None:
         # device-side marks (a fill on a view: no sync); reset by clear_usage() every step
         key = (self.w_index, self.a_index)
-        if self._marked != key:
-            self.w_used[self.w_index].fill_(True)
+        if self._marked != key:  # one op each: the selectors hold these indices on device
+            self.w_used.index_fill_(0, self.w_sel, True)
             if self.a_bits:
-                self.a_used[self.a_index].fill_(True)
+                self.a_used.index_fill_(0, self.a_sel, True)
             self._marked = key
 
     def clear_usage(self) -> None:
@@ -423,12 +423,12 @@ class SwitchableBatchNorm2d(nn.Module):
             pick = [t.flatten(0, 1).index_select(0, self.flat_sel).squeeze(0)
                     for t in (self.running_mean, self.running_var, self.weight, self.bias)]
             return F.batch_norm(x, *pick, False, 0.0, self.eps)
-        i, j = self.wi, self.ai
-        w, b = self.weight[i, j], self.bias[i, j]
+        w, b = self._selected(self.weight), self._selected(self.bias)
         if self.batch_stats_only:
             out = F.batch_norm(x, None, None, w, b, True, 0.0, self.eps)
         else:
-            out = F.batch_norm(x, self.running_mean[i, j], self.running_var[i, j], w, b, True,
+            out = F.batch_norm(x, self._selected(self.running_mean),
+                               self._selected(self.running_var), w, b, True,
                                self._update_momentum(), self.eps)
         if self.match_keep:
             self.match_kept = out.detach()
@@ -436,13 +436,20 @@ class SwitchableBatchNorm2d(nn.Module):
             self.match_loss = FeatureMSE.apply(out, self.match_teacher)
         return out
 
+    def _selected(self, t: Tensor) -> Tensor:
+        """``t[wi, ai]`` as one view op: indexing with two ints is two selects, i.e. two autograd
+        nodes per pass for the parameters (each costs more than the tiny copy it serves)."""
+        st = t.stride()
+        return t.as_strided(t.shape[2:], st[2:],
+                            t.storage_offset() + self.wi * st[0] + self.ai * st[1])
+
     @torch.no_grad()
     def _output_from(self, x: Tensor, mean: Tensor, var: Tensor) -> Tensor:
         """The selected copy's training output for x with these batch statistics, x * alpha +
         beta per channel, in one pass (x's layout)."""
         shape = [1, -1] + [1] * (x.dim() - 2)
-        alpha = self.weight[self.wi, self.ai] * torch.rsqrt(var + self.eps)
-        beta = self.bias[self.wi, self.ai] - mean * alpha
+        alpha = self._selected(self.weight) * torch.rsqrt(var + self.eps)
+        beta = self._selected(self.bias) - mean * alpha
         return torch.addcmul(beta.view(shape), x, alpha.view(shape), out=torch.empty_like(x))
 
     def _update_momentum(self) -> float:
@@ -450,7 +457,7 @@ class SwitchableBatchNorm2d(nn.Module):
         running-statistics update (cumulative mode: the plain average over the batches)."""
         i, j = self.wi, self.ai
         if torch.is_grad_enabled() and self._marked != (i, j):
-            self.used[i, j].fill_(True)
+            self._selected(self.used).fill_(True)
             self._marked = (i, j)
         if self.cumulative:
             self._seen += 1
@@ -462,14 +469,13 @@ class SwitchableBatchNorm2d(nn.Module):
         """Training mode: ``coupled_quant(self(x), steps, bits, sel, signed, grad_scale)`` in
         one fused op (the BN output is not materialized); running statistics, usage marks and
         the feature-matching loss are updated as forward() does."""
-        i, j = self.wi, self.ai
+        w, b = self._selected(self.weight), self._selected(self.bias)
         if self.match_teacher is not None:
             y, mean, var, self.match_loss = ops.batch_norm_quant_mse(
-                x, self.weight[i, j], self.bias[i, j], self.eps, steps, bits, sel,
-                self.match_teacher, signed, grad_scale)
+                x, w, b, self.eps, steps, bits, sel, self.match_teacher, signed, grad_scale)
         else:
-            y, mean, var = ops.batch_norm_quant(x, self.weight[i, j], self.bias[i, j], self.eps,
-                                                steps, bits, sel, signed, grad_scale)
+            y, mean, var = ops.batch_norm_quant(x, w, b, self.eps, steps, bits, sel, signed,
+                                                grad_scale)
         if self.match_keep:
             self.match_kept = self._output_from(x, mean, var)
         if self.batch_stats_only:
@@ -477,8 +483,9 @@ class SwitchableBatchNorm2d(nn.Module):
         momentum = self._update_momentum()
         n = x.numel() // x.shape[1]
         with torch.no_grad():  # as F.batch_norm: the running variance is the unbiased one
-            self.running_mean[i, j].mul_(1 - momentum).add_(mean, alpha=momentum)
-            self.running_var[i, j].mul_(1 - momentum).add_(var, alpha=momentum * n / (n - 1))
+            self._selected(self.running_mean).mul_(1 - momentum).add_(mean, alpha=momentum)
+            self._selected(self.running_var).mul_(1 - momentum).add_(
+                var, alpha=momentum * n / (n - 1))
         return y
 
     def clear_usage(self) -> None:

@@ -39,8 +39,7 @@ class EMA:
         if self.warmup:
             d = min(d, (1 + self.updates) / (10 + self.updates))
         self.updates += 1
-        torch._foreach_lerp_(self.float_pairs[0], [t.detach() for t in self.float_pairs[1]],
-                             1.0 - d)
+        torch._foreach_lerp_(self.float_pairs[0], self.float_pairs[1], 1.0 - d)  # no_grad: no detach
         for mine, live in self.other_pairs:
             mine.copy_(live)
 

@@ -28,25 +28,42 @@ class EntrywiseAdam(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            beta1, beta2 = group["betas"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if not state:
-                    state["step"] = torch.zeros_like(p, dtype=torch.float32)
-                    state["exp_avg"] = torch.zeros_like(p)
-                    state["exp_avg_sq"] = torch.zeros_like(p)
-                elif state["step"].shape != p.shape:  # a checkpoint of torch's Adam
-                    state["step"] = torch.full_like(p, float(state["step"]),
-                                                    dtype=torch.float32)
-                step, m, v = state["step"], state["exp_avg"], state["exp_avg_sq"]
-                g = p.grad
-                step.add_(1)
-                m.lerp_(g, 1 - beta1)
-                v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-                bias1 = 1 - torch.pow(beta1, step)
-                bias2_sqrt = (1 - torch.pow(beta2, step)).sqrt()
-                denom = (v.sqrt() / bias2_sqrt).add_(group["eps"])
-                p.addcdiv_(m, denom * bias1, value=-group["lr"])
+            params = [p for p in group["params"] if p.grad is not None]
+            if params:
+                self._update(params, group)
         return loss
+
+    def _update(self, params, group) -> None:
+        """One step of every parameter in ``params``, as one foreach call per formula term
+        (the same per-element arithmetic as a loop over the parameters, without its ~13
+        dispatches per parameter)."""
+        beta1, beta2 = group["betas"]
+        for p in params:
+            state = self.state[p]
+            if not state:
+                state["step"] = torch.zeros_like(p, dtype=torch.float32)
+                state["exp_avg"] = torch.zeros_like(p)
+                state["exp_avg_sq"] = torch.zeros_like(p)
+            elif state["step"].shape != p.shape:  # a checkpoint of torch's Adam
+                state["step"] = torch.full_like(p, float(state["step"]), dtype=torch.float32)
+        steps = [self.state[p]["step"] for p in params]
+        m = [self.state[p]["exp_avg"] for p in params]
+        v = [self.state[p]["exp_avg_sq"] for p in params]
+        grads = [p.grad for p in params]
+        torch._foreach_add_(steps, 1)
+        torch._foreach_lerp_(m, grads, 1 - beta1)
+        torch._foreach_mul_(v, beta2)
+        torch._foreach_addcmul_(v, grads, grads, value=1 - beta2)
+        # 1 - beta^step as (-beta^step) + 1: negation is exact, so these are the same floats
+        bias1 = torch._foreach_pow(beta1, steps)
+        torch._foreach_neg_(bias1)
+        torch._foreach_add_(bias1, 1)
+        bias2_sqrt = torch._foreach_pow(beta2, steps)
+        torch._foreach_neg_(bias2_sqrt)
+        torch._foreach_add_(bias2_sqrt, 1)
+        torch._foreach_sqrt_(bias2_sqrt)
+        denom = torch._foreach_sqrt(v)
+        torch._foreach_div_(denom, bias2_sqrt)
+        torch._foreach_add_(denom, group["eps"])
+        torch._foreach_mul_(denom, bias1)
+        torch._foreach_addcdiv_(params, m, denom, value=-group["lr"])

@@ -22,6 +22,7 @@ class MaskedUpdate:
                 self.entries += [(m.weight, m, "used"), (m.bias, m, "used")]
         self.optimizers = optimizers
         self._saved = []
+        self._copies = {}  # (id(param), state key) -> the snapshot buffer
 
     def _state(self, p):
         for opt in self.optimizers:
@@ -31,22 +32,35 @@ class MaskedUpdate:
         return {}
 
     def snapshot(self) -> None:
+        """Copies every entry that has a gradient, with its optimizer moments, into buffers kept
+        from step to step (one foreach copy: no allocation, ~150 dispatches fewer)."""
         self._saved = []
+        live, copies = [], []
         for p, owner, attr in self.entries:
             if p.grad is None:
                 continue
             state = self._state(p)
-            self._saved.append((p, owner, attr, p.detach().clone(),
-                                {k: v.clone() for k, v in state.items()}))
+            tensors = [p.detach(), *state.values()]
+            saved = [self._copy_of(p, key, t) for key, t in zip(["", *state], tensors)]
+            self._saved.append((p, owner, attr, list(state), saved))
+            live += tensors
+            copies += saved
+        if live:
+            torch._foreach_copy_(copies, live)
+
+    def _copy_of(self, p, key: str, t):
+        buf = self._copies.get((id(p), key))
+        if buf is None or buf.shape != t.shape or buf.dtype != t.dtype or buf.device != t.device:
+            buf = self._copies[(id(p), key)] = torch.empty_like(t)
+        return buf
 
     @torch.no_grad()
     def restore(self) -> None:
-        for p, owner, attr, old, old_state in self._saved:
+        for p, owner, attr, keys, saved in self._saved:
             mask = getattr(owner, attr)
             if mask.dim() < p.dim():
                 mask = mask.reshape(*mask.shape, *([1] * (p.dim() - mask.dim())))
-            p.copy_(torch.where(mask, p, old))
             state = self._state(p)
-            for k, v in old_state.items():
-                state[k].copy_(torch.where(mask, state[k], v))
+            for t, old in zip([p.detach(), *(state[k] for k in keys)], saved):
+                torch.where(mask, t, old, out=t)
         self._saved = []

@@ -123,8 +123,17 @@ def test_switchable_bn_uses_and_updates_only_the_selected_copy():
     sbn.select(1, 2)
     x = torch.randn(4, 3, 2, 2) + 5
     y = sbn(x)
-    expect = F.batch_norm(x, None, None, sbn.weight[1, 2], sbn.bias[1, 2], True, 0.1, bn.eps)
+    w, b = (t.detach()[1, 2].clone().requires_grad_() for t in (sbn.weight, sbn.bias))
+    expect = F.batch_norm(x, None, None, w, b, True, 0.1, bn.eps)
     torch.testing.assert_close(y, expect)
+    g = torch.randn_like(y)
+    y.backward(g)
+    expect.backward(g)
+    for stacked, alone in ((sbn.weight, w), (sbn.bias, b)):  # only the selected copy's gradient
+        others = torch.ones(2, 3, dtype=torch.bool)
+        others[1, 2] = False
+        assert torch.equal(stacked.grad[1, 2], alone.grad)
+        assert not stacked.grad[others].any()
     moved = (sbn.running_mean != 0).any(-1)
     assert moved.tolist() == [[False, False, False], [False, False, True]]
     assert sbn.used.tolist() == [[False, False, False], [False, False, True]]

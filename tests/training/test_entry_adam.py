@@ -20,6 +20,45 @@ def test_equals_torch_adam_when_every_entry_is_used():
     torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
+def loop_step(params, state, lr, beta1=0.9, beta2=0.999, eps=1e-8):
+    """The update written per parameter (the oracle of the foreach step)."""
+    with torch.no_grad():
+        for p in params:
+            if p.grad is None:
+                continue
+            st = state.setdefault(p, {"step": torch.zeros_like(p), "m": torch.zeros_like(p),
+                                      "v": torch.zeros_like(p)})
+            g = p.grad
+            st["step"].add_(1)
+            st["m"].lerp_(g, 1 - beta1)
+            st["v"].mul_(beta2).addcmul_(g, g, value=1 - beta2)
+            bias1 = 1 - torch.pow(beta1, st["step"])
+            bias2_sqrt = (1 - torch.pow(beta2, st["step"])).sqrt()
+            denom = (st["v"].sqrt() / bias2_sqrt).add_(eps)
+            p.addcdiv_(st["m"], denom * bias1, value=-lr)
+
+
+def test_foreach_step_is_bit_identical_to_the_per_parameter_update():
+    """Several shapes, gradients over 5 decades, some parameters without a gradient."""
+    torch.manual_seed(2)
+    ours_p = [torch.randn(s, requires_grad=True) for s in [(5,), (3, 4), (7,), (1,)]]
+    ref_p = [p.detach().clone().requires_grad_() for p in ours_p]
+    opt, ref_state = EntrywiseAdam(ours_p, lr=0.01), {}
+    for k in range(200):
+        for i, (a, b) in enumerate(zip(ours_p, ref_p)):
+            if (k + i) % 3 == 0:
+                a.grad = b.grad = None
+                continue
+            g = torch.randn_like(a) * 10.0 ** (k % 5 - 2)
+            a.grad, b.grad = g.clone(), g.clone()
+        opt.step()
+        loop_step(ref_p, ref_state, lr=0.01)
+    for a, b in zip(ours_p, ref_p):
+        assert torch.equal(a, b)
+        assert torch.equal(opt.state[a]["exp_avg_sq"], ref_state[b]["v"])
+        assert torch.equal(opt.state[a]["step"], ref_state[b]["step"])
+
+
 def test_an_entry_skipped_by_the_masked_update_keeps_its_own_count():
     """Entry 1 is used at steps 1 and 7 only (restored in between, as MaskedUpdate does):
     its value equals a one-entry Adam that saw just those two gradients."""

@@ -64,6 +64,18 @@ def test_unused_entries_keep_values_and_moments(tmp_path, digits, float_ckpt):
         assert not torch.equal(bn.weight.detach()[bn.used], w0[bn.used])
 
 
+def test_masked_update_reuses_its_snapshot_buffers(tmp_path, digits, float_ckpt):
+    tr = Trainer(coupled_config(float_ckpt, n_random=1, scheduler=False), tmp_path / "r",
+                 dataset=digits, progress=False)
+    x, y = tr.stream.batch(0, 0)
+    tr.train_step(x, y)
+    tr.train_step(x, y)
+    buffers = {k: v.data_ptr() for k, v in tr.masked._copies.items()}
+    assert buffers
+    tr.train_step(x, y)
+    assert {k: v.data_ptr() for k, v in tr.masked._copies.items()} == buffers
+
+
 def test_legacy_drift_moves_unused_entries(tmp_path, digits, float_ckpt):
     tr = Trainer(coupled_config(float_ckpt, n_random=1, scheduler=False, masked_update=False),
                  tmp_path / "r", dataset=digits, progress=False)
