@@ -211,9 +211,13 @@ struct Cfg {
   static constexpr bool kUnsigned = C != 8;
   static constexpr int kOffset = packed::code_offset(C);  // used when kUnsigned
   static constexpr int kUnitVecs = kVecs + (kUnsigned ? kAccs : 0);  // X_t, then the acc inits
-  // units per K chunk: a tile's activation rows of one chunk fill at most 32 KB of L1
+  // units per K chunk: a tile's activation rows of one chunk fill at most 32 KB of L1; one
+  // activation row (M = 1) at most 16 KB, so that it stays in L1 beside the weight lines
+  // streaming through (a 22 KB row on 11008-long rows was re-read from L2: C8 in
+  // bench/README.md)
   static constexpr int64_t chunk_units(int rm) {
-    return (32 << 10) / (rm * kUnitVecs * 64) > 0 ? (32 << 10) / (rm * kUnitVecs * 64) : 1;
+    const int64_t bytes = rm == 1 ? 16 << 10 : 32 << 10;
+    return bytes / (rm * kUnitVecs * 64) > 0 ? bytes / (rm * kUnitVecs * 64) : 1;
   }
   static constexpr int acc_of(int t) {
     return G == kB ? 0 : (C == 2 ? (G == 64 ? (t & 3) >> 1 : t & 3) : (t & 1));
