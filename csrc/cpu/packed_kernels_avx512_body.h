@@ -108,9 +108,9 @@ void tile(const PackedMatmul& a, const __m512i* xbuf, int64_t u0, int64_t u1, bo
   }
   // Rows are only a few KB long: the hardware prefetchers lose each one before they have
   // learned it. Fetch the same unit kPrefetchRows rows ahead instead (the last rows fetch
-  // themselves again). M = 1 reads each weight once: it fetches into L2, whose queue keeps
-  // more lines in flight than L1's, and the L1 prefetcher brings them on from there (C8 in
-  // bench/README.md: 1.2-1.4x the cold rate of L1 fetches, the same rate from cache).
+  // themselves again). Long rows at M = 1 stream each weight once, from memory: they fetch
+  // into L2, whose queue keeps more lines in flight than L1's, and the L1 prefetcher brings
+  // them on from there (C8 in bench/README.md: 1.2-1.5x the cold rate of L1 fetches).
   constexpr int64_t kPrefetchRows = 8;
   const uint8_t* ahead[kRn];
   for (int r = 0; r < kRn; ++r) {
@@ -124,7 +124,7 @@ void tile(const PackedMatmul& a, const __m512i* xbuf, int64_t u0, int64_t u1, bo
 #pragma GCC unroll 2
       for (int h = 0; h < kRaw; ++h) {
         const char* line = reinterpret_cast<const char*>(ahead[r] + u * kUnitBytes + 64 * h);
-        if constexpr (kRm == 1) {
+        if constexpr (kRn == 1 && kRm == 1) {  // long rows at M = 1 (single_row_tiles)
           _mm_prefetch(line, _MM_HINT_T1);
         } else {
           _mm_prefetch(line, _MM_HINT_T0);
