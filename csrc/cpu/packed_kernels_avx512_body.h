@@ -228,25 +228,33 @@ void run_tiles(const PackedMatmul& a, const __m512i* xbuf, const float* sx, int6
     const int64_t gn_max = chunk * kGroupsPerUnit;
     const int64_t rows_max = std::min(t1 - t0, block_tiles) * kRn;
     float* swf = tile_scratch(rows_max * gn_max);
-    for (int64_t u0 = 0; u0 < units; u0 += chunk) {
+    // one K chunk (units u0..) of one row block (tiles b0..)
+    auto chunk_of_block = [&](int64_t u0, int64_t b0) {
       const int64_t u1 = std::min(units, u0 + chunk);
       const int64_t g0 = u0 * kGroupsPerUnit, gn = (u1 - u0) * kGroupsPerUnit;
+      const int64_t b1 = std::min(t1, b0 + block_tiles);
+      const int64_t r1 = std::min(a.n, b1 * kRn);
+      for (int64_t n = b0 * kRn; n < r1; ++n) {
+        row_scales_f32(a, n, g0, gn, swf + (n - b0 * kRn) * gn);
+      }
+      for (int64_t m0 = 0; m0 < a.m; m0 += kRm) {
+        const int tm = static_cast<int>(std::min<int64_t>(kRm, a.m - m0));
+        for (int64_t t = b0; t < b1; ++t) {
+          const int64_t n0 = t * kRn;
+          const int tr = static_cast<int>(std::min<int64_t>(kRn, a.n - n0));
+          tile<C, G, kRn, kRm>(a, xbuf, u0, u1, half_tail && u1 == units, n0, tr, m0, tm,
+                               swf + (t - b0) * kRn * gn, gn, sx + u0 * K::kUnitBlocks, bpad,
+                               u0 > 0, y);
+        }
+      }
+    };
+    if constexpr (kRm == 1) {  // M = 1: a block's chunks in turn, so rows are read block by block
       for (int64_t b0 = t0; b0 < t1; b0 += block_tiles) {
-        const int64_t b1 = std::min(t1, b0 + block_tiles);
-        const int64_t r1 = std::min(a.n, b1 * kRn);
-        for (int64_t n = b0 * kRn; n < r1; ++n) {
-          row_scales_f32(a, n, g0, gn, swf + (n - b0 * kRn) * gn);
-        }
-        for (int64_t m0 = 0; m0 < a.m; m0 += kRm) {
-          const int tm = static_cast<int>(std::min<int64_t>(kRm, a.m - m0));
-          for (int64_t t = b0; t < b1; ++t) {
-            const int64_t n0 = t * kRn;
-            const int tr = static_cast<int>(std::min<int64_t>(kRn, a.n - n0));
-            tile<C, G, kRn, kRm>(a, xbuf, u0, u1, half_tail && u1 == units, n0, tr, m0, tm,
-                                 swf + (t - b0) * kRn * gn, gn, sx + u0 * K::kUnitBlocks, bpad,
-                                 u0 > 0, y);
-          }
-        }
+        for (int64_t u0 = 0; u0 < units; u0 += chunk) chunk_of_block(u0, b0);
+      }
+    } else {
+      for (int64_t u0 = 0; u0 < units; u0 += chunk) {
+        for (int64_t b0 = t0; b0 < t1; b0 += block_tiles) chunk_of_block(u0, b0);
       }
     }
   });
