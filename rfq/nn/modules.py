@@ -444,12 +444,13 @@ class SwitchableBatchNorm2d(nn.Module):
                             t.storage_offset() + self.wi * st[0] + self.ai * st[1])
 
     @torch.no_grad()
-    def _output_from(self, x: Tensor, mean: Tensor, var: Tensor) -> Tensor:
-        """The selected copy's training output for x with these batch statistics, x * alpha +
-        beta per channel, in one pass (x's layout)."""
+    def _output_from(self, x: Tensor, weight: Tensor, bias: Tensor, mean: Tensor,
+                     var: Tensor) -> Tensor:
+        """The selected copy's (weight, bias) training output for x with these batch statistics,
+        x * alpha + beta per channel, in one pass (x's layout)."""
         shape = [1, -1] + [1] * (x.dim() - 2)
-        alpha = self._selected(self.weight) * torch.rsqrt(var + self.eps)
-        beta = self._selected(self.bias) - mean * alpha
+        alpha = weight * torch.rsqrt(var + self.eps)
+        beta = bias - mean * alpha
         return torch.addcmul(beta.view(shape), x, alpha.view(shape), out=torch.empty_like(x))
 
     def _update_momentum(self) -> float:
@@ -477,7 +478,7 @@ class SwitchableBatchNorm2d(nn.Module):
             y, mean, var = ops.batch_norm_quant(x, w, b, self.eps, steps, bits, sel, signed,
                                                 grad_scale)
         if self.match_keep:
-            self.match_kept = self._output_from(x, mean, var)
+            self.match_kept = self._output_from(x, w, b, mean, var)
         if self.batch_stats_only:
             return y
         momentum = self._update_momentum()
