@@ -19,9 +19,14 @@
 #include <cmath>
 #include <cstring>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "cpu/lsq_kernels.h"
+
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+#include <immintrin.h>
+#endif
 
 namespace rfq::cpu::CPU_CAPABILITY {
 namespace {
@@ -93,12 +98,30 @@ T* scratch(int64_t count) {
   return buffer.data();
 }
 
+// round(min(max(v, qn), qp)), NaN kept. On x86: the plain max and min instructions (a NaN v
+// gives qn) and one blend that puts the NaN back, where ATen's NaN-propagating maximum and
+// minimum cost two more operations each. The operand order is ATen's, so +-0 and every other
+// value come out the same.
+inline Vec clamp_round(const Vec& v, const Vec& qn, const Vec& qp) {
+#if defined(CPU_CAPABILITY_AVX512)
+  const __m512 k = _mm512_roundscale_ps(_mm512_min_ps(_mm512_max_ps(v, qn), qp),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), k, v);
+#elif defined(CPU_CAPABILITY_AVX2)
+  const __m256 k = _mm256_round_ps(_mm256_min_ps(_mm256_max_ps(v, qn), qp),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  return _mm256_blendv_ps(k, v, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+#else
+  return at::vec::minimum(at::vec::maximum(v, qn), qp).round();
+#endif
+}
+
 inline Vec code(const Vec& v, const VecSpec& q) {
   if (q.binary) {
     const Vec k = Vec::blendv(Vec(-1.f), Vec(1.f), v >= Vec(0.f));
     return Vec::blendv(k, v, v.isnan());
   }
-  return at::vec::minimum(at::vec::maximum(v, q.qn), q.qp).round();
+  return clamp_round(v, q.qn, q.qp);
 }
 
 inline float code(float v, const QuantSpec& q) {
@@ -107,7 +130,17 @@ inline float code(float v, const QuantSpec& q) {
   return std::nearbyint(std::min(std::max(v, q.qn), q.qp));
 }
 
-inline Vec in_range(const Vec& v, const VecSpec& q) { return (v >= q.qn) & (v <= q.qp); }
+// All-ones lanes where qn <= v <= qp (none for NaN). AVX512 chains the two compares in a mask
+// register; ATen's operators widen each compare to a vector first.
+inline Vec in_range(const Vec& v, const VecSpec& q) {
+#if defined(CPU_CAPABILITY_AVX512)
+  const __mmask16 k = _mm512_mask_cmp_ps_mask(_mm512_cmp_ps_mask(v, q.qn, _CMP_GE_OQ), v, q.qp,
+                                              _CMP_LE_OQ);
+  return _mm512_castsi512_ps(_mm512_maskz_set1_epi32(k, -1));
+#else
+  return (v >= q.qn) & (v <= q.qp);
+#endif
+}
 inline bool in_range(float v, const QuantSpec& q) { return v >= q.qn && v <= q.qp; }
 
 inline double lane_sum(const Vec& acc) {
@@ -121,6 +154,9 @@ inline double lane_sum(const Vec& acc) {
 inline int64_t num_chunks(int64_t n) { return (n + kReduceChunk - 1) / kReduceChunk; }
 
 // Runs fn(chunk, begin, end) over fixed kReduceChunk-sized chunks of [0, n), in parallel.
+// The hot kernels hand each chunk to a function that takes its pointers and specs by value
+// (*_chunk below): a Vec store may alias any memory (__m512 is may_alias), so values the loop
+// read through the lambda's captures would be loaded again after every store.
 template <typename F>
 void parallel_chunks(int64_t n, const F& fn) {
   at::parallel_for(0, num_chunks(n), kGrainChunks, [&](int64_t first, int64_t last) {
@@ -144,59 +180,70 @@ void dispatch_dtype(c10::ScalarType dtype, const F& fn) {
 // y = k * s in Out (forward: x's dtype), or k itself as fp32 (kScaled false: packed_linear's
 // input stage), k the code of x / s.
 template <typename T, typename Out, bool kScaled>
-void code_pass(const T* x, Out* y, int64_t n, const QuantSpec& q) {
+void code_chunk(const T* x, Out* y, int64_t begin, int64_t end, QuantSpec q) {
   const VecSpec vq(q);
+  int64_t i = begin;
+  for (; i + kBlock <= end; i += kBlock) {
+    Vec a, b;
+    Io<T>::load(x + i, a, b);
+    a = code(a / vq.s, vq);
+    b = code(b / vq.s, vq);
+    if constexpr (kScaled) {
+      a = a * vq.s;
+      b = b * vq.s;
+    }
+    Io<Out>::store(y + i, a, b);
+  }
+  for (; i < end; ++i) {
+    const float k = code(float(x[i]) / q.step, q);
+    y[i] = static_cast<Out>(kScaled ? k * q.step : k);
+  }
+}
+
+template <typename T, typename Out, bool kScaled>
+void code_pass(const T* x, Out* y, int64_t n, const QuantSpec& q) {
   parallel_chunks(n, [&](int64_t, int64_t begin, int64_t end) {
-    int64_t i = begin;
-    for (; i + kBlock <= end; i += kBlock) {
-      Vec a, b;
-      Io<T>::load(x + i, a, b);
-      a = code(a / vq.s, vq);
-      b = code(b / vq.s, vq);
-      if constexpr (kScaled) {
-        a = a * vq.s;
-        b = b * vq.s;
-      }
-      Io<Out>::store(y + i, a, b);
-    }
-    for (; i < end; ++i) {
-      const float k = code(float(x[i]) / q.step, q);
-      y[i] = static_cast<Out>(kScaled ? k * q.step : k);
-    }
+    code_chunk<T, Out, kScaled>(x, y, begin, end, q);
   });
+}
+
+// Returns the chunk's sum(dy * h).
+template <typename T>
+double backward_chunk(const T* dy, const T* x, T* dx, int64_t begin, int64_t end, QuantSpec q) {
+  const VecSpec vq(q);
+  Vec acc(0.f);
+  auto one = [&](const Vec& xv, const Vec& g) {
+    const Vec v = xv / vq.s;
+    const Vec inside = in_range(v, vq);
+    acc = acc + g * (code(v, vq) - (v & inside));  // h = k - v inside, k outside
+    return g & inside;
+  };
+  int64_t i = begin;
+  for (; i + kBlock <= end; i += kBlock) {
+    Vec xa, xb, ga, gb;
+    Io<T>::load(x + i, xa, xb);
+    Io<T>::load(dy + i, ga, gb);
+    const Vec da = one(xa, ga);
+    const Vec db = one(xb, gb);
+    Io<T>::store(dx + i, da, db);
+  }
+  float tail = 0.f;
+  for (; i < end; ++i) {
+    const float v = float(x[i]) / q.step, g = float(dy[i]);
+    const bool inside = in_range(v, q);
+    tail += g * (inside ? code(v, q) - v : code(v, q));
+    dx[i] = inside ? dy[i] : static_cast<T>(0.f);
+  }
+  return lane_sum(acc) + tail;
 }
 
 template <typename T>
 void backward_typed(const T* dy, const T* x, T* dx, int64_t n, const QuantSpec& q,
                     double grad_scale, float* grad_step) {
-  const VecSpec vq(q);
   const int64_t chunks = num_chunks(n);
   double* partial = scratch<double>(chunks);
   parallel_chunks(n, [&](int64_t c, int64_t begin, int64_t end) {
-    Vec acc(0.f);
-    auto one = [&](const Vec& xv, const Vec& g) {
-      const Vec v = xv / vq.s;
-      const Vec inside = in_range(v, vq);
-      acc = acc + g * (code(v, vq) - (v & inside));  // h = k - v inside, k outside
-      return g & inside;
-    };
-    int64_t i = begin;
-    for (; i + kBlock <= end; i += kBlock) {
-      Vec xa, xb, ga, gb;
-      Io<T>::load(x + i, xa, xb);
-      Io<T>::load(dy + i, ga, gb);
-      const Vec da = one(xa, ga);
-      const Vec db = one(xb, gb);
-      Io<T>::store(dx + i, da, db);
-    }
-    float tail = 0.f;
-    for (; i < end; ++i) {
-      const float v = float(x[i]) / q.step, g = float(dy[i]);
-      const bool inside = in_range(v, q);
-      tail += g * (inside ? code(v, q) - v : code(v, q));
-      dx[i] = inside ? dy[i] : static_cast<T>(0.f);
-    }
-    partial[c] = lane_sum(acc) + tail;
+    partial[c] = backward_chunk(dy, x, dx, begin, end, q);
   });
   double total = 0.0;
   for (int64_t c = 0; c < chunks; ++c) total += partial[c];
@@ -339,95 +386,123 @@ void stats_typed(const T* x, int64_t n, const QuantSpec* q, int64_t k, float nea
 
 // ---- quantize_codes: integer codes at one bit (NaN maps to code 0) ------------------------------
 template <typename T, typename Code>
-void codes_typed(const T* x, Code* out, int64_t n, const QuantSpec& q) {
+void codes_chunk(const T* x, Code* out, int64_t begin, int64_t end, QuantSpec q) {
   const VecSpec vq(q);
+  alignas(64) int32_t buf[kBlock];
+  int64_t i = begin;
+  for (; i + kBlock <= end; i += kBlock) {
+    Vec a, b;
+    Io<T>::load(x + i, a, b);
+    a = code(a / vq.s, vq);
+    b = code(b / vq.s, vq);
+    // exact integers in [-128, 255]: the int32 conversion is exact, the narrowing vectorizes
+    at::vec::convert_to_int_of_same_size(Vec::blendv(a, Vec(0.f), a.isnan())).store(buf);
+    at::vec::convert_to_int_of_same_size(Vec::blendv(b, Vec(0.f), b.isnan())).store(buf + kVF);
+    Code narrow[kBlock];  // local: a store through int8_t* may alias buf and blocks SIMD
+    for (int64_t l = 0; l < kBlock; ++l) narrow[l] = static_cast<Code>(buf[l]);
+    std::memcpy(out + i, narrow, sizeof(narrow));
+  }
+  for (; i < end; ++i) {
+    const float kk = code(float(x[i]) / q.step, q);
+    out[i] = std::isnan(kk) ? Code(0) : static_cast<Code>(kk);
+  }
+}
+
+template <typename T, typename Code>
+void codes_typed(const T* x, Code* out, int64_t n, const QuantSpec& q) {
   parallel_chunks(n, [&](int64_t, int64_t begin, int64_t end) {
-    alignas(64) int32_t buf[kBlock];
-    int64_t i = begin;
-    for (; i + kBlock <= end; i += kBlock) {
-      Vec a, b;
-      Io<T>::load(x + i, a, b);
-      a = code(a / vq.s, vq);
-      b = code(b / vq.s, vq);
-      // exact integers in [-128, 255]: the int32 conversion is exact, the narrowing vectorizes
-      at::vec::convert_to_int_of_same_size(Vec::blendv(a, Vec(0.f), a.isnan())).store(buf);
-      at::vec::convert_to_int_of_same_size(Vec::blendv(b, Vec(0.f), b.isnan())).store(buf + kVF);
-      Code narrow[kBlock];  // local: a store through int8_t* may alias buf and blocks SIMD
-      for (int64_t l = 0; l < kBlock; ++l) narrow[l] = static_cast<Code>(buf[l]);
-      std::memcpy(out + i, narrow, sizeof(narrow));
-    }
-    for (; i < end; ++i) {
-      const float kk = code(float(x[i]) / q.step, q);
-      out[i] = std::isnan(kk) ? Code(0) : static_cast<Code>(kk);
-    }
+    codes_chunk(x, out, begin, end, q);
   });
 }
 
 // ---- relu_quant: a block's ReLU and the next conv's unsigned quantizer from one read of x -----
-inline Vec relu(const Vec& x) { return Vec::blendv(at::vec::maximum(x, Vec(0.f)), x, x.isnan()); }
+// max(x, 0), NaN kept: as clamp_round, the plain instruction (0 for NaN) and one blend.
+inline Vec relu(const Vec& x) {
+#if defined(CPU_CAPABILITY_AVX512)
+  return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q),
+                              _mm512_max_ps(x, _mm512_setzero_ps()), x);
+#elif defined(CPU_CAPABILITY_AVX2)
+  return _mm256_blendv_ps(_mm256_max_ps(x, _mm256_setzero_ps()), x,
+                          _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
+#else
+  return Vec::blendv(at::vec::maximum(x, Vec(0.f)), x, x.isnan());
+#endif
+}
 inline float relu(float x) { return std::isnan(x) ? x : std::max(x, 0.f); }
 
 template <typename T>
-void relu_forward_typed(const T* x, T* r, T* y, int64_t n, const QuantSpec& q) {
+void relu_forward_chunk(const T* x, T* r, T* y, int64_t begin, int64_t end, QuantSpec q) {
   const VecSpec vq(q);
+  int64_t i = begin;
+  for (; i + kBlock <= end; i += kBlock) {
+    Vec a, b;
+    Io<T>::load(x + i, a, b);
+    Io<T>::store(r + i, relu(a), relu(b));
+    Io<T>::store(y + i, code(a / vq.s, vq) * vq.s, code(b / vq.s, vq) * vq.s);
+  }
+  for (; i < end; ++i) {
+    const float xv = float(x[i]);
+    r[i] = static_cast<T>(relu(xv));
+    y[i] = static_cast<T>(code(xv / q.step, q) * q.step);
+  }
+}
+
+template <typename T>
+void relu_forward_typed(const T* x, T* r, T* y, int64_t n, const QuantSpec& q) {
   parallel_chunks(n, [&](int64_t, int64_t begin, int64_t end) {
-    int64_t i = begin;
-    for (; i + kBlock <= end; i += kBlock) {
-      Vec a, b;
-      Io<T>::load(x + i, a, b);
-      Io<T>::store(r + i, relu(a), relu(b));
-      Io<T>::store(y + i, code(a / vq.s, vq) * vq.s, code(b / vq.s, vq) * vq.s);
-    }
-    for (; i < end; ++i) {
-      const float xv = float(x[i]);
-      r[i] = static_cast<T>(relu(xv));
-      y[i] = static_cast<T>(code(xv / q.step, q) * q.step);
-    }
+    relu_forward_chunk(x, r, y, begin, end, q);
   });
 }
 
-// kR / kY: whether that output's gradient exists (compile-time: no branch per element).
+// kR / kY: whether that output's gradient exists (compile-time: no branch per element). Returns
+// the chunk's sum(dy * h).
+template <typename T, bool kR, bool kY>
+double relu_backward_chunk(const T* dr, const T* dy, const T* x, T* dx, int64_t begin,
+                           int64_t end, QuantSpec q) {
+  const VecSpec vq(q);
+  Vec acc(0.f);
+  auto one = [&](const Vec& xv, const Vec& gr, const Vec& gy) {
+    Vec d(0.f);
+    if constexpr (kR) d = gr & (xv > Vec(0.f));
+    if constexpr (kY) {
+      const Vec v = xv / vq.s;
+      const Vec inside = in_range(v, vq);
+      acc = acc + gy * (code(v, vq) - (v & inside));
+      d = d + (gy & inside);
+    }
+    return d;
+  };
+  int64_t i = begin;
+  for (; i + kBlock <= end; i += kBlock) {
+    Vec xa, xb, ra(0.f), rb(0.f), ga(0.f), gb(0.f);
+    Io<T>::load(x + i, xa, xb);
+    if constexpr (kR) Io<T>::load(dr + i, ra, rb);
+    if constexpr (kY) Io<T>::load(dy + i, ga, gb);
+    Io<T>::store(dx + i, one(xa, ra, ga), one(xb, rb, gb));
+  }
+  float tail = 0.f;
+  for (; i < end; ++i) {
+    const float xv = float(x[i]);
+    float d = 0.f;
+    if constexpr (kR) d = xv > 0.f ? float(dr[i]) : 0.f;
+    if constexpr (kY) {
+      const float v = xv / q.step, g = float(dy[i]);
+      const bool inside = in_range(v, q);
+      tail += g * (inside ? code(v, q) - v : code(v, q));
+      d = d + (inside ? g : 0.f);
+    }
+    dx[i] = static_cast<T>(d);
+  }
+  return lane_sum(acc) + tail;
+}
+
 template <typename T, bool kR, bool kY>
 void relu_backward_typed(const T* dr, const T* dy, const T* x, T* dx, int64_t n,
                          const QuantSpec& q, double grad_scale, float* grad_step) {
-  const VecSpec vq(q);
   const int64_t chunks = num_chunks(n);
   double* partial = scratch<double>(chunks);
   parallel_chunks(n, [&](int64_t c, int64_t begin, int64_t end) {
-    Vec acc(0.f);
-    auto one = [&](const Vec& xv, const Vec& gr, const Vec& gy) {
-      Vec d(0.f);
-      if constexpr (kR) d = gr & (xv > Vec(0.f));
-      if constexpr (kY) {
-        const Vec v = xv / vq.s;
-        const Vec inside = in_range(v, vq);
-        acc = acc + gy * (code(v, vq) - (v & inside));
-        d = d + (gy & inside);
-      }
-      return d;
-    };
-    int64_t i = begin;
-    for (; i + kBlock <= end; i += kBlock) {
-      Vec xa, xb, ra(0.f), rb(0.f), ga(0.f), gb(0.f);
-      Io<T>::load(x + i, xa, xb);
-      if constexpr (kR) Io<T>::load(dr + i, ra, rb);
-      if constexpr (kY) Io<T>::load(dy + i, ga, gb);
-      Io<T>::store(dx + i, one(xa, ra, ga), one(xb, rb, gb));
-    }
-    float tail = 0.f;
-    for (; i < end; ++i) {
-      const float xv = float(x[i]);
-      float d = 0.f;
-      if constexpr (kR) d = xv > 0.f ? float(dr[i]) : 0.f;
-      if constexpr (kY) {
-        const float v = xv / q.step, g = float(dy[i]);
-        const bool inside = in_range(v, q);
-        tail += g * (inside ? code(v, q) - v : code(v, q));
-        d = d + (inside ? g : 0.f);
-      }
-      dx[i] = static_cast<T>(d);
-    }
-    partial[c] = lane_sum(acc) + tail;
+    partial[c] = relu_backward_chunk<T, kR, kY>(dr, dy, x, dx, begin, end, q);
   });
   double total = 0.0;
   for (int64_t c = 0; c < chunks; ++c) total += partial[c];
@@ -470,13 +545,24 @@ void parallel_bn_chunks(const BnChunks& ch, const F& fn) {
   });
 }
 
+// Reductions keep kSumChains independent vector sums per column, which the visit below feeds
+// in turn: one chain would wait for every add's result (latency, not throughput).
+constexpr int kSumChains = 4;
+template <int U>
+using Chain = std::integral_constant<int, U>;
+
 // Visits chunk k: vec(i, c, lanes) for kVF elements from flat index i, scalar(i, c) for the
 // rest. `lanes(p)` gives the per-channel parameter array p as the elements' Vec: channels
 // c..c+kVF-1 (rows) or channel c broadcast (planes). kColumns (reductions): rows are walked
 // once per kVF-channel column of the chunk (in cache after the first), so that a column's sums
-// stay in registers; otherwise row by row (streaming).
+// stay in registers, and vec gets a fourth argument, the Chain<u> that vector adds to (u cycles
+// through kSumChains in a fixed order); otherwise row by row (streaming).
+// Always inlined: an out-of-line visit would read the lambdas' captures through memory, again
+// after every store (see parallel_chunks).
 template <bool kColumns = false, typename VF, typename SF>
-void visit_bn_chunk(const BnChunks& ch, int64_t k, const VF& vec, const SF& scalar) {
+__attribute__((always_inline)) inline void visit_bn_chunk(const BnChunks& ch, int64_t k,
+                                                          const VF& vec, const SF& scalar) {
+  static_assert(kSumChains == 4, "the unrolled visits below feed four chains");
   const ChannelShape& s = ch.s;
   if (ch.by_rows()) {
     const int64_t C = s.channels, r0 = k * ch.rows;
@@ -484,9 +570,15 @@ void visit_bn_chunk(const BnChunks& ch, int64_t k, const VF& vec, const SF& scal
     const int64_t cv = C - C % kVF;  // channels in whole vectors
     if constexpr (kColumns) {
       for (int64_t c = 0; c < cv; c += kVF) {
-        for (int64_t r = r0; r < r1; ++r) {
-          vec(r * C + c, c, [c](const float* p) { return Vec::loadu(p + c); });
+        const auto lanes = [c](const float* p) { return Vec::loadu(p + c); };
+        int64_t r = r0;
+        for (; r + 4 <= r1; r += 4) {
+          vec(r * C + c, c, lanes, Chain<0>{});
+          vec((r + 1) * C + c, c, lanes, Chain<1>{});
+          vec((r + 2) * C + c, c, lanes, Chain<2>{});
+          vec((r + 3) * C + c, c, lanes, Chain<3>{});
         }
+        for (; r < r1; ++r) vec(r * C + c, c, lanes, Chain<0>{});
       }
       for (int64_t c = cv; c < C; ++c) {
         for (int64_t r = r0; r < r1; ++r) scalar(r * C + c, c);
@@ -503,35 +595,49 @@ void visit_bn_chunk(const BnChunks& ch, int64_t k, const VF& vec, const SF& scal
     const int64_t plane = k / ch.pieces, piece = k % ch.pieces, c = plane % s.channels;
     const int64_t i1 = plane * s.inner + std::min(s.inner, (piece + 1) * kReduceChunk);
     int64_t i = plane * s.inner + piece * kReduceChunk;
-    for (; i + kVF <= i1; i += kVF) vec(i, c, [c](const float* p) { return Vec(p[c]); });
+    const auto lanes = [c](const float* p) { return Vec(p[c]); };
+    if constexpr (kColumns) {
+      for (; i + 4 * kVF <= i1; i += 4 * kVF) {
+        vec(i, c, lanes, Chain<0>{});
+        vec(i + kVF, c, lanes, Chain<1>{});
+        vec(i + 2 * kVF, c, lanes, Chain<2>{});
+        vec(i + 3 * kVF, c, lanes, Chain<3>{});
+      }
+      for (; i + kVF <= i1; i += kVF) vec(i, c, lanes, Chain<0>{});
+    } else {
+      for (; i + kVF <= i1; i += kVF) vec(i, c, lanes);
+    }
     for (; i < i1; ++i) scalar(i, c);
   }
 }
 
 // Per-chunk, per-channel fp32 sums, fed column by column (visit_bn_chunk<true>): the current
-// column's vector sum stays in a register and is added to `row` (rows: C floats per thread)
-// when the column changes; planes have one channel and keep everything in the register.
+// column's kSumChains vector sums stay in registers and are added to `row` (rows: C floats per
+// thread), in a fixed order, when the column changes; planes have one channel and keep
+// everything in the registers.
 struct BnSums {
   float* row;
-  Vec acc{0.f};
+  std::array<Vec, kSumChains> acc{Vec(0.f), Vec(0.f), Vec(0.f), Vec(0.f)};
   float tail = 0.f;
   int64_t column = -1;
-  void add(const Vec& v, int64_t c) {
+  template <int U>
+  void add(const Vec& v, int64_t c, Chain<U>) {
     if (row && c != column) {
       flush();
       column = c;
     }
-    acc = acc + v;
+    std::get<U>(acc) = std::get<U>(acc) + v;
   }
   void add(float v, int64_t c) {
     if (row) row[c] += v; else tail += v;
   }
+  Vec chains() const { return (acc[0] + acc[1]) + (acc[2] + acc[3]); }
   void flush() {
-    if (row && column >= 0) (Vec::loadu(row + column) + acc).store(row + column);
-    if (row) acc = Vec(0.f);
+    if (row && column >= 0) (Vec::loadu(row + column) + chains()).store(row + column);
+    if (row) acc.fill(Vec(0.f));
     column = -1;
   }
-  double total(int64_t c) const { return row ? double(row[c]) : lane_sum(acc) + tail; }
+  double total(int64_t c) const { return row ? double(row[c]) : lane_sum(chains()) + tail; }
 };
 
 // The chunk's channels and how many values each has in it.
@@ -573,91 +679,105 @@ inline float* zeroed_row_sums(const BnChunks& ch, int64_t copies) {
   return row;
 }
 
-// Mean and biased variance per channel: each chunk's own mean and squared deviations (two
-// passes over data in cache), merged in chunk order in fp64 (Chan et al.).
+// Chunk k's count, mean and sum of squared deviations from that mean per channel, into its
+// slots of part ([count, mean, m2] x slots): two passes over the chunk, the second in cache.
+void bn_stats_chunk(const float* x, BnChunks ch, int64_t k, double* part) {
+  const ChannelShape s = ch.s;
+  const int64_t slots = bn_slots(ch);
+  float* row = zeroed_row_sums(ch, 2);
+  BnSums sum{row}, dev{row ? row + s.channels : nullptr};
+  visit_bn_chunk<true>(ch, k,
+                       [&](int64_t i, int64_t c, auto, auto u) { sum.add(Vec::loadu(x + i), c, u); },
+                       [&](int64_t i, int64_t c) { sum.add(x[i], c); });
+  sum.flush();
+  thread_local std::vector<float> means;
+  if (static_cast<int64_t>(means.size()) < s.channels) means.resize(s.channels);
+  float* const mp = means.data();
+  for_chunk_channels(ch, k, [&](int64_t c, int64_t slot, int64_t n) {
+    mp[c] = static_cast<float>(sum.total(c) / double(n));
+    part[slot] = double(n);
+    part[slots + slot] = double(mp[c]);
+  });
+  visit_bn_chunk<true>(ch, k,
+                       [&](int64_t i, int64_t c, auto lanes, auto u) {
+                         const Vec d = Vec::loadu(x + i) - lanes(mp);
+                         dev.add(d * d, c, u);
+                       },
+                       [&](int64_t i, int64_t c) {
+                         const float d = x[i] - mp[c];
+                         dev.add(d * d, c);
+                       });
+  dev.flush();
+  for_chunk_channels(ch, k, [&](int64_t c, int64_t slot, int64_t) {
+    part[2 * slots + slot] = dev.total(c);
+  });
+}
+
+// Mean and biased variance per channel from the chunks' own means and squared deviations,
+// combined in fp64 in chunk order: mean = sum(n_b m_b) / n, m2 = sum(m2_b + n_b (m_b - mean)^2)
+// (one division per channel).
 void bn_stats(const float* x, ChannelShape s, float* mean, float* var) {
   const BnChunks ch = bn_chunks(s);
-  double* part = scratch<double>(3 * bn_slots(ch));  // [count, mean, m2] per slot
+  double* part = scratch<double>(3 * bn_slots(ch));
   const int64_t slots = bn_slots(ch);
-  parallel_bn_chunks(ch, [&](int64_t k) {
-    float* row = zeroed_row_sums(ch, 2);
-    BnSums sum{row}, dev{row ? row + s.channels : nullptr};
-    visit_bn_chunk<true>(ch, k, [&](int64_t i, int64_t c, auto) { sum.add(Vec::loadu(x + i), c); },
-                         [&](int64_t i, int64_t c) { sum.add(x[i], c); });
-    sum.flush();
-    thread_local std::vector<float> means;
-    if (static_cast<int64_t>(means.size()) < s.channels) means.resize(s.channels);
-    for_chunk_channels(ch, k, [&](int64_t c, int64_t slot, int64_t n) {
-      const double m = sum.total(c) / double(n);
-      means[c] = static_cast<float>(m);
-      part[slot] = double(n);
-      part[slots + slot] = double(means[c]);
-    });
-    const float* mp = means.data();
-    visit_bn_chunk<true>(ch, k,
-                   [&](int64_t i, int64_t c, auto lanes) {
-                     const Vec d = Vec::loadu(x + i) - lanes(mp);
-                     dev.add(d * d, c);
-                   },
-                   [&](int64_t i, int64_t c) {
-                     const float d = x[i] - mp[c];
-                     dev.add(d * d, c);
-                   });
-    dev.flush();
-    for_chunk_channels(ch, k, [&](int64_t c, int64_t slot, int64_t) {
-      part[2 * slots + slot] = dev.total(c);
-    });
-  });
+  parallel_bn_chunks(ch, [&](int64_t k) { bn_stats_chunk(x, ch, k, part); });
   for (int64_t c = 0; c < s.channels; ++c) {
-    double n = 0.0, m = 0.0, m2 = 0.0;
+    double n = 0.0, total = 0.0;
     for_channel_slots(ch, c, [&](int64_t slot) {
-      const double nb = part[slot], mb = part[slots + slot], m2b = part[2 * slots + slot];
-      if (nb == 0.0) return;
-      const double total = n + nb, delta = mb - m;
-      m += delta * nb / total;
-      m2 += m2b + delta * delta * n * nb / total;
-      n = total;
+      n += part[slot];
+      total += part[slot] * part[slots + slot];
+    });
+    const double m = n > 0.0 ? total / n : 0.0;
+    double m2 = 0.0;
+    for_channel_slots(ch, c, [&](int64_t slot) {
+      const double d = part[slots + slot] - m;
+      m2 += part[2 * slots + slot] + part[slot] * d * d;
     });
     mean[c] = static_cast<float>(m);
     var[c] = static_cast<float>(n > 0.0 ? m2 / n : 0.0);
   }
 }
 
-// With a teacher also sum((z - teacher)^2): fp32 within a chunk, fp64 across chunks in order.
+// Chunk k of the forward; with a teacher returns its sum((z - teacher)^2) (fp32 in the chunk).
 template <bool kTeacher>
-void bn_forward_impl(const float* x, float* y, const BnChunks& ch, const float* alpha,
-                     const float* beta, QuantSpec q, const float* teacher, double* part) {
+double bn_forward_chunk(const float* x, float* y, BnChunks ch, int64_t k, const float* alpha,
+                        const float* beta, QuantSpec q, const float* teacher) {
   const VecSpec vq(q);
-  parallel_bn_chunks(ch, [&](int64_t k) {
-    Vec acc(0.f);
-    float tail = 0.f;
-    visit_bn_chunk(ch, k,
-                   [&](int64_t i, int64_t, auto lanes) {
-                     const Vec z = Vec::loadu(x + i) * lanes(alpha) + lanes(beta);
-                     (code(z / vq.s, vq) * vq.s).store(y + i);
-                     if constexpr (kTeacher) {
-                       const Vec d = z - Vec::loadu(teacher + i);
-                       acc = acc + d * d;
-                     }
-                   },
-                   [&](int64_t i, int64_t c) {
-                     const float z = x[i] * alpha[c] + beta[c];
-                     y[i] = code(z / q.step, q) * q.step;
-                     if constexpr (kTeacher) {
-                       const float d = z - teacher[i];
-                       tail += d * d;
-                     }
-                   });
-    if constexpr (kTeacher) part[k] = lane_sum(acc) + tail;
-  });
+  Vec acc(0.f);
+  float tail = 0.f;
+  visit_bn_chunk(ch, k,
+                 [&](int64_t i, int64_t, auto lanes) {
+                   const Vec z = Vec::loadu(x + i) * lanes(alpha) + lanes(beta);
+                   (code(z / vq.s, vq) * vq.s).store(y + i);
+                   if constexpr (kTeacher) {
+                     const Vec d = z - Vec::loadu(teacher + i);
+                     acc = acc + d * d;
+                   }
+                 },
+                 [&](int64_t i, int64_t c) {
+                   const float z = x[i] * alpha[c] + beta[c];
+                   y[i] = code(z / q.step, q) * q.step;
+                   if constexpr (kTeacher) {
+                     const float d = z - teacher[i];
+                     tail += d * d;
+                   }
+                 });
+  return kTeacher ? lane_sum(acc) + tail : 0.0;
 }
 
 void bn_forward(const float* x, float* y, ChannelShape s, const float* alpha, const float* beta,
                 QuantSpec q, const float* teacher, double* sq_err) {
   const BnChunks ch = bn_chunks(s);
-  if (!teacher) return bn_forward_impl<false>(x, y, ch, alpha, beta, q, nullptr, nullptr);
-  double* part = scratch<double>(ch.count);
-  bn_forward_impl<true>(x, y, ch, alpha, beta, q, teacher, part);
+  if (!teacher) {
+    parallel_bn_chunks(ch, [&](int64_t k) {
+      bn_forward_chunk<false>(x, y, ch, k, alpha, beta, q, nullptr);
+    });
+    return;
+  }
+  double* part = scratch<double>(ch.count);  // fp64 across chunks, in chunk order
+  parallel_bn_chunks(ch, [&](int64_t k) {
+    part[k] = bn_forward_chunk<true>(x, y, ch, k, alpha, beta, q, teacher);
+  });
   double total = 0.0;
   for (int64_t k = 0; k < ch.count; ++k) total += part[k];
   *sq_err = total;
@@ -667,50 +787,105 @@ void bn_forward(const float* x, float* y, ChannelShape s, const float* alpha, co
 // sum(dy * h); pass 2: dx = alpha * (g - mean(g) - xhat * mean(g * xhat)).
 // With a teacher, the BN output's gradient also gets match * (z - teacher) (the gradient of a
 // feature MSE to the teacher; match = 2 * grad_mse / n), in both passes.
+// The tensors both passes read, per element or per channel (mg, mgx: pass 2's channel means).
+struct BnGradArgs {
+  const float* dy;
+  const float* x;
+  float* dx;
+  const float* alpha;
+  const float* beta;
+  const float* mean;
+  const float* invstd;
+  const float* teacher;
+  float match;
+  const float* mg;
+  const float* mgx;
+};
+
+// Pass 1 over chunk k: its slots of sum(g) and sum(g * xhat); returns the step's sum(dy * h).
 template <bool kTeacher>
-void bn_backward_impl(const float* dy, const float* x, float* dx, ChannelShape s,
-                      const float* alpha, const float* beta, const float* mean,
-                      const float* invstd, QuantSpec q, double grad_scale, const float* teacher,
-                      float match, float* grad_weight, float* grad_bias, float* grad_step) {
-  const BnChunks ch = bn_chunks(s);
-  const VecSpec vq(q);
+double bn_grad_sums_chunk(BnGradArgs a, BnChunks ch, int64_t k, QuantSpec q, double* part) {
+  const float *dy = a.dy, *x = a.x, *alpha = a.alpha, *beta = a.beta, *mean = a.mean,
+              *invstd = a.invstd, *teacher = a.teacher;
+  const float match = a.match;
   const Vec match_v(match);
+  const VecSpec vq(q);
+  const int64_t slots = bn_slots(ch);
+  float* row = zeroed_row_sums(ch, 2);
+  BnSums sg{row}, sgx{row ? row + ch.s.channels : nullptr};
+  std::array<Vec, kSumChains> step_acc{Vec(0.f), Vec(0.f), Vec(0.f), Vec(0.f)};
+  float step_tail = 0.f;
+  visit_bn_chunk<true>(ch, k,
+                       [&](int64_t i, int64_t c, auto lanes, auto u) {
+                         const Vec xv = Vec::loadu(x + i), d = Vec::loadu(dy + i);
+                         const Vec z = xv * lanes(alpha) + lanes(beta);
+                         const Vec v = z / vq.s;
+                         const Vec inside = in_range(v, vq);
+                         Vec& sa = std::get<decltype(u)::value>(step_acc);
+                         sa = sa + d * (code(v, vq) - (v & inside));
+                         Vec g = d & inside;
+                         if constexpr (kTeacher) g = g + match_v * (z - Vec::loadu(teacher + i));
+                         sg.add(g, c, u);
+                         sgx.add(g * ((xv - lanes(mean)) * lanes(invstd)), c, u);
+                       },
+                       [&](int64_t i, int64_t c) {
+                         const float z = x[i] * alpha[c] + beta[c];
+                         const float v = z / q.step;
+                         const bool inside = in_range(v, q);
+                         step_tail += dy[i] * (inside ? code(v, q) - v : code(v, q));
+                         float g = inside ? dy[i] : 0.f;
+                         if constexpr (kTeacher) g = g + match * (z - teacher[i]);
+                         sg.add(g, c);
+                         sgx.add(g * ((x[i] - mean[c]) * invstd[c]), c);
+                       });
+  sg.flush();
+  sgx.flush();
+  for_chunk_channels(ch, k, [&](int64_t c, int64_t slot, int64_t) {
+    part[slot] = sg.total(c);
+    part[slots + slot] = sgx.total(c);
+  });
+  return lane_sum((step_acc[0] + step_acc[1]) + (step_acc[2] + step_acc[3])) + step_tail;
+}
+
+// Pass 2 over chunk k: dx.
+template <bool kTeacher>
+void bn_grad_input_chunk(BnGradArgs a, BnChunks ch, int64_t k, QuantSpec q) {
+  const float *dy = a.dy, *x = a.x, *alpha = a.alpha, *beta = a.beta, *mean = a.mean,
+              *invstd = a.invstd, *teacher = a.teacher, *mgp = a.mg, *mgxp = a.mgx;
+  float* dx = a.dx;
+  const float match = a.match;
+  const Vec match_v(match);
+  const VecSpec vq(q);
+  visit_bn_chunk(ch, k,
+                 [&](int64_t i, int64_t, auto lanes) {
+                   const Vec xv = Vec::loadu(x + i), al = lanes(alpha);
+                   const Vec z = xv * al + lanes(beta);
+                   Vec g = Vec::loadu(dy + i) & in_range(z / vq.s, vq);
+                   if constexpr (kTeacher) g = g + match_v * (z - Vec::loadu(teacher + i));
+                   const Vec xhat = (xv - lanes(mean)) * lanes(invstd);
+                   (al * (g - lanes(mgp) - xhat * lanes(mgxp))).store(dx + i);
+                 },
+                 [&](int64_t i, int64_t c) {
+                   const float z = x[i] * alpha[c] + beta[c];
+                   float g = in_range(z / q.step, q) ? dy[i] : 0.f;
+                   if constexpr (kTeacher) g = g + match * (z - teacher[i]);
+                   const float xhat = (x[i] - mean[c]) * invstd[c];
+                   dx[i] = alpha[c] * (g - mgp[c] - xhat * mgxp[c]);
+                 });
+}
+
+// Pass 1: per channel sum(g) and sum(g * xhat) with g = dy inside the range, and the step's
+// sum(dy * h); pass 2: dx = alpha * (g - mean(g) - xhat * mean(g * xhat)).
+// With a teacher, the BN output's gradient also gets match * (z - teacher) (the gradient of a
+// feature MSE to the teacher; match = 2 * grad_mse / n), in both passes.
+template <bool kTeacher>
+void bn_backward_impl(BnGradArgs a, ChannelShape s, QuantSpec q, double grad_scale,
+                      float* grad_weight, float* grad_bias, float* grad_step) {
+  const BnChunks ch = bn_chunks(s);
   const int64_t slots = bn_slots(ch);
   double* part = scratch<double>(2 * slots + ch.count);  // [g, g * xhat] per slot, step per chunk
   parallel_bn_chunks(ch, [&](int64_t k) {
-    float* row = zeroed_row_sums(ch, 2);
-    BnSums sg{row}, sgx{row ? row + s.channels : nullptr};
-    Vec step_acc(0.f);
-    float step_tail = 0.f;
-    visit_bn_chunk<true>(ch, k,
-                   [&](int64_t i, int64_t c, auto lanes) {
-                     const Vec xv = Vec::loadu(x + i), d = Vec::loadu(dy + i);
-                     const Vec z = xv * lanes(alpha) + lanes(beta);
-                     const Vec v = z / vq.s;
-                     const Vec inside = in_range(v, vq);
-                     step_acc = step_acc + d * (code(v, vq) - (v & inside));
-                     Vec g = d & inside;
-                     if constexpr (kTeacher) g = g + match_v * (z - Vec::loadu(teacher + i));
-                     sg.add(g, c);
-                     sgx.add(g * ((xv - lanes(mean)) * lanes(invstd)), c);
-                   },
-                   [&](int64_t i, int64_t c) {
-                     const float z = x[i] * alpha[c] + beta[c];
-                     const float v = z / q.step;
-                     const bool inside = in_range(v, q);
-                     step_tail += dy[i] * (inside ? code(v, q) - v : code(v, q));
-                     float g = inside ? dy[i] : 0.f;
-                     if constexpr (kTeacher) g = g + match * (z - teacher[i]);
-                     sg.add(g, c);
-                     sgx.add(g * ((x[i] - mean[c]) * invstd[c]), c);
-                   });
-    sg.flush();
-    sgx.flush();
-    for_chunk_channels(ch, k, [&](int64_t c, int64_t slot, int64_t) {
-      part[slot] = sg.total(c);
-      part[slots + slot] = sgx.total(c);
-    });
-    part[2 * slots + k] = lane_sum(step_acc) + step_tail;
+    part[2 * slots + k] = bn_grad_sums_chunk<kTeacher>(a, ch, k, q, part);
   });
   double step = 0.0;
   for (int64_t k = 0; k < ch.count; ++k) step += part[2 * slots + k];
@@ -730,38 +905,20 @@ void bn_backward_impl(const float* dy, const float* x, float* dx, ChannelShape s
     mg[c] = static_cast<float>(g / n);
     mgx[c] = static_cast<float>(gx / n);
   }
-  const float* mgp = mg.data();
-  const float* mgxp = mgx.data();
-  parallel_bn_chunks(ch, [&](int64_t k) {
-    visit_bn_chunk(ch, k,
-                   [&](int64_t i, int64_t, auto lanes) {
-                     const Vec xv = Vec::loadu(x + i), a = lanes(alpha);
-                     const Vec z = xv * a + lanes(beta);
-                     Vec g = Vec::loadu(dy + i) & in_range(z / vq.s, vq);
-                     if constexpr (kTeacher) g = g + match_v * (z - Vec::loadu(teacher + i));
-                     const Vec xhat = (xv - lanes(mean)) * lanes(invstd);
-                     (a * (g - lanes(mgp) - xhat * lanes(mgxp))).store(dx + i);
-                   },
-                   [&](int64_t i, int64_t c) {
-                     const float z = x[i] * alpha[c] + beta[c];
-                     float g = in_range(z / q.step, q) ? dy[i] : 0.f;
-                     if constexpr (kTeacher) g = g + match * (z - teacher[i]);
-                     const float xhat = (x[i] - mean[c]) * invstd[c];
-                     dx[i] = alpha[c] * (g - mgp[c] - xhat * mgxp[c]);
-                   });
-  });
+  a.mg = mg.data();
+  a.mgx = mgx.data();
+  parallel_bn_chunks(ch, [&](int64_t k) { bn_grad_input_chunk<kTeacher>(a, ch, k, q); });
 }
 
 void bn_backward(const float* dy, const float* x, float* dx, ChannelShape s, const float* alpha,
                  const float* beta, const float* mean, const float* invstd, QuantSpec q,
                  double grad_scale, const float* teacher, float match, float* grad_weight,
                  float* grad_bias, float* grad_step) {
+  const BnGradArgs a{dy, x, dx, alpha, beta, mean, invstd, teacher, match, nullptr, nullptr};
   if (teacher) {
-    bn_backward_impl<true>(dy, x, dx, s, alpha, beta, mean, invstd, q, grad_scale, teacher, match,
-                           grad_weight, grad_bias, grad_step);
+    bn_backward_impl<true>(a, s, q, grad_scale, grad_weight, grad_bias, grad_step);
   } else {
-    bn_backward_impl<false>(dy, x, dx, s, alpha, beta, mean, invstd, q, grad_scale, nullptr, 0.f,
-                            grad_weight, grad_bias, grad_step);
+    bn_backward_impl<false>(a, s, q, grad_scale, grad_weight, grad_bias, grad_step);
   }
 }
 
