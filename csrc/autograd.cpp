@@ -1,4 +1,5 @@
-// Autograd of the per-layer ops (coupled_quant, relu_quant, batch_norm_quant[_mse]), registered
+// Autograd of the per-layer ops (coupled_quant, relu_quant, batch_norm_quant[_mse],
+// batch_norm_add), registered
 // in C++:
 // every quantized layer calls them on every pass, often on small tensors, where Python's
 // register_autograd (a Python setup_context and backward per call) costs more than the
@@ -167,6 +168,42 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_quant_autograd(
   return {out[0], out[1], out[2]};
 }
 
+// (BN output + residual, mean, var): saves x, weight, mean and var; the residual's gradient is
+// the output's.
+class BatchNormAdd : public torch::autograd::Function<BatchNormAdd> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& x,
+                               const at::Tensor& weight, const at::Tensor& bias, double eps,
+                               const at::Tensor& residual) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    static const auto op = op_handle<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+        const at::Tensor&, const at::Tensor&, const at::Tensor&, double, const at::Tensor&)>(
+        "rfq::batch_norm_add");
+    auto [y, mean, var] = op.call(x, weight, bias, eps, residual);
+    ctx->mark_non_differentiable({mean, var});
+    ctx->save_for_backward({x, weight, mean, var});
+    ctx->saved_data["eps"] = eps;
+    return {y, mean, var};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static const auto op = op_handle<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+        const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+        const at::Tensor&, double)>("rfq::batch_norm_add_backward");
+    const auto s = ctx->get_saved_variables();
+    auto [grad_x, grad_weight, grad_bias] =
+        op.call(grads[0], s[0], s[1], s[2], s[3], ctx->saved_data["eps"].toDouble());
+    return {grad_x, grad_weight, grad_bias, at::Tensor(), grads[0]};
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_add_autograd(
+    const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, double eps,
+    const at::Tensor& residual) {
+  auto out = BatchNormAdd::apply(x, weight, bias, eps, residual);
+  return {out[0], out[1], out[2]};
+}
+
 // (quantized BN output, mean, var, mse against the teacher): saves what BatchNormQuant saves
 // plus the teacher (not differentiable: IDM's teacher features are detached).
 class BatchNormQuantMse : public torch::autograd::Function<BatchNormQuantMse> {
@@ -231,4 +268,5 @@ TORCH_LIBRARY_IMPL(rfq, Autograd, m) {
   m.impl("relu_quant", &rfq::relu_quant_autograd);
   m.impl("batch_norm_quant", &rfq::batch_norm_quant_autograd);
   m.impl("batch_norm_quant_mse", &rfq::batch_norm_quant_mse_autograd);
+  m.impl("batch_norm_add", &rfq::batch_norm_add_autograd);
 }

@@ -139,15 +139,21 @@ inline at::Tensor bn_layout(const at::Tensor& x) {
   return x.contiguous();
 }
 
-// batch_norm_quant_mse's teacher (x's shape, fp32, x's device) and its backward's grad_mse (one
-// fp32 value on x's device).
+// A tensor that goes element for element with x (batch_norm_quant_mse's teacher,
+// batch_norm_add's residual): x's shape, fp32, x's device.
+inline void check_like_x(const char* op, const char* name, const at::Tensor& x,
+                         const at::Tensor& t) {
+  TORCH_CHECK(t.device() == x.device(), op, ": ", name, " must be on x's device (", x.device(),
+              "), got ", t.device());
+  TORCH_CHECK(t.scalar_type() == at::kFloat, op, ": ", name, " must be float32, got ",
+              t.scalar_type());
+  TORCH_CHECK(t.sizes() == x.sizes(), op, ": ", name, " must have x's shape ", x.sizes(),
+              ", got ", t.sizes());
+}
+
+// batch_norm_quant_mse's teacher and its backward's grad_mse (one fp32 value on x's device).
 inline void check_teacher(const char* op, const at::Tensor& x, const at::Tensor& teacher) {
-  TORCH_CHECK(teacher.device() == x.device(), op, ": teacher must be on x's device (", x.device(),
-              "), got ", teacher.device());
-  TORCH_CHECK(teacher.scalar_type() == at::kFloat, op, ": teacher must be float32, got ",
-              teacher.scalar_type());
-  TORCH_CHECK(teacher.sizes() == x.sizes(), op, ": teacher must have x's shape ", x.sizes(),
-              ", got ", teacher.sizes());
+  check_like_x(op, "teacher", x, teacher);
 }
 
 inline void check_grad_mse(const char* op, const at::Tensor& x, const at::Tensor& grad_mse) {
@@ -155,6 +161,23 @@ inline void check_grad_mse(const char* op, const at::Tensor& x, const at::Tensor
                   grad_mse.numel() == 1,
               op, ": grad_mse must be one float32 value on x's device, got ",
               grad_mse.scalar_type(), " ", grad_mse.sizes(), " on ", grad_mse.device());
+}
+
+// batch_norm_add's arguments: batch_norm_quant's x, weight, bias and eps, and a residual like x.
+inline void check_bn_add_args(const char* op, const at::Tensor& x, const at::Tensor& weight,
+                              const at::Tensor& bias, double eps, const at::Tensor& residual) {
+  check_bn_args(op, x, weight, bias, eps);
+  check_like_x(op, "residual", x, residual);
+}
+
+// batch_norm_add_backward's: no bias (without a quantizer the backward never needs z).
+inline void check_bn_add_backward_args(const char* op, const at::Tensor& grad_y,
+                                       const at::Tensor& x, const at::Tensor& weight,
+                                       const at::Tensor& mean, const at::Tensor& var,
+                                       double eps) {
+  check_bn_args(op, x, weight, weight, eps);
+  check_bn_stats(op, x, mean, var);
+  check_grad(op, grad_y, x, x.sizes());
 }
 
 inline cpu::ChannelShape bn_shape(const at::Tensor& xd) {

@@ -58,6 +58,15 @@ TORCH_LIBRARY(rfq, m) {
   m.def("batch_norm_quant_mse_backward(Tensor grad_y, Tensor grad_mse, Tensor x, Tensor weight, "
         "Tensor bias, Tensor mean, Tensor var, float eps, Tensor steps, int[] bits, Tensor sel, "
         "Tensor teacher, bool signed, float grad_scale) -> (Tensor, Tensor, Tensor, Tensor)", pt2);
+  // Training-mode BatchNorm plus a residual of x's shape, fp32: (x * alpha + beta + residual,
+  // batch mean, biased batch variance), alpha and beta as batch_norm_quant's: a residual block's
+  // last BN and its shortcut add in one pass; running statistics are the caller's.
+  m.def("batch_norm_add(Tensor x, Tensor weight, Tensor bias, float eps, Tensor residual) "
+        "-> (Tensor, Tensor, Tensor)", pt2);
+  // Two passes: (dx, dweight, dbias) from x and the saved statistics (the residual's gradient is
+  // grad_y itself).
+  m.def("batch_norm_add_backward(Tensor grad_y, Tensor x, Tensor weight, Tensor mean, Tensor var, "
+        "float eps) -> (Tensor, Tensor, Tensor)", pt2);
   // Integer codes of x at one bit-width (step: one fp32 value): int8 when signed, uint8 when
   // unsigned (codes up to 255); the input of pack_weight.
   m.def("quantize_codes(Tensor x, Tensor step, int bits, bool signed=True) -> Tensor", pt2);

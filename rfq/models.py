@@ -61,6 +61,12 @@ def relu_into(layer: nn.Module, s):
     return x, layer(x)
 
 
+def norm_add(bn: nn.Module, x, residual):
+    """``bn(x) + residual``: a switchable BN runs both as one fused op while training."""
+    fused = getattr(bn, "forward_add", None)
+    return fused(x, residual) if fused is not None else bn(x) + residual
+
+
 def norm_into(layer: nn.Module, bn: nn.Module, x):
     """``layer(bn(x))`` for a layer that clamps its input at zero itself (a ReLU between them
     was dropped): quantized layers run BN and their input quantizer as one fused op."""
@@ -120,7 +126,7 @@ class BasicBlock(nn.Module):
             out = norm_into(self.conv2, self.bn1, out)
         else:
             out = self.conv2(F.relu(self.bn1(out)))
-        return self.bn2(out) + self.shortcut(x)
+        return norm_add(self.bn2, out, self.shortcut(x))
 
 
 class ResNet20(StagedModel):

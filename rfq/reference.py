@@ -174,6 +174,21 @@ def batch_norm_quant_mse(
     return lsq_fake_quant(z, steps[j], bits[j], signed, grad_scale), mean, var, mse
 
 
+def batch_norm_add(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    eps: float,
+    residual: Tensor,
+    stats: tuple[Tensor, Tensor] | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Twin of ``rfq.ops.batch_norm_add``: ``batch_norm_quant``'s BN output z plus the residual
+    (one more rounded fp32 add), differentiable in x, weight, bias and residual; ``stats`` as
+    ``batch_norm_quant``'s."""
+    z, mean, var = _batch_norm_output(x, weight, bias, eps, stats)
+    return z + residual, mean, var
+
+
 def coupled_quant_multi(
     x: Tensor,
     steps: Tensor,

@@ -4,8 +4,12 @@ own memory bandwidth next to it.
 
 Variants, one step of each per cycle, the order rotating:
   float      the float ResNet-20's 4 forward+backward passes + one SGD step (E1a's baseline)
-  coupled    rfq's coupled step as shipped (BN + input quantizer fused in every ResNet block)
-  unfused    the same step with BN and the input quantizer as two ops (unfused_input_quant)
+  coupled    rfq's coupled step as shipped (BN + input quantizer fused in every ResNet block,
+             and each block's last BN + shortcut add)
+  unfused    the same step with BN and the input quantizer as two ops, and ATen's BN + add
+             for each block's last BN (unfused_input_quant)
+  bn2-unfused  the same step with each block's last BN + shortcut add as ATen's BN and an add
+             (the other fusions kept): what batch_norm_add gives
   py-grad    the same step with coupled_quant's autograd in Python (a torch.autograd.Function
              around the same two ops: what torch.library.register_autograd did before the C++
              registration in csrc/autograd.cpp)
@@ -94,6 +98,18 @@ def idm_unfused():
 
 
 @contextlib.contextmanager
+def shortcut_add_unfused():
+    """Each block's last switchable BN as F.batch_norm and a separate add (as before
+    batch_norm_add)."""
+    fused = modules.SwitchableBatchNorm2d.forward_add
+    modules.SwitchableBatchNorm2d.forward_add = lambda bn, x, residual: bn(x) + residual
+    try:
+        yield
+    finally:
+        modules.SwitchableBatchNorm2d.forward_add = fused
+
+
+@contextlib.contextmanager
 def python_autograd():
     modules._quantizer[0] = PythonAutogradQuant.apply
     try:
@@ -142,6 +158,10 @@ def main() -> None:
         with python_autograd():
             trainer.train_step(x, y)
 
+    def bn2_unfused():
+        with shortcut_add_unfused():
+            trainer.train_step(x, y)
+
     def idm_unfused_step():
         with idm_unfused():
             trainer.train_step(x, y)
@@ -157,7 +177,8 @@ def main() -> None:
         finally:
             trainer.tap = tap
 
-    variants = {"float": float_step, "coupled": coupled, "unfused": unfused, "py-grad": py_grad,
+    variants = {"float": float_step, "coupled": coupled, "unfused": unfused,
+                "bn2-unfused": bn2_unfused, "py-grad": py_grad,
                 "idm-unfused": idm_unfused_step, "identity": identity, "no-idm": no_idm}
     names = list(variants)
     ratios = {n: [] for n in names[1:]}

@@ -243,6 +243,19 @@ BnAffine bn_affine(const at::Tensor& weight, const at::Tensor& bias, const float
   return a;
 }
 
+// Batch mean and biased variance of xd (bn_layout) per channel, and the affine they give.
+std::tuple<at::Tensor, at::Tensor, BnAffine> bn_batch_stats(const at::Tensor& xd,
+                                                            const at::Tensor& weight,
+                                                            const at::Tensor& bias, double eps) {
+  at::Tensor mean = at::empty({xd.size(1)}, weight.options());
+  at::Tensor var = at::empty({xd.size(1)}, weight.options());
+  lsq_kernels().bn_stats(xd.const_data_ptr<float>(), bn_shape(xd),
+                         mean.mutable_data_ptr<float>(), var.mutable_data_ptr<float>());
+  BnAffine a = bn_affine(weight, bias, mean.const_data_ptr<float>(), var.const_data_ptr<float>(),
+                         eps);
+  return {mean, var, std::move(a)};
+}
+
 // Both forwards: (y, mean, var) and, with a teacher, mean((z - teacher)^2) as a 0-dim tensor.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_quant_forward(
     const char* op, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
@@ -253,12 +266,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_quant_forward(
   if (teacher) check_teacher(op, x, *teacher);
   const at::Tensor xd = bn_layout(x);
   const ChannelShape shape = bn_shape(xd);
-  at::Tensor mean = at::empty({x.size(1)}, weight.options());
-  at::Tensor var = at::empty({x.size(1)}, weight.options());
-  lsq_kernels().bn_stats(xd.const_data_ptr<float>(), shape, mean.mutable_data_ptr<float>(),
-                         var.mutable_data_ptr<float>());
-  const BnAffine a = bn_affine(weight, bias, mean.const_data_ptr<float>(),
-                               var.const_data_ptr<float>(), eps);
+  const auto [mean, var, a] = bn_batch_stats(xd, weight, bias, eps);
   at::Tensor y = at::empty_like(xd);
   const at::Tensor td = teacher ? in_layout_of(*teacher, xd) : at::Tensor();
   double sq_err = 0.0;
@@ -350,6 +358,42 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_quant_mse_
                            &grad_mse);
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_add(const at::Tensor& x,
+                                                              const at::Tensor& weight,
+                                                              const at::Tensor& bias, double eps,
+                                                              const at::Tensor& residual) {
+  constexpr const char* op = "rfq.batch_norm_add";
+  check_bn_add_args(op, x, weight, bias, eps, residual);
+  const at::Tensor xd = bn_layout(x);
+  const at::Tensor rd = in_layout_of(residual, xd);
+  const auto [mean, var, a] = bn_batch_stats(xd, weight, bias, eps);
+  at::Tensor y = at::empty_like(xd);
+  lsq_kernels().bn_add_forward(xd.const_data_ptr<float>(), rd.const_data_ptr<float>(),
+                               y.mutable_data_ptr<float>(), bn_shape(xd), a.alpha.data(),
+                               a.beta.data());
+  return {y, mean, var};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_add_backward(
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight,
+    const at::Tensor& mean, const at::Tensor& var, double eps) {
+  check_bn_add_backward_args("rfq.batch_norm_add_backward", grad_y, x, weight, mean, var, eps);
+  const at::Tensor xd = bn_layout(x);
+  const at::Tensor gd = in_layout_of(grad_y, xd);
+  const at::Tensor mc = mean.contiguous(), vc = var.contiguous();
+  const BnAffine a = bn_affine(weight, weight, mc.const_data_ptr<float>(),
+                               vc.const_data_ptr<float>(), eps);  // beta unused
+  at::Tensor grad_x = at::empty_like(xd);
+  at::Tensor grad_weight = at::empty({x.size(1)}, weight.options());
+  at::Tensor grad_bias = at::empty({x.size(1)}, weight.options());
+  lsq_kernels().bn_add_backward(gd.const_data_ptr<float>(), xd.const_data_ptr<float>(),
+                                grad_x.mutable_data_ptr<float>(), bn_shape(xd), a.alpha.data(),
+                                mc.const_data_ptr<float>(), a.invstd.data(),
+                                grad_weight.mutable_data_ptr<float>(),
+                                grad_bias.mutable_data_ptr<float>());
+  return {grad_x, grad_weight, grad_bias};
+}
+
 }  // namespace
 }  // namespace rfq::cpu
 
@@ -366,4 +410,6 @@ TORCH_LIBRARY_IMPL(rfq, CPU, m) {
   m.impl("batch_norm_quant_backward", &rfq::cpu::batch_norm_quant_backward);
   m.impl("batch_norm_quant_mse", &rfq::cpu::batch_norm_quant_mse);
   m.impl("batch_norm_quant_mse_backward", &rfq::cpu::batch_norm_quant_mse_backward);
+  m.impl("batch_norm_add", &rfq::cpu::batch_norm_add);
+  m.impl("batch_norm_add_backward", &rfq::cpu::batch_norm_add_backward);
 }

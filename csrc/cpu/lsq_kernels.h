@@ -67,6 +67,12 @@ struct LsqKernels {
                       const float* alpha, const float* beta, const float* mean,
                       const float* invstd, QuantSpec q, double grad_scale, const float* teacher,
                       float match, float* grad_weight, float* grad_bias, float* grad_step);
+  // batch_norm_add: y = x * alpha + beta + residual, and its backward (no quantizer).
+  void (*bn_add_forward)(const float* x, const float* residual, float* y, ChannelShape s,
+                         const float* alpha, const float* beta);
+  void (*bn_add_backward)(const float* dy, const float* x, float* dx, ChannelShape s,
+                          const float* alpha, const float* mean, const float* invstd,
+                          float* grad_weight, float* grad_bias);
 };
 
 namespace DEFAULT { extern const LsqKernels kLsqKernels; }

@@ -803,8 +803,10 @@ struct BnGradArgs {
 };
 
 // Pass 1 over chunk k: its slots of sum(g) and sum(g * xhat); returns the step's sum(dy * h).
-template <bool kTeacher>
+// Without the quantizer (kQuant false: batch_norm_add) g = dy and there is no step.
+template <bool kTeacher, bool kQuant = true>
 double bn_grad_sums_chunk(BnGradArgs a, BnChunks ch, int64_t k, QuantSpec q, double* part) {
+  static_assert(kQuant || !kTeacher, "the feature MSE comes with the quantizer");
   const float *dy = a.dy, *x = a.x, *alpha = a.alpha, *beta = a.beta, *mean = a.mean,
               *invstd = a.invstd, *teacher = a.teacher;
   const float match = a.match;
@@ -818,23 +820,29 @@ double bn_grad_sums_chunk(BnGradArgs a, BnChunks ch, int64_t k, QuantSpec q, dou
   visit_bn_chunk<true>(ch, k,
                        [&](int64_t i, int64_t c, auto lanes, auto u) {
                          const Vec xv = Vec::loadu(x + i), d = Vec::loadu(dy + i);
-                         const Vec z = xv * lanes(alpha) + lanes(beta);
-                         const Vec v = z / vq.s;
-                         const Vec inside = in_range(v, vq);
-                         Vec& sa = std::get<decltype(u)::value>(step_acc);
-                         sa = sa + d * (code(v, vq) - (v & inside));
-                         Vec g = d & inside;
-                         if constexpr (kTeacher) g = g + match_v * (z - Vec::loadu(teacher + i));
+                         Vec g = d;
+                         if constexpr (kQuant) {
+                           const Vec z = xv * lanes(alpha) + lanes(beta);
+                           const Vec v = z / vq.s;
+                           const Vec inside = in_range(v, vq);
+                           Vec& sa = std::get<decltype(u)::value>(step_acc);
+                           sa = sa + d * (code(v, vq) - (v & inside));
+                           g = d & inside;
+                           if constexpr (kTeacher) g = g + match_v * (z - Vec::loadu(teacher + i));
+                         }
                          sg.add(g, c, u);
                          sgx.add(g * ((xv - lanes(mean)) * lanes(invstd)), c, u);
                        },
                        [&](int64_t i, int64_t c) {
-                         const float z = x[i] * alpha[c] + beta[c];
-                         const float v = z / q.step;
-                         const bool inside = in_range(v, q);
-                         step_tail += dy[i] * (inside ? code(v, q) - v : code(v, q));
-                         float g = inside ? dy[i] : 0.f;
-                         if constexpr (kTeacher) g = g + match * (z - teacher[i]);
+                         float g = dy[i];
+                         if constexpr (kQuant) {
+                           const float z = x[i] * alpha[c] + beta[c];
+                           const float v = z / q.step;
+                           const bool inside = in_range(v, q);
+                           step_tail += dy[i] * (inside ? code(v, q) - v : code(v, q));
+                           g = inside ? dy[i] : 0.f;
+                           if constexpr (kTeacher) g = g + match * (z - teacher[i]);
+                         }
                          sg.add(g, c);
                          sgx.add(g * ((x[i] - mean[c]) * invstd[c]), c);
                        });
@@ -848,7 +856,7 @@ double bn_grad_sums_chunk(BnGradArgs a, BnChunks ch, int64_t k, QuantSpec q, dou
 }
 
 // Pass 2 over chunk k: dx.
-template <bool kTeacher>
+template <bool kTeacher, bool kQuant = true>
 void bn_grad_input_chunk(BnGradArgs a, BnChunks ch, int64_t k, QuantSpec q) {
   const float *dy = a.dy, *x = a.x, *alpha = a.alpha, *beta = a.beta, *mean = a.mean,
               *invstd = a.invstd, *teacher = a.teacher, *mgp = a.mg, *mgxp = a.mgx;
@@ -859,16 +867,22 @@ void bn_grad_input_chunk(BnGradArgs a, BnChunks ch, int64_t k, QuantSpec q) {
   visit_bn_chunk(ch, k,
                  [&](int64_t i, int64_t, auto lanes) {
                    const Vec xv = Vec::loadu(x + i), al = lanes(alpha);
-                   const Vec z = xv * al + lanes(beta);
-                   Vec g = Vec::loadu(dy + i) & in_range(z / vq.s, vq);
-                   if constexpr (kTeacher) g = g + match_v * (z - Vec::loadu(teacher + i));
+                   Vec g = Vec::loadu(dy + i);
+                   if constexpr (kQuant) {
+                     const Vec z = xv * al + lanes(beta);
+                     g = g & in_range(z / vq.s, vq);
+                     if constexpr (kTeacher) g = g + match_v * (z - Vec::loadu(teacher + i));
+                   }
                    const Vec xhat = (xv - lanes(mean)) * lanes(invstd);
                    (al * (g - lanes(mgp) - xhat * lanes(mgxp))).store(dx + i);
                  },
                  [&](int64_t i, int64_t c) {
-                   const float z = x[i] * alpha[c] + beta[c];
-                   float g = in_range(z / q.step, q) ? dy[i] : 0.f;
-                   if constexpr (kTeacher) g = g + match * (z - teacher[i]);
+                   float g = dy[i];
+                   if constexpr (kQuant) {
+                     const float z = x[i] * alpha[c] + beta[c];
+                     g = in_range(z / q.step, q) ? g : 0.f;
+                     if constexpr (kTeacher) g = g + match * (z - teacher[i]);
+                   }
                    const float xhat = (x[i] - mean[c]) * invstd[c];
                    dx[i] = alpha[c] * (g - mgp[c] - xhat * mgxp[c]);
                  });
@@ -878,18 +892,21 @@ void bn_grad_input_chunk(BnGradArgs a, BnChunks ch, int64_t k, QuantSpec q) {
 // sum(dy * h); pass 2: dx = alpha * (g - mean(g) - xhat * mean(g * xhat)).
 // With a teacher, the BN output's gradient also gets match * (z - teacher) (the gradient of a
 // feature MSE to the teacher; match = 2 * grad_mse / n), in both passes.
-template <bool kTeacher>
+// Without the quantizer (kQuant false) there is no step gradient (grad_step unused).
+template <bool kTeacher, bool kQuant = true>
 void bn_backward_impl(BnGradArgs a, ChannelShape s, QuantSpec q, double grad_scale,
                       float* grad_weight, float* grad_bias, float* grad_step) {
   const BnChunks ch = bn_chunks(s);
   const int64_t slots = bn_slots(ch);
   double* part = scratch<double>(2 * slots + ch.count);  // [g, g * xhat] per slot, step per chunk
   parallel_bn_chunks(ch, [&](int64_t k) {
-    part[2 * slots + k] = bn_grad_sums_chunk<kTeacher>(a, ch, k, q, part);
+    part[2 * slots + k] = bn_grad_sums_chunk<kTeacher, kQuant>(a, ch, k, q, part);
   });
-  double step = 0.0;
-  for (int64_t k = 0; k < ch.count; ++k) step += part[2 * slots + k];
-  *grad_step = static_cast<float>(grad_scale * step);
+  if constexpr (kQuant) {
+    double step = 0.0;
+    for (int64_t k = 0; k < ch.count; ++k) step += part[2 * slots + k];
+    *grad_step = static_cast<float>(grad_scale * step);
+  }
   const double n = double(s.outer) * double(s.inner);
   thread_local std::vector<float> mg, mgx;
   mg.resize(s.channels);
@@ -907,7 +924,7 @@ void bn_backward_impl(BnGradArgs a, ChannelShape s, QuantSpec q, double grad_sca
   }
   a.mg = mg.data();
   a.mgx = mgx.data();
-  parallel_bn_chunks(ch, [&](int64_t k) { bn_grad_input_chunk<kTeacher>(a, ch, k, q); });
+  parallel_bn_chunks(ch, [&](int64_t k) { bn_grad_input_chunk<kTeacher, kQuant>(a, ch, k, q); });
 }
 
 void bn_backward(const float* dy, const float* x, float* dx, ChannelShape s, const float* alpha,
@@ -920,6 +937,32 @@ void bn_backward(const float* dy, const float* x, float* dx, ChannelShape s, con
   } else {
     bn_backward_impl<false>(a, s, q, grad_scale, grad_weight, grad_bias, grad_step);
   }
+}
+
+// ---- batch_norm_add: training-mode BatchNorm plus a residual (fp32), no quantizer --------------
+void bn_add_forward_chunk(const float* x, const float* r, float* y, BnChunks ch, int64_t k,
+                          const float* alpha, const float* beta) {
+  visit_bn_chunk(ch, k,
+                 [&](int64_t i, int64_t, auto lanes) {
+                   const Vec z = Vec::loadu(x + i) * lanes(alpha) + lanes(beta);
+                   (z + Vec::loadu(r + i)).store(y + i);
+                 },
+                 [&](int64_t i, int64_t c) { y[i] = (x[i] * alpha[c] + beta[c]) + r[i]; });
+}
+
+void bn_add_forward(const float* x, const float* residual, float* y, ChannelShape s,
+                    const float* alpha, const float* beta) {
+  const BnChunks ch = bn_chunks(s);
+  parallel_bn_chunks(ch, [&](int64_t k) {
+    bn_add_forward_chunk(x, residual, y, ch, k, alpha, beta);
+  });
+}
+
+void bn_add_backward(const float* dy, const float* x, float* dx, ChannelShape s,
+                     const float* alpha, const float* mean, const float* invstd,
+                     float* grad_weight, float* grad_bias) {
+  const BnGradArgs a{dy, x, dx, alpha, nullptr, mean, invstd, nullptr, 0.f, nullptr, nullptr};
+  bn_backward_impl<false, false>(a, s, QuantSpec{}, 0.0, grad_weight, grad_bias, nullptr);
 }
 
 // ---- type-erased entry points --------------------------------------------------------------------
@@ -1011,6 +1054,7 @@ void relu_backward(c10::ScalarType dt, const void* dr, const void* dy, const voi
 
 extern const LsqKernels kLsqKernels = {forward,     backward,   forward_multi, backward_multi,
                                        stats,       codes,      codes_float,   relu_forward,
-                                       relu_backward, bn_stats, bn_forward,    bn_backward};
+                                       relu_backward, bn_stats, bn_forward,    bn_backward,
+                                       bn_add_forward, bn_add_backward};
 
 }  // namespace rfq::cpu::CPU_CAPABILITY

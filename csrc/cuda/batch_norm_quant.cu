@@ -1,7 +1,8 @@
 // CUDA batch_norm_quant[_mse] and their backwards (fp32): training-mode BatchNorm fused with one
 // coupled quantizer (_mse: plus a feature MSE of the BN output to a teacher), the same computation
 // as the CPU kernels bn_stats / bn_forward / bn_backward (cpu/lsq_kernels_impl.h) with the same
-// checks and layouts (lsq_checks.h). Zero host syncs: `sel`, the step and grad_mse are read on the
+// checks and layouts (lsq_checks.h); and batch_norm_add (BatchNorm plus a residual, no
+// quantizer) with the same statistics and backward passes. Zero host syncs: `sel`, the step and grad_mse are read on the
 // device, so a bad step or an out-of-range `sel` gives NaN (y, dx, dweight, dbias and the step
 // gradient) instead of the CPU's error.
 //
@@ -332,6 +333,26 @@ __global__ void __launch_bounds__(kBnThreads)
   }
 }
 
+// ---- batch_norm_add forward: y = z + residual ------------------------------------------------------
+template <bool kRows>
+__global__ void __launch_bounds__(kBnThreads)
+    bn_add_forward_kernel(const float* __restrict__ x, const float* __restrict__ residual,
+                          float* __restrict__ y, BnGeom g, const float* __restrict__ weight,
+                          const float* __restrict__ bias, const float* __restrict__ mean,
+                          const float* __restrict__ var, float eps) {
+  const BnThread t = bn_thread<kRows>(g);
+  if (t.count == 0) return;  // no barrier in this kernel
+  const Affine a = affine_of(weight, bias, mean, var, eps, t.c, true);
+  float v[kBnPer], r[kBnPer];
+  int64_t off[kBnPer];
+  load_values<kRows>(x, g, t, v, off);
+  load_at(residual, t, off, r);
+#pragma unroll
+  for (int i = 0; i < kBnPer; ++i) {
+    if (i < t.count) y[off[i]] = add_rn(a.z(v[i]), r[i]);
+  }
+}
+
 // ---- batch_norm_quant_mse forward: y as above and one sum((z - teacher)^2) partial per block ------
 template <bool kRows>
 __global__ void __launch_bounds__(kBnThreads)
@@ -382,7 +403,8 @@ __device__ __forceinline__ float match_of(const float* __restrict__ grad_mse, do
                  : 0.f;
 }
 
-template <bool kRows, bool kTeacher>
+// kQuant false (batch_norm_add): g = dy, no step partials (steps and sel unused).
+template <bool kRows, bool kTeacher, bool kQuant = true>
 __global__ void __launch_bounds__(kBnThreads)
     bn_backward_reduce_kernel(const float* __restrict__ dy, const float* __restrict__ x, BnGeom g,
                               const float* __restrict__ weight, const float* __restrict__ bias,
@@ -394,8 +416,9 @@ __global__ void __launch_bounds__(kBnThreads)
                               double* __restrict__ part) {
   __shared__ double smem[2 * kBnThreads];
   __shared__ double smem_step[kBnWarps];
+  static_assert(kQuant || !kTeacher, "the feature MSE comes with the quantizer");
   const BnThread t = bn_thread<kRows>(g);
-  const Selected sq = read_selected(sel, steps, step_stride, ranges);
+  const Selected sq = kQuant ? read_selected(sel, steps, step_stride, ranges) : Selected{};
   const Affine a = affine_of(weight, bias, mean, var, eps, t.c, t.c < g.channels);
   float xv[kBnPer], gv[kBnPer], tv[kBnPer];
   int64_t off[kBnPer];
@@ -411,13 +434,16 @@ __global__ void __launch_bounds__(kBnThreads)
 #pragma unroll
   for (int i = 0; i < kBnPer; ++i) {
     if (i < t.count) {
-      const float z = a.z(xv[i]);
-      const float v = div_rn(z, sq.s);
-      const bool inside = in_range(v, sq.q);
-      const float h = step_term(v, quant_code(v, sq.q), inside);
-      step[0] = __dadd_rn(step[0], static_cast<double>(mul_rn(gv[i], h)));
-      float gi = inside ? gv[i] : 0.f;
-      if (kTeacher) gi = add_rn(gi, mul_rn(match, sub_rn(z, tv[i])));
+      float gi = gv[i];
+      if (kQuant) {
+        const float z = a.z(xv[i]);
+        const float v = div_rn(z, sq.s);
+        const bool inside = in_range(v, sq.q);
+        const float h = step_term(v, quant_code(v, sq.q), inside);
+        step[0] = __dadd_rn(step[0], static_cast<double>(mul_rn(gv[i], h)));
+        gi = inside ? gv[i] : 0.f;
+        if (kTeacher) gi = add_rn(gi, mul_rn(match, sub_rn(z, tv[i])));
+      }
       sums[0] = __dadd_rn(sums[0], static_cast<double>(gi));
       sums[1] = __dadd_rn(sums[1], static_cast<double>(mul_rn(gi, a.xhat(xv[i]))));
     }
@@ -428,6 +454,7 @@ __global__ void __launch_bounds__(kBnThreads)
     part[slot] = sums[0];
     part[g.channels * g.chunks + slot] = sums[1];
   }
+  if (!kQuant) return;
   const double block_step = block_sum_each<double, 1>(step, 1, smem_step);
   if (threadIdx.x == 0) {
     const int64_t block = int64_t{blockIdx.y} * gridDim.x + blockIdx.x;
@@ -437,6 +464,7 @@ __global__ void __launch_bounds__(kBnThreads)
 
 // Blocks 0..C-1: channel sums -> dbias, dweight, mean(g), mean(g * xhat) (mg: [2][C]);
 // block C: the step gradient (slot sel = grad_scale * sum, the others 0; NaN as lsq.cu).
+// Without a quantizer (steps null: batch_norm_add) only the channel blocks run.
 __global__ void __launch_bounds__(kFinalizeThreads)
     bn_backward_finalize_kernel(const double* __restrict__ part, int64_t step_parts, BnGeom g,
                                 const float* __restrict__ steps, int64_t step_stride,
@@ -450,7 +478,7 @@ __global__ void __launch_bounds__(kFinalizeThreads)
                       grad_steps, grad_scale, smem);
     return;
   }
-  const bool ok = !isnan(read_selected_step(steps, step_stride, read_sel(sel, k)));
+  const bool ok = !steps || !isnan(read_selected_step(steps, step_stride, read_sel(sel, k)));
   // thread 0: the sum of g, thread 1: of g * xhat
   const double total =
       sum_partials_each<2>(part + c * g.chunks, g.channels * g.chunks, 2, g.chunks, smem);
@@ -465,7 +493,7 @@ __global__ void __launch_bounds__(kFinalizeThreads)
 }
 
 // ---- backward pass 2: dx = alpha * (g - mean(g) - xhat * mean(g * xhat)) -------------------------
-template <bool kRows, bool kTeacher>
+template <bool kRows, bool kTeacher, bool kQuant = true>
 __global__ void __launch_bounds__(kBnThreads)
     bn_backward_dx_kernel(const float* __restrict__ dy, const float* __restrict__ x,
                           float* __restrict__ dx, BnGeom g, const float* __restrict__ weight,
@@ -477,8 +505,8 @@ __global__ void __launch_bounds__(kBnThreads)
                           double n, const float* __restrict__ mg) {
   const BnThread t = bn_thread<kRows>(g);
   if (t.count == 0) return;  // no barrier in this kernel
-  const Selected sq = read_selected(sel, steps, step_stride, ranges);
-  const bool ok = !isnan(sq.s);
+  const Selected sq = kQuant ? read_selected(sel, steps, step_stride, ranges) : Selected{};
+  const bool ok = !kQuant || !isnan(sq.s);
   const Affine a = affine_of(weight, bias, mean, var, eps, t.c, true);
   const float mgc = mg[t.c], mgxc = mg[g.channels + t.c];
   float xv[kBnPer], gv[kBnPer], tv[kBnPer];
@@ -493,9 +521,12 @@ __global__ void __launch_bounds__(kBnThreads)
 #pragma unroll
   for (int i = 0; i < kBnPer; ++i) {
     if (i < t.count) {
-      const float z = a.z(xv[i]);
-      float gi = in_range(div_rn(z, sq.s), sq.q) ? gv[i] : 0.f;
-      if (kTeacher) gi = add_rn(gi, mul_rn(match, sub_rn(z, tv[i])));
+      float gi = gv[i];
+      if (kQuant) {
+        const float z = a.z(xv[i]);
+        gi = in_range(div_rn(z, sq.s), sq.q) ? gi : 0.f;
+        if (kTeacher) gi = add_rn(gi, mul_rn(match, sub_rn(z, tv[i])));
+      }
       const float d = mul_rn(a.alpha, sub_rn(sub_rn(gi, mgc), mul_rn(a.xhat(xv[i]), mgxc)));
       dx[off[i]] = ok ? d : kNaN;
     }
@@ -505,6 +536,28 @@ __global__ void __launch_bounds__(kBnThreads)
 // ---- host wrappers ------------------------------------------------------------------------------
 
 cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream(); }
+
+// Batch mean and biased variance of xd (bn_layout) per channel: the stats and finalize kernels.
+std::tuple<at::Tensor, at::Tensor> bn_batch_stats(const at::Tensor& xd, const BnGeom& g,
+                                                  const dim3& grid, bool rows,
+                                                  const at::Tensor& weight) {
+  at::Tensor mean = at::empty({g.channels}, weight.options());
+  at::Tensor var = at::empty({g.channels}, weight.options());
+  at::Tensor part = at::empty({2 * g.channels * g.chunks}, weight.options().dtype(at::kDouble));
+  const float* xp = xd.const_data_ptr<float>();
+  double* pp = part.mutable_data_ptr<double>();
+  if (rows) {
+    bn_stats_kernel<true><<<grid, kBnThreads, 0, stream()>>>(xp, g, pp);
+  } else {
+    bn_stats_kernel<false><<<grid, kBnThreads, 0, stream()>>>(xp, g, pp);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  bn_stats_finalize_kernel<<<static_cast<unsigned>(g.channels), kFinalizeThreads, 0, stream()>>>(
+      part.const_data_ptr<double>(), g, mean.mutable_data_ptr<float>(),
+      var.mutable_data_ptr<float>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {mean, var};
+}
 
 // Both forwards: (y, mean, var) and, with a teacher, mean((z - teacher)^2) as a 0-dim tensor.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_quant_forward(
@@ -522,22 +575,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_quant_forward(
   const bool rows = g.inner == 1;
   const dim3 grid = grid_of(g, rows, op);
   const at::Tensor wc = weight.contiguous(), bc = bias.contiguous();
-  at::Tensor mean = at::empty({x.size(1)}, weight.options());
-  at::Tensor var = at::empty({x.size(1)}, weight.options());
+  auto [mean, var] = bn_batch_stats(xd, g, grid, rows, weight);
   at::Tensor y = at::empty_like(xd);
-  at::Tensor part = at::empty({2 * g.channels * g.chunks}, weight.options().dtype(at::kDouble));
   const float* xp = xd.const_data_ptr<float>();
-  double* pp = part.mutable_data_ptr<double>();
-  if (rows) {
-    bn_stats_kernel<true><<<grid, kBnThreads, 0, stream()>>>(xp, g, pp);
-  } else {
-    bn_stats_kernel<false><<<grid, kBnThreads, 0, stream()>>>(xp, g, pp);
-  }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  bn_stats_finalize_kernel<<<static_cast<unsigned>(g.channels), kFinalizeThreads, 0, stream()>>>(
-      part.const_data_ptr<double>(), g, mean.mutable_data_ptr<float>(),
-      var.mutable_data_ptr<float>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
   const float* wp = wc.const_data_ptr<float>();
   const float* bp = bc.const_data_ptr<float>();
   const float* mp = mean.const_data_ptr<float>();
@@ -675,6 +715,77 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_quant_mse_
                            &grad_mse);
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_add(const at::Tensor& x,
+                                                              const at::Tensor& weight,
+                                                              const at::Tensor& bias, double eps,
+                                                              const at::Tensor& residual) {
+  constexpr const char* op = "rfq.batch_norm_add";
+  check_bn_add_args(op, x, weight, bias, eps, residual);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const at::Tensor xd = bn_layout(x);
+  const at::Tensor rd = in_layout_of(residual, xd);
+  const BnGeom g = make_geom(bn_shape(xd));
+  const bool rows = g.inner == 1;
+  const dim3 grid = grid_of(g, rows, op);
+  const at::Tensor wc = weight.contiguous(), bc = bias.contiguous();
+  auto [mean, var] = bn_batch_stats(xd, g, grid, rows, weight);
+  at::Tensor y = at::empty_like(xd);
+  auto forward = rows ? bn_add_forward_kernel<true> : bn_add_forward_kernel<false>;
+  forward<<<grid, kBnThreads, 0, stream()>>>(
+      xd.const_data_ptr<float>(), rd.const_data_ptr<float>(), y.mutable_data_ptr<float>(), g,
+      wc.const_data_ptr<float>(), bc.const_data_ptr<float>(), mean.const_data_ptr<float>(),
+      var.const_data_ptr<float>(), static_cast<float>(eps));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {y, mean, var};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_add_backward(
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight,
+    const at::Tensor& mean, const at::Tensor& var, double eps) {
+  constexpr const char* op = "rfq.batch_norm_add_backward";
+  check_bn_add_backward_args(op, grad_y, x, weight, mean, var, eps);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const at::Tensor xd = bn_layout(x);
+  const at::Tensor gd = in_layout_of(grad_y, xd);
+  const BnGeom g = make_geom(bn_shape(xd));
+  const bool rows = g.inner == 1;
+  const dim3 grid = grid_of(g, rows, op);
+  const at::Tensor wc = weight.contiguous();
+  const at::Tensor mc = mean.contiguous(), vc = var.contiguous();
+  at::Tensor grad_x = at::empty_like(xd);
+  at::Tensor grad_weight = at::empty({x.size(1)}, weight.options());
+  at::Tensor grad_bias = at::empty({x.size(1)}, weight.options());
+  at::Tensor part = at::empty({2 * g.channels * g.chunks}, weight.options().dtype(at::kDouble));
+  at::Tensor mg = at::empty({2 * g.channels}, weight.options());  // mean(g), mean(g * xhat)
+  const float* dyp = gd.const_data_ptr<float>();
+  const float* xp = xd.const_data_ptr<float>();
+  const float* wp = wc.const_data_ptr<float>();
+  const float* mp = mc.const_data_ptr<float>();
+  const float* vp = vc.const_data_ptr<float>();
+  const float epsf = static_cast<float>(eps);
+  const QuantRanges none{};
+  // bias only shifts beta, which no pass without a quantizer reads: weight stands in for it
+  auto reduce = rows ? bn_backward_reduce_kernel<true, false, false>
+                     : bn_backward_reduce_kernel<false, false, false>;
+  reduce<<<grid, kBnThreads, 0, stream()>>>(dyp, xp, g, wp, wp, mp, vp, epsf, nullptr, 0,
+                                             nullptr, none, nullptr, nullptr, 0.0,
+                                             part.mutable_data_ptr<double>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  bn_backward_finalize_kernel<<<static_cast<unsigned>(g.channels), kFinalizeThreads, 0,
+                                stream()>>>(
+      part.const_data_ptr<double>(), 0, g, nullptr, 0, nullptr, 0, 0.0,
+      grad_weight.mutable_data_ptr<float>(), grad_bias.mutable_data_ptr<float>(),
+      mg.mutable_data_ptr<float>(), nullptr);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  auto dx = rows ? bn_backward_dx_kernel<true, false, false>
+                 : bn_backward_dx_kernel<false, false, false>;
+  dx<<<grid, kBnThreads, 0, stream()>>>(dyp, xp, grad_x.mutable_data_ptr<float>(), g, wp, wp, mp,
+                                         vp, epsf, nullptr, 0, nullptr, none, nullptr, nullptr,
+                                         0.0, mg.const_data_ptr<float>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {grad_x, grad_weight, grad_bias};
+}
+
 }  // namespace
 }  // namespace rfq::cuda
 
@@ -683,4 +794,6 @@ TORCH_LIBRARY_IMPL(rfq, CUDA, m) {
   m.impl("batch_norm_quant_backward", &rfq::cuda::batch_norm_quant_backward);
   m.impl("batch_norm_quant_mse", &rfq::cuda::batch_norm_quant_mse);
   m.impl("batch_norm_quant_mse_backward", &rfq::cuda::batch_norm_quant_mse_backward);
+  m.impl("batch_norm_add", &rfq::cuda::batch_norm_add);
+  m.impl("batch_norm_add_backward", &rfq::cuda::batch_norm_add_backward);
 }

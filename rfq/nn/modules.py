@@ -32,8 +32,9 @@ _quantizer = [ops.coupled_quant]
 
 
 # Whether an unsigned input quantizer runs fused with the op in front of it: a training-mode
-# SwitchableBatchNorm2d (ops.batch_norm_quant) or a residual block's ReLU (ops.relu_quant).
-# unfused_input_quant() turns both off (benchmarks, tests).
+# SwitchableBatchNorm2d (ops.batch_norm_quant) or a residual block's ReLU (ops.relu_quant); and
+# whether a block's last switchable BN runs fused with its shortcut add (ops.batch_norm_add).
+# unfused_input_quant() turns all three off (benchmarks, tests).
 _fuse_input_quant = [True]
 
 
@@ -479,15 +480,35 @@ class SwitchableBatchNorm2d(nn.Module):
                                                 grad_scale)
         if self.match_keep:
             self.match_kept = self._output_from(x, w, b, mean, var)
+        self._track(x, mean, var)
+        return y
+
+    def forward_add(self, x: Tensor, residual: Tensor) -> Tensor:
+        """``self(x) + residual`` (a residual block's last BN and its shortcut). While training
+        on fp32 tensors, one fused op (ops.batch_norm_add, which never writes the BN output
+        alone), with the running statistics and usage marks updated as forward() does; a BN
+        that keeps or compares its output (IDM) or has hooks runs unfused."""
+        if not (_fuse_input_quant[0] and self.training and x.dtype == torch.float32
+                and residual.dtype == torch.float32 and residual.shape == x.shape
+                and not self.match_keep and self.match_teacher is None
+                and not (self._forward_hooks or self._forward_pre_hooks)):
+            return self(x) + residual
+        w, b = self._selected(self.weight), self._selected(self.bias)
+        y, mean, var = ops.batch_norm_add(x, w, b, self.eps, residual)
+        self._track(x, mean, var)
+        return y
+
+    def _track(self, x: Tensor, mean: Tensor, var: Tensor) -> None:
+        """A fused op's batch statistics into the selected copy's running ones, as F.batch_norm
+        updates them (nothing in batch_stats_only mode)."""
         if self.batch_stats_only:
-            return y
+            return
         momentum = self._update_momentum()
         n = x.numel() // x.shape[1]
         with torch.no_grad():  # as F.batch_norm: the running variance is the unbiased one
             self._selected(self.running_mean).mul_(1 - momentum).add_(mean, alpha=momentum)
             self._selected(self.running_var).mul_(1 - momentum).add_(
                 var, alpha=momentum * n / (n - 1))
-        return y
 
     def clear_usage(self) -> None:
         self.used.zero_()

@@ -36,8 +36,9 @@ from rfq.ops.integer_conv import (PackedConvCodes, integer_conv2d,  # noqa: E402
                                   integer_conv_fast, pack_conv_codes)
 from rfq.ops.layout import (MAX_CANDIDATES, code_offset, container_bits,  # noqa: E402
                             packed_row_bytes, qrange)
-from rfq.ops.lsq import (batch_norm_quant, batch_norm_quant_mse, coupled_quant, coupled_quant_multi,  # noqa: E402
-                         quant_stats, quantize_codes, relu_quant)
+from rfq.ops.lsq import (batch_norm_add, batch_norm_quant, batch_norm_quant_mse,  # noqa: E402
+                         coupled_quant, coupled_quant_multi, quant_stats, quantize_codes,
+                         relu_quant)
 from rfq.ops.packed import (conv_reads_packed, dequantize_weight, pack_weight,  # noqa: E402
                             packed_conv2d, packed_linear, unpack_weight)
 from rfq.ops.weight_codes import (dequantize_dorefa, dequantize_ternary,  # noqa: E402
@@ -53,7 +54,7 @@ __all__ = [
     "set_gpu_backend", "get_gpu_backend", "gpu_backend", "GPU_BACKENDS", "GPU_FAMILIES",
     "pack_weight", "unpack_weight", "dequantize_weight", "packed_linear", "packed_conv2d",
     "conv_reads_packed", "packed_row_bytes", "container_bits", "code_offset", "qrange", "MAX_CANDIDATES",
-    "coupled_quant", "coupled_quant_multi", "batch_norm_quant", "batch_norm_quant_mse", "relu_quant", "quant_stats", "quantize_codes", "cpu_capability",
+    "coupled_quant", "coupled_quant_multi", "batch_norm_quant", "batch_norm_quant_mse", "batch_norm_add", "relu_quant", "quant_stats", "quantize_codes", "cpu_capability",
     "PackedConvCodes", "pack_conv_codes", "integer_conv2d", "integer_conv_fast",
     "ternary_codes", "dorefa_codes", "dequantize_ternary", "dequantize_dorefa", "csq_weight",
 ]

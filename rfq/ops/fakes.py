@@ -103,6 +103,19 @@ def _batch_norm_quant_mse_backward_fake(grad_y, grad_mse, x, weight, bias, mean,
             steps.new_empty(steps.shape))
 
 
+@torch.library.register_fake("rfq::batch_norm_add")
+def _batch_norm_add_fake(x, weight, bias, eps, residual):
+    _check_devices("batch_norm_add", x, weight=weight, bias=bias, residual=residual)
+    return _bn_like(x), weight.new_empty(weight.shape), weight.new_empty(weight.shape)
+
+
+@torch.library.register_fake("rfq::batch_norm_add_backward")
+def _batch_norm_add_backward_fake(grad_y, x, weight, mean, var, eps):
+    _check_devices("batch_norm_add_backward", x, grad_y=grad_y, weight=weight, mean=mean,
+                   var=var)
+    return _bn_like(x), weight.new_empty(weight.shape), weight.new_empty(weight.shape)
+
+
 @torch.library.register_fake("rfq::quantize_codes")
 def _quantize_codes_fake(x, step, bits, signed=True):
     _check_devices("quantize_codes", x, step=step)

@@ -96,6 +96,25 @@ def batch_norm_quant_mse(
     return _ops.batch_norm_quant_mse.default(x, weight, bias, eps, steps, list(bits), sel,
                                              teacher, signed, grad_scale)
 
+
+def batch_norm_add(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    eps: float,
+    residual: Tensor,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Training-mode BatchNorm of fp32 ``x`` [N, C, ...] plus ``residual`` (fp32, x's shape):
+    a residual block's last BN and its shortcut add in one pass.
+
+    Returns ``(z + residual, mean, var)`` with ``z``, ``mean`` and ``var`` as
+    ``batch_norm_quant``'s (fp32, each operation rounded). The BN output is never written on its
+    own; backward saves x, and the residual's gradient is the output's. Differentiable in x,
+    weight, bias and residual; running statistics are the caller's. 4-D channels_last x gives
+    channels_last output, anything else contiguous.
+    """
+    return _ops.batch_norm_add.default(x, weight, bias, eps, residual)
+
 def coupled_quant_multi(
     x: Tensor,
     steps: Tensor,

@@ -1,5 +1,6 @@
 """The input quantizers fused with the op in front of them inside quantized ResNet blocks: BN ->
-conv2 (rfq.ops.batch_norm_quant) and the block's ReLU -> conv1 (rfq.ops.relu_quant). Outputs,
+conv2 (rfq.ops.batch_norm_quant) and the block's ReLU -> conv1 (rfq.ops.relu_quant); and each
+block's last BN fused with its shortcut add (rfq.ops.batch_norm_add). Outputs,
 gradients and running statistics of a training forward/backward are those of the unfused
 composition; the fused paths are taken exactly where they may be."""
 
@@ -57,14 +58,16 @@ def test_fused_training_pass_equals_the_unfused_one(monkeypatch, bits):
         init_activation_steps(model, x)
         calls = count_fused(monkeypatch)
         relu_calls = count_fused(monkeypatch, "relu_quant")
+        add_calls = count_fused(monkeypatch, "batch_norm_add")
         if fused:
             loss = train_pass(model, x, y, bits)
             assert len(calls) == 9  # every BasicBlock's bn1 -> conv2
             assert len(relu_calls) == 9  # and its ReLU -> conv1
+            assert len(add_calls) == 9  # and its bn2 + shortcut
         else:
             with unfused_input_quant():
                 loss = train_pass(model, x, y, bits)
-            assert not calls and not relu_calls
+            assert not calls and not relu_calls and not add_calls
         monkeypatch.undo()
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
         bufs = {n: b.clone() for n, b in model.named_buffers()}
@@ -154,6 +157,55 @@ def test_running_statistics_modes():
         torch.testing.assert_close(fused.running_mean, plain.running_mean, rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(fused.running_var, plain.running_var, rtol=1e-5, atol=1e-6)
         assert torch.equal(fused.used, plain.used)
+    for mode in ("momentum", "cumulative", "batch_stats_only"):  # the same for forward_add
+        fused, plain = (SwitchableBatchNorm2d(torch.nn.BatchNorm2d(5), 2, 2) for _ in range(2))
+        for m in (fused, plain):
+            m.load_state_dict(bn.state_dict())
+            m.select(0, 1)
+            m.cumulative = mode == "cumulative"
+            m.batch_stats_only = mode == "batch_stats_only"
+        for k in range(3):
+            xk, r = x + k, torch.randn(x.shape)
+            torch.testing.assert_close(fused.forward_add(xk, r), plain(xk) + r, rtol=1e-5,
+                                       atol=1e-5)
+        torch.testing.assert_close(fused.running_mean, plain.running_mean, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(fused.running_var, plain.running_var, rtol=1e-5, atol=1e-6)
+        assert torch.equal(fused.used, plain.used)
+        assert bool(fused.used[0, 1]) == (mode != "batch_stats_only")
+
+
+def test_where_the_fused_shortcut_add_is_not_taken(monkeypatch):
+    """forward_add fuses only a training fp32 BN whose output nobody else needs, with a residual
+    of x's shape: not in eval, not unfused, not with a hook, not while IDM keeps or compares its
+    output; the unfused result is bn(x) + residual."""
+    torch.manual_seed(0)
+    bn = SwitchableBatchNorm2d(torch.nn.BatchNorm2d(4), 1, 1)
+    x, r = torch.randn(6, 4, 3, 3), torch.randn(6, 4, 3, 3)
+    calls = count_fused(monkeypatch, "batch_norm_add")
+    bn.train()
+    bn.forward_add(x, r)
+    assert len(calls) == 1
+    bn.eval()
+    torch.testing.assert_close(bn.forward_add(x, r), bn(x) + r, rtol=0, atol=0)
+    bn.train()
+    with unfused_input_quant():
+        bn.forward_add(x, r)
+    bn.match_keep = True
+    bn.forward_add(x, r)
+    assert bn.match_kept is not None
+    bn.match_keep, bn.match_kept = False, None
+    bn.match_teacher = torch.zeros_like(x)
+    bn.forward_add(x, r)
+    assert bn.match_loss is not None
+    bn.match_teacher = bn.match_loss = None
+    handle = bn.register_forward_hook(lambda *a: None)
+    bn.forward_add(x, r)
+    handle.remove()
+    bias = torch.randn(1, 4, 1, 1)  # a residual that broadcasts: the plain add does that
+    torch.testing.assert_close(bn.forward_add(x, bias), bn(x) + bias, rtol=0, atol=0)
+    assert len(calls) == 1
+    bn.forward_add(x, r)
+    assert len(calls) == 2
 
 
 def test_resnet18_blocks_fuse_too(monkeypatch):

@@ -99,6 +99,16 @@ CHECK = textwrap.dedent(
             got = torch.ops.rfq.batch_norm_quant_mse_backward(gy, torch.tensor(5.0), x, w, b, mean, var, 1e-5, s, [3, 5], sel, t, signed, 1.0)
             for a, leaf in zip(got, leaves):
                 torch.testing.assert_close(a, leaf.grad, rtol=1e-4, atol=1e-3)
+        r = torch.randn(shape, generator=g)  # batch_norm_add: its residual
+        y3, m3, v3 = ops.batch_norm_add(x, w, b, 1e-5, r)
+        assert torch.equal(m3, mean) and torch.equal(v3, var)
+        leaves = [v.clone().requires_grad_(True) for v in (x, w, b, r)]
+        yr, _, _ = ref.batch_norm_add(*leaves[:3], 1e-5, leaves[3], stats=(mean, var))
+        assert torch.equal(y3, yr)
+        yr.backward(gy)
+        got = torch.ops.rfq.batch_norm_add_backward(gy, x, w, mean, var, 1e-5)
+        for a, leaf in zip(got, leaves):
+            torch.testing.assert_close(a, leaf.grad, rtol=1e-4, atol=1e-3)
     print("ok")
     """
 )

@@ -416,6 +416,34 @@ def test_batch_norm_quant_mse_matches_cpu(case, signed):
                                                                t, signed)[3])
 
 
+@pytest.mark.parametrize("case", BN_CASES, ids=lambda c: f"{c[0]}-{c[1]}")
+def test_batch_norm_add_matches_cpu_and_reference(case):
+    """batch_norm_add on the GPU: mean and var are batch_norm_quant's bit for bit, y is the
+    reference's z + residual for them bit for bit, the gradients match the CPU op's, and two
+    runs give the same bits."""
+    shape, layout = case
+    x, w, b = bn_inputs(shape, layout, seed=8)
+    r = bn_arrange(torch.randn(x.shape, generator=torch.Generator().manual_seed(9)),
+                   "contiguous").to(DEV)
+    y, mean, var = torch.ops.rfq.batch_norm_add(x, w, b, BN_EPS, r)
+    steps = steps_for([4], False, pow2=False, device=DEV)
+    _, mq, vq = torch.ops.rfq.batch_norm_quant(x, w, b, BN_EPS, steps, [4],
+                                               torch.tensor(0, device=DEV), False)
+    assert torch.equal(mean, mq) and torch.equal(var, vq)
+    xc, wc, bc, rc = x.cpu(), w.cpu(), b.cpu(), r.cpu()
+    want, _, _ = ref.batch_norm_add(xc, wc, bc, BN_EPS, rc, stats=(mean.cpu(), var.cpu()))
+    assert torch.equal(y.cpu(), want)
+    gy = bn_arrange(torch.randn(x.shape, generator=torch.Generator().manual_seed(10)),
+                    layout).to(DEV)
+    grads = torch.ops.rfq.batch_norm_add_backward(gy, x, w, mean, var, BN_EPS)
+    cgrads = torch.ops.rfq.batch_norm_add_backward(gy.cpu(), xc, wc, mean.cpu(), var.cpu(),
+                                                   BN_EPS)
+    for a, c in zip(grads, cgrads):
+        torch.testing.assert_close(a.cpu(), c, rtol=1e-4, atol=1e-5 * (float(c.abs().max()) + 1))
+    again = torch.ops.rfq.batch_norm_add_backward(gy, x, w, mean, var, BN_EPS)
+    assert all(torch.equal(a, c) for a, c in zip(grads, again))
+
+
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_batch_norm_quant_many_chunks_is_deterministic(layout):
     """Hundreds of partials per channel (rows) / per channel chunks (planes); two runs give the
