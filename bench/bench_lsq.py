@@ -189,3 +189,30 @@ def bench_bn_quant_mse_fwd_bwd(benchmark, shape, impl):
 
     run()
     benchmark(run)
+
+
+# E1a's bn2 lever: a residual block's last BN and its shortcut add, fwd+bwd, against ATen's
+# F.batch_norm + add (what the blocks ran before batch_norm_add). Minimum bytes: x, residual in
+# and y out forward; dy, x in and dx out backward (24 B/element).
+def bn_add_unfused(x, w, b, residual):
+    return torch.nn.functional.batch_norm(x, None, None, w, b, True, 0.0, 1e-5) + residual
+
+
+@pytest.mark.parametrize("shape", BN_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("impl", ["rfq", "ATen BN + add"])
+def bench_bn_add_fwd_bwd(benchmark, shape, impl):
+    benchmark.group = f"BN + shortcut add fwd+bwd {shape}"
+    tag(benchmark, impl, "E1a lever (bn2)", "-", 24 * torch.Size(shape).numel())
+    x, w, b, _, residual, grad = bn_mse_inputs(shape)
+    residual.requires_grad_()
+
+    def fused(x, w, b, residual):
+        return ops.batch_norm_add(x, w, b, 1e-5, residual)[0]
+    fn = fused if impl == "rfq" else bn_add_unfused
+
+    def run():
+        y = fn(x, w, b, residual)
+        return torch.autograd.grad(y, (x, w, b, residual), grad)
+
+    run()
+    benchmark(run)

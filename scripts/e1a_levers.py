@@ -2,7 +2,9 @@
 separately, **interleaved** in one process (drift between variants cancels), with the run's
 own memory bandwidth next to it.
 
-Variants, one step of each per cycle, the order rotating:
+Variants, one timed step of each per cycle, the order rotating; each timed step follows an
+untimed step of the same variant (as in training, where a step follows one of its kind: the
+step after a different variant pays for the other's memory pattern; --no-warm times that):
   float      the float ResNet-20's 4 forward+backward passes + one SGD step (E1a's baseline)
   coupled    rfq's coupled step as shipped (BN + input quantizer fused in every ResNet block,
              and each block's last BN + shortcut add)
@@ -20,7 +22,8 @@ Variants, one step of each per cycle, the order rotating:
              stacked BN, masked update, EMA, clamps) costs by itself
   no-idm     identity without the IDM feature loss: what is left of that machinery
 
-    python scripts/e1a_levers.py [--rounds 5] [--cycles 6] [--batch 128]
+    python scripts/e1a_levers.py [--rounds 5] [--cycles 6] [--batch 128] [--variants a,b]
+                                 [--no-warm]
 
 Prints per round the median step times and the ratios to the float step, then the median and
 range over rounds; and each round's fp32 clone (read + write) and sum (read) bandwidth.
@@ -138,6 +141,10 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--cycles", type=int, default=6, help="steps of each variant per round")
     ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--variants", default=None,
+                    help="comma-separated subset of the variants (float always runs)")
+    ap.add_argument("--no-warm", dest="warm", action="store_false",
+                    help="time each variant right after the previous variant's step")
     args = ap.parse_args()
     tmp = tempfile.mkdtemp(prefix="rfq-e1a-")
     cfg = TrainConfig(mode="coupled", model="resnet20", dataset="synthetic", epochs=1,
@@ -180,9 +187,16 @@ def main() -> None:
     variants = {"float": float_step, "coupled": coupled, "unfused": unfused,
                 "bn2-unfused": bn2_unfused, "py-grad": py_grad,
                 "idm-unfused": idm_unfused_step, "identity": identity, "no-idm": no_idm}
+    if args.variants:
+        keep = {"float", *args.variants.split(",")}
+        unknown = keep - set(variants)
+        if unknown:
+            ap.error(f"--variants: unknown {sorted(unknown)}; known: {sorted(variants)}")
+        variants = {n: f for n, f in variants.items() if n in keep}
     names = list(variants)
     ratios = {n: [] for n in names[1:]}
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, "
+          f"{'each timed step after an untimed one of its kind' if args.warm else 'no warm step'}")
     try:
         with flush_denormals():
             for fn in variants.values():  # warm-up (allocator, activation-step init)
@@ -193,6 +207,8 @@ def main() -> None:
                 for c in range(args.cycles):
                     order = names[c % len(names):] + names[:c % len(names)]
                     for n in order:
+                        if args.warm:  # as in training: the timed step follows one of its kind
+                            variants[n]()
                         t = time.perf_counter()
                         variants[n]()
                         times[n].append(time.perf_counter() - t)

@@ -487,8 +487,12 @@ class SwitchableBatchNorm2d(nn.Module):
         """``self(x) + residual`` (a residual block's last BN and its shortcut). While training
         on fp32 tensors, one fused op (ops.batch_norm_add, which never writes the BN output
         alone), with the running statistics and usage marks updated as forward() does; a BN
-        that keeps or compares its output (IDM) or has hooks runs unfused."""
-        if not (_fuse_input_quant[0] and self.training and x.dtype == torch.float32
+        that keeps or compares its output (IDM) or has hooks runs unfused. Without gradients
+        (the search's batch-statistics scoring) it stays F.batch_norm: the search's choices
+        follow the last bits of the statistics (bench/README.md, E2), and the fused op would
+        change them for no gain in time."""
+        if not (_fuse_input_quant[0] and self.training and torch.is_grad_enabled()
+                and x.dtype == torch.float32
                 and residual.dtype == torch.float32 and residual.shape == x.shape
                 and not self.match_keep and self.match_teacher is None
                 and not (self._forward_hooks or self._forward_pre_hooks)):

@@ -176,8 +176,8 @@ def test_running_statistics_modes():
 
 def test_where_the_fused_shortcut_add_is_not_taken(monkeypatch):
     """forward_add fuses only a training fp32 BN whose output nobody else needs, with a residual
-    of x's shape: not in eval, not unfused, not with a hook, not while IDM keeps or compares its
-    output; the unfused result is bn(x) + residual."""
+    of x's shape: not in eval, not without gradients, not unfused, not with a hook, not while
+    IDM keeps or compares its output; the unfused result is bn(x) + residual."""
     torch.manual_seed(0)
     bn = SwitchableBatchNorm2d(torch.nn.BatchNorm2d(4), 1, 1)
     x, r = torch.randn(6, 4, 3, 3), torch.randn(6, 4, 3, 3)
@@ -201,6 +201,10 @@ def test_where_the_fused_shortcut_add_is_not_taken(monkeypatch):
     handle = bn.register_forward_hook(lambda *a: None)
     bn.forward_add(x, r)
     handle.remove()
+    with torch.no_grad():  # the search's scoring keeps F.batch_norm's arithmetic exactly
+        bn.batch_stats_only = True
+        torch.testing.assert_close(bn.forward_add(x, r), bn(x) + r, rtol=0, atol=0)
+        bn.batch_stats_only = False
     bias = torch.randn(1, 4, 1, 1)  # a residual that broadcasts: the plain add does that
     torch.testing.assert_close(bn.forward_add(x, bias), bn(x) + bias, rtol=0, atol=0)
     assert len(calls) == 1
