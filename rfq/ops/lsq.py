@@ -115,6 +115,7 @@ def batch_norm_add(
     """
     return _ops.batch_norm_add.default(x, weight, bias, eps, residual)
 
+
 def coupled_quant_multi(
     x: Tensor,
     steps: Tensor,
